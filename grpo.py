@@ -1,0 +1,224 @@
+"""GRPO (group relative policy optimization) for an audio language model, written out by hand.
+
+One GRPO step, read top to bottom:
+  1. generate_groups: for each prompt, sample G completions. The audio is encoded once and the
+     prompt prefilled once; its KV cache is then forked G ways and decoded token by token.
+  2. (the caller scores each completion with reward.py)
+  3. group_advantages: normalise the rewards within each group: A = (r - mean) / (std + 1e-4).
+  4. completion_logprobs: the log-prob of every sampled token, from ONE forward per group over
+     the packed sequence [prompt, c_1, ..., c_G]. The same function serves the policy (with grad)
+     and the frozen reference (no grad).
+  5. grpo_loss: the clipped surrogate plus beta * KL(policy || reference), k3 estimator.
+
+Mask convention, used everywhere: True = this completion token is trained on, i.e. every token up
+to and including the first end token (see completion_mask). Shapes: B prompts, G completions per
+prompt, N = B*G completions, T completion length, P prompt length, L packed length, V vocab.
+
+The functions take the Hugging Face Qwen2AudioForConditionalGeneration and call its two halves,
+`model.model` (audio encoder + projector + language model -> hidden states) and `model.lm_head`,
+so that the vocabulary projection runs only where a completion token is predicted.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Rollout:
+    """G sampled completions for each of B prompts, everything needed to score and train on them."""
+    prompt_ids: list           # B tensors [P_b], the prompts without padding
+    input_features: torch.Tensor          # [B, mels, frames] log-mel features, one clip per prompt
+    feature_attention_mask: torch.Tensor  # [B, frames] 1 = real audio frame
+    completion_ids: torch.Tensor          # [N, T] sampled tokens, pad after the end
+    mask: torch.Tensor                    # [N, T] bool, True = token is trained on
+    group_size: int                       # G
+
+
+# -----------------------------------------------------------------------------
+# 1. Sampling a group
+
+def completion_mask(ids, end_ids):
+    """The one mask: True for tokens up to and including the first end token. A completion that
+    never ends (hit the length limit) keeps all its tokens."""
+    is_end = torch.isin(ids, torch.as_tensor(end_ids, device=ids.device))  # [N, T]
+    ends_before = is_end.long().cumsum(-1) - is_end.long()                 # [N, T] end tokens strictly before t
+    return ends_before == 0                                                # [N, T]
+
+
+def sample_next(logits, generators, temperature=1.0, top_k=0, top_p=1.0):
+    """Draw one token per row. Row block i (G rows) draws its noise from generators[i], so a
+    prompt's samples depend only on its own generator, not on the rest of the batch.
+    top_k == 1 or temperature == 0 is greedy."""
+    if top_k == 1 or temperature == 0:
+        return logits.argmax(-1)                                           # [N]
+    logits = logits.float() / temperature                                  # [N, V]
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                    # [N, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))           # [N, V]
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)        # [N, V]
+        cum = sorted_logits.softmax(-1).cumsum(-1)                          # [N, V]
+        drop = cum - sorted_logits.softmax(-1) > top_p                      # [N, V] mass before it already > p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)                                             # [N, V]
+    rows = probs.size(0) // len(generators)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) is a sample from p (as in gpt-fast).
+    noise = torch.cat([torch.empty(rows, probs.size(1), device=probs.device).exponential_(generator=g)
+                       for g in generators])                                # [N, V]
+    return (probs / noise).argmax(-1)                                      # [N]
+
+
+@torch.no_grad()
+def generate_groups(model, batch, generators, group_size, max_new_tokens, end_ids, pad_id,
+                    suppress_ids=(), temperature=1.0, top_k=50, top_p=1.0):
+    """Sample group_size completions for each prompt of a left-padded batch (from model.collate).
+    Encode + prefill once per prompt, fork the KV cache G ways, decode. Returns a Rollout."""
+    G, ids, attn = group_size, batch["input_ids"], batch["attention_mask"]  # [B, P], [B, P]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                               # [B, P] positions skip the left padding
+    out = model.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                      input_features=batch["input_features"],
+                      feature_attention_mask=batch["feature_attention_mask"])
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)                                       # fork: B -> N = B*G rows
+    logits = model.lm_head(out.last_hidden_state[:, -1]).repeat_interleave(G, 0)  # [N, V]
+    attn = attn.repeat_interleave(G, 0)                                    # [N, P]
+    next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                     # [N, 1]
+    suppress = torch.as_tensor(list(suppress_ids), dtype=torch.long, device=ids.device)
+    end = torch.as_tensor(end_ids, device=ids.device)
+    done = torch.zeros(ids.size(0) * G, dtype=torch.bool, device=ids.device)  # [N]
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits = logits.float().index_fill(-1, suppress, float("-inf"))   # [N, V]
+        tok = sample_next(logits, generators, temperature, top_k, top_p)   # [N]
+        tok = tok.masked_fill(done, pad_id)                                # [N] finished rows emit pad
+        tokens.append(tok)
+        done |= torch.isin(tok, end)
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)     # [N, P+t]
+        out = model.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                          past_key_values=cache, use_cache=True)
+        logits = model.lm_head(out.last_hidden_state[:, -1])               # [N, V]
+        next_pos = next_pos + 1
+    completion_ids = torch.stack(tokens, dim=1)                            # [N, T]
+    prompts = [row[m.bool()] for row, m in zip(ids, batch["attention_mask"])]
+    return Rollout(prompts, batch["input_features"], batch["feature_attention_mask"],
+                   completion_ids, completion_mask(completion_ids, end_ids), G)
+
+
+def prompt_generators(seed, step, prompt_indices, device="cpu"):
+    """One generator per prompt, seeded from (run seed, step, the prompt's global index), so the same
+    prompt at the same step samples the same completions however the batch is split."""
+    mix = lambda i: ((seed * 1_000_003 + step) * 1_000_003 + int(i)) % 2**63
+    return [torch.Generator(device).manual_seed(mix(i)) for i in prompt_indices]
+
+
+# -----------------------------------------------------------------------------
+# 3. Advantages
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """(r - mean) / (std + eps) within each group, unbiased std. Equal rewards give exactly 0."""
+    assert group_size >= 2, "GRPO needs at least 2 completions per group"
+    r = rewards.view(-1, group_size)                                       # [B, G]
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)   # [B, G]
+    return adv.flatten()                                                   # [N]
+
+
+# -----------------------------------------------------------------------------
+# 4. Log-probs of the completions, one packed forward per group
+
+@dataclass
+class Packed:
+    """B rows [prompt_b, c_b1, ..., c_bG], each completion cut at its mask, right-padded to L."""
+    input_ids: torch.Tensor       # [B, L]
+    position_ids: torch.Tensor    # [B, L] restart after the prompt for every completion
+    attention_mask: torch.Tensor  # [B, 1, L, L] bool, True = query may attend to key
+    source: torch.Tensor          # [N, T] flat index into [B*L] of the state predicting each token
+
+
+def pack_groups(rollout, pad_id):
+    """Lay out each group as one sequence in which every completion sees the prompt and its own past."""
+    G, comp, mask = rollout.group_size, rollout.completion_ids, rollout.mask
+    lengths = mask.sum(1).tolist()                                         # N completion lengths
+    rows, positions, segments, source = [], [], [], torch.zeros_like(comp)
+    for b, prompt in enumerate(rollout.prompt_ids):
+        P = len(prompt)
+        row, pos, seg = [prompt], [torch.arange(P)], [torch.zeros(P, dtype=torch.long)]
+        start = P
+        for i in range(G):
+            n = lengths[b * G + i]
+            row.append(comp[b * G + i, :n])
+            pos.append(torch.arange(P, P + n))
+            seg.append(torch.full((n,), i + 1))
+            # token 0 is predicted by the last prompt state, token j by the completion's token j-1
+            source[b * G + i, :n] = torch.cat([torch.tensor([P - 1]), torch.arange(start, start + n - 1)])
+            start += n
+        rows.append(torch.cat(row)), positions.append(torch.cat(pos)), segments.append(torch.cat(seg))
+    L = max(len(r) for r in rows)
+    ids = torch.stack([F.pad(r, (0, L - len(r)), value=pad_id) for r in rows])        # [B, L]
+    pos = torch.stack([F.pad(p, (0, L - len(p))) for p in positions])                 # [B, L]
+    seg = torch.stack([F.pad(s, (0, L - len(s)), value=-1) for s in segments])        # [B, L] -1 = pad
+    source += torch.arange(len(rows)).repeat_interleave(G)[:, None] * L                # [N, T] flat index
+    q, k = seg[:, :, None], seg[:, None, :]                                            # [B, L, 1], [B, 1, L]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()                                 # [L, L]
+    visible = causal & (k >= 0) & ((k == 0) | (k == q))                                # [B, L, L]
+    visible |= torch.eye(L, dtype=torch.bool) & (q < 0)                                # pads see themselves (no NaN rows)
+    return Packed(ids, pos, visible[:, None], source * mask)
+
+
+def completion_logprobs(model, rollout, pad_id, temperature=1.0):
+    """log pi(token) of every completion token, fp32, 0 where the mask is False. The audio is
+    encoded once per group, and lm_head + log_softmax run only at completion-predicting positions."""
+    packed = pack_groups(rollout, pad_id)
+    device = rollout.completion_ids.device
+    hidden = model.model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                         attention_mask=packed.attention_mask.to(device), use_cache=False,
+                         input_features=rollout.input_features,
+                         feature_attention_mask=rollout.feature_attention_mask).last_hidden_state  # [B, L, H]
+    mask = rollout.mask                                                    # [N, T]
+    states = hidden.flatten(0, 1)[packed.source.to(device)[mask]]          # [M, H] M = trained tokens
+    logits = model.lm_head(states).float() / temperature                   # [M, V]
+    token_logp = logits.log_softmax(-1).gather(-1, rollout.completion_ids[mask][:, None]).squeeze(-1)  # [M]
+    return torch.zeros(mask.shape, device=device, dtype=token_logp.dtype).masked_scatter(mask, token_logp)  # [N, T]
+
+
+# -----------------------------------------------------------------------------
+# 5. The loss
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.2,
+              token_mean=False, denominator=None):
+    """Clipped surrogate + beta * KL, per token, aggregated over the mask.
+
+    logp/old_logp/ref_logp: [N, T] log-probs of the sampled tokens (policy with grad, policy at
+    sampling time, frozen reference; ref_logp may be None when beta == 0). advantages: [N].
+    KL uses the k3 estimator, exp(ref - logp) - (ref - logp) - 1, which is unbiased and always >= 0
+    (J. Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html).
+    Aggregation: per-sequence mean then mean over sequences (R1-AQA, default), or token_mean
+    (sum over all tokens / number of tokens). `denominator` replaces the number of sequences
+    (or tokens) when a global batch is split into micro-batches. Returns (loss, metrics)."""
+    m = mask.float()                                                       # [N, T]
+    ratio = torch.exp(logp - old_logp)                                     # [N, T] exactly 1 when old = logp.detach()
+    adv = advantages[:, None]                                              # [N, 1]
+    unclipped = ratio * adv                                                # [N, T]
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv                # [N, T]
+    per_token = -torch.min(unclipped, clipped)                             # [N, T]
+    kl = torch.zeros_like(logp)
+    if beta != 0:
+        delta = ref_logp - logp                                            # [N, T]
+        kl = torch.exp(delta) - delta - 1                                  # [N, T] k3
+        per_token = per_token + beta * kl
+    if token_mean:
+        total, count = (per_token * m).sum(), m.sum()
+    else:
+        total, count = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum(), m.new_tensor(m.size(0))
+    loss = total / (count if denominator is None else denominator)
+    tokens = m.sum().clamp(min=1)
+    metrics = {
+        "kl": (kl * m).sum() / tokens,                                      # token mean
+        "clip_frac": ((clipped < unclipped).float() * m).sum() / tokens,   # where the clip binds
+        "ratio": (ratio * m).sum() / tokens,
+        "tokens": m.sum(),
+    }
+    return loss, {k: v.detach() for k, v in metrics.items()}

@@ -1,0 +1,187 @@
+"""Qwen2-Audio: loading, turning samples into model inputs, and a tiny offline copy for CPU.
+
+The real model is Qwen2-Audio-7B-Instruct (a Whisper-style audio encoder, a linear projector and
+a Qwen2-7B language model). `load()` opens any local Hugging Face directory of that architecture.
+`build_tiny()` writes such a directory from scratch, without a model hub: a small byte-level BPE
+tokenizer with the real special tokens and chat template, a Whisper feature extractor and a small
+random `Qwen2AudioConfig`. Everything else in the project runs the same code on both.
+
+    python model.py --out tiny-model        # build the tiny model into a directory
+    python model.py --params-7b             # count the 7B parameters on the meta device
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoProcessor,
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2TokenizerFast,
+    WhisperFeatureExtractor,
+)
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # one line per checkpoint load is noise in a training log
+
+from data import SAMPLE_RATE, Sample, build_prompt
+
+# Both end a completion: <|im_end|> closes the assistant turn, <|endoftext|> is also the pad token.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# The real Qwen2 special tokens, in their real order (ids 151643.. in the 7B tokenizer).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False):
+    """Open a local Qwen2-Audio directory. Returns (model, processor); the tokenizer pads on the left."""
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"  # batched generation appends on the right
+    return model, processor
+
+
+def end_token_ids(tokenizer):
+    """Token ids that end a completion (<|im_end|>, <|endoftext|>)."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
+
+
+def suppressed_token_ids(tokenizer, vocab_size):
+    """Ids a completion must never contain: every special token except the end tokens, and the
+    rows of the embedding beyond the tokenizer. A sampled <|AUDIO|> would break the next forward."""
+    ends = set(end_token_ids(tokenizer))
+    special = {tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
+    special |= set(tokenizer.added_tokens_decoder)  # <|AUDIO|> and friends are added tokens
+    return sorted((special - ends) | set(range(len(tokenizer), vocab_size)))
+
+
+# -----------------------------------------------------------------------------
+# Samples -> model inputs
+
+def chat_text(processor, prompt):
+    """The rendered chat for one user turn: audio first, then the prompt text, default system prompt."""
+    messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip"},
+                                             {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def collate(processor, samples: list[Sample], audios, think=False):
+    """Turn samples and their decoded audio (float32, 16 kHz) into one left-padded batch:
+    input_ids, attention_mask, input_features [B, 128, frames], feature_attention_mask."""
+    texts = [chat_text(processor, build_prompt(s.question, s.choices, think)) for s in samples]
+    return processor(text=texts, audio=list(audios), sampling_rate=SAMPLE_RATE,
+                     return_tensors="pt", padding=True)
+
+
+# -----------------------------------------------------------------------------
+# Architectures
+
+def config_7b():
+    """Qwen2-Audio-7B-Instruct's architecture (Qwen2AudioConfig() defaults are NOT this model)."""
+    return Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", d_model=1280, encoder_layers=32,
+                          encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
+                          max_source_positions=1500),
+        text_config=dict(model_type="qwen2", vocab_size=156032, hidden_size=4096, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
+                         rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False),
+        audio_token_index=151646,
+    )
+
+
+def meta_model(config):
+    """The model on the meta device: shapes and parameter counts without memory."""
+    with torch.device("meta"):
+        return Qwen2AudioForConditionalGeneration(config)
+
+
+# -----------------------------------------------------------------------------
+# The tiny model, built offline
+
+def _tokenizer_corpus():
+    """Text the tiny BPE is trained on: the chat frame, the R1-AQA prompt, answer tags and words."""
+    words = ["very low", "low", "high", "very high", "Man", "Woman", "Child", "Robot",
+             "yes", "no", "one", "two", "three", "four", "speech", "music", "sound"]
+    lines = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nAudio 1: ",
+             "<|im_start|>assistant\n"]
+    for q in ["What is the pitch of the tone in the audio?", "What happened in the audio?",
+              "How many beeps are there?", "Is the sound loud or soft?", "Who is speaking?"]:
+        lines.append(build_prompt(q, words[:4]))
+        lines.append(build_prompt(q, words[4:8], think=True))
+    lines += [f"<answer>{w}</answer>" for w in words] + [f"<think>{w}</think>" for w in words]
+    return lines * 20
+
+
+def build_tokenizer(vocab_size=512):
+    """A small byte-level BPE with Qwen2's special tokens, wrapped as a Qwen2 tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None, errors="replace")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_config(vocab_size, audio_token_id, window_seconds=10, width=64, layers=2, heads=4):
+    """A small Qwen2-Audio: same classes, a few hundred thousand parameters.
+    The encoder sees 50 positions per second of its mel window (100 mel frames per second, conv stride 2)."""
+    return Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", d_model=width, encoder_layers=layers,
+                          encoder_attention_heads=heads, encoder_ffn_dim=2 * width, num_mel_bins=128,
+                          max_source_positions=50 * window_seconds),
+        text_config=dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads // 2, intermediate_size=2 * width,
+                         rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False),
+        audio_token_index=audio_token_id,
+    )
+
+
+def build_tiny(out_dir, seed=0, window_seconds=10, width=64, layers=2):
+    """Write a tiny random Qwen2-Audio (model, tokenizer, feature extractor, processor) to out_dir.
+    Deterministic for a seed; `load(out_dir)` opens it like the real one."""
+    tokenizer = build_tokenizer()
+    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, chunk_length=window_seconds)
+    processor = Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer)  # real chat template
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|AUDIO|>"), window_seconds, width, layers)
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = end_token_ids(tokenizer)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny(cache_dir, window_seconds=10, seed=0):
+    """The tiny model's directory under cache_dir, built on first use."""
+    path = Path(cache_dir) / f"tiny-qwen2-audio-{window_seconds}s-seed{seed}"
+    if not (path / "config.json").exists():
+        build_tiny(path, seed=seed, window_seconds=window_seconds)
+    return path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="build the tiny model into this directory")
+    parser.add_argument("--window-seconds", type=int, default=10, help="mel window of the tiny model")
+    parser.add_argument("--params-7b", action="store_true", help="count the 7B parameters on the meta device")
+    args = parser.parse_args()
+    if args.out:
+        print(f"tiny model written to {build_tiny(args.out, window_seconds=args.window_seconds)}")
+    if args.params_7b:
+        print(f"Qwen2-Audio-7B parameters: {sum(p.numel() for p in meta_model(config_7b()).parameters()):,}")

@@ -1,0 +1,39 @@
+"""Shared fixtures: the tiny offline Qwen2-Audio, built once per test session."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project is a folder of scripts, not a package
+
+import model as M  # noqa: E402
+from data import Sample  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Qwen2-Audio with a 10 s mel window."""
+    return M.build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0, window_seconds=10)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """(model, processor) in fp32 and eval mode. Tests must not change its weights."""
+    model, processor = M.load(tiny_dir, dtype=torch.float32)
+    return model.eval(), processor
+
+
+def pitch_samples(n):
+    """n synthetic questions and their noise clips of 1 to 3 s (different lengths, so padding matters)."""
+    rng = np.random.default_rng(0)
+    choices = ["very low", "low", "high", "very high"]
+    samples = [Sample(f"clip{i}.wav", "What is the pitch of the tone in the audio?", choices, choices[i % 4], {})
+               for i in range(n)]
+    audios = [(0.1 * rng.standard_normal(16000 * (1 + i % 3))).astype(np.float32) for i in range(n)]
+    return samples, audios
