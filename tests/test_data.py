@@ -1,0 +1,389 @@
+"""Tests for data.py: audio loading and resampling, question readers, prompts, synthetic task, checker."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import data
+from data import SAMPLE_RATE, AudioError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+MMAU_DIR = Path(os.environ.get("MMAU_DIR", REPO.parent / "shared" / "mmau"))
+
+
+def sine(freq, sr, seconds=2.0, amplitude=0.5):
+    t = np.arange(int(sr * seconds)) / sr
+    return amplitude * np.sin(2 * np.pi * freq * t)
+
+
+def rel_rms(x, ref):
+    return np.sqrt(np.mean((x - ref) ** 2)) / np.sqrt(np.mean(ref**2))
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# resampling and audio formats
+
+@pytest.mark.parametrize("sr", [44100, 48000, 8000, 22050])
+def test_resampled_sine_matches_ideal(tmp_path, sr):
+    """A 1 kHz sine at any rate comes out as the ideal 16 kHz sine (relative RMS < 1e-3 away from the edges)."""
+    path = tmp_path / f"sine_{sr}.wav"
+    sf.write(path, sine(1000, sr), sr, subtype="FLOAT")
+    y = data.load_audio(path)
+    # 2 s at any rate is 32000 samples at 16 kHz; output n sits at time n/16000 s
+    assert y.dtype == np.float32 and len(y) == 32000
+    ideal = sine(1000, SAMPLE_RATE)
+    edge = SAMPLE_RATE // 10  # skip 0.1 s at each end, where the filter sees the zero padding
+    err = rel_rms(y[edge:-edge], ideal[edge:-edge])
+    print(f"1 kHz sine from {sr} Hz: relative RMS error {err:.2e}")
+    assert err < 1e-3
+
+
+def test_resampling_removes_tones_above_new_nyquist(tmp_path):
+    """A 12 kHz tone at 48 kHz (above the 8 kHz output Nyquist; it would alias to 4 kHz) comes out >= 40 dB down."""
+    path = tmp_path / "tone12k.wav"
+    sf.write(path, sine(12000, 48000), 48000, subtype="FLOAT")
+    y = data.load_audio(path)
+    edge = SAMPLE_RATE // 10
+    # output RMS over input RMS; the input is a 0.5-amplitude sine, RMS 0.5/sqrt(2)
+    attenuation_db = 20 * np.log10(np.sqrt(np.mean(y[edge:-edge] ** 2)) / (0.5 / np.sqrt(2)))
+    print(f"12 kHz tone from 48 kHz: {attenuation_db:.1f} dB")
+    assert attenuation_db <= -40
+
+
+def test_output_length_is_ceil_of_scaled_length():
+    """len(out) = ceil(len(in) * 16000 / sr): 44101 samples at 44.1 kHz -> ceil(16000.36) = 16001."""
+    assert len(data.resample(np.zeros(44101), 44100, SAMPLE_RATE)) == 16001
+    assert len(data.resample(np.zeros(44100), 44100, SAMPLE_RATE)) == 16000
+    assert len(data.resample(np.zeros(3), 8000, SAMPLE_RATE)) == 6
+
+
+def test_16k_input_is_returned_unchanged(tmp_path):
+    """At 16 kHz there is nothing to resample: the float samples come back bit-exact."""
+    x = np.random.default_rng(0).uniform(-1, 1, 1234).astype(np.float32)
+    sf.write(tmp_path / "a.wav", x, SAMPLE_RATE, subtype="FLOAT")
+    np.testing.assert_array_equal(data.load_audio(tmp_path / "a.wav"), x)
+
+
+def test_stereo_is_averaged(tmp_path):
+    """Channels are averaged: left 0.6*s and right 0.2*s give 0.4*s."""
+    s = sine(440, SAMPLE_RATE, seconds=0.5, amplitude=1.0)
+    sf.write(tmp_path / "st.wav", np.stack([0.6 * s, 0.2 * s], axis=1), SAMPLE_RATE, subtype="FLOAT")
+    np.testing.assert_allclose(data.load_audio(tmp_path / "st.wav"), 0.4 * s, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, subtype, tolerance", [
+    # rounding to 16 bits: error RMS 2^-15/sqrt(12) = 8.8e-6, i.e. 2.5e-5 of the sine's RMS 0.354
+    ("int16.wav", "PCM_16", 1e-4),
+    ("int24.wav", "PCM_24", 1e-6),  # 256x finer than 16 bits; measured 2e-7 (float32 output)
+    ("float.wav", "FLOAT", 1e-7),  # float32 round trip: relative error ~2^-24
+    ("int16.flac", "PCM_16", 1e-4),  # lossless 16-bit, as int16.wav
+    ("vorbis.ogg", "VORBIS", 0.05),  # lossy: measured 1.3% for this sine
+])
+def test_reads_common_formats(tmp_path, name, subtype, tolerance):
+    """wav (int16/int24/float), flac and ogg all decode to the written signal within their precision."""
+    x = sine(440, SAMPLE_RATE, seconds=1.0)
+    sf.write(tmp_path / name, x, SAMPLE_RATE, subtype=subtype)
+    y = data.load_audio(tmp_path / name)
+    assert y.dtype == np.float32 and y.shape == (16000,)
+    assert rel_rms(y, x) < tolerance
+
+
+def _missing(tmp_path):
+    return tmp_path / "missing.wav"
+
+
+def _zero_frames(tmp_path):
+    sf.write(tmp_path / "empty.wav", np.zeros(0), SAMPLE_RATE)
+    return tmp_path / "empty.wav"
+
+
+def _cut_wav(tmp_path, keep_bytes):
+    sf.write(tmp_path / "full.wav", sine(440, SAMPLE_RATE, seconds=1.0), SAMPLE_RATE, subtype="PCM_16")
+    path = tmp_path / f"cut{keep_bytes}.wav"
+    path.write_bytes((tmp_path / "full.wav").read_bytes()[:keep_bytes])
+    return path
+
+
+def _text_as_wav(tmp_path):
+    path = tmp_path / "notes.wav"
+    path.write_text("this is a text file, not audio\n")
+    return path
+
+
+@pytest.mark.parametrize("make, reason", [
+    pytest.param(_missing, "file not found", id="missing"),
+    pytest.param(_zero_frames, "no audio frames", id="zero-frames"),
+    # a 1 s 16-bit mono wav is a 44-byte header + 32000 data bytes
+    pytest.param(lambda p: _cut_wav(p, 20), "not readable as audio", id="header-cut"),  # inside 'fmt '
+    pytest.param(lambda p: _cut_wav(p, 1000), "truncated", id="data-cut"),  # 956 of 32000 data bytes
+    pytest.param(_text_as_wav, "not readable as audio", id="text-file"),
+    pytest.param(lambda p: p, "not readable as audio", id="directory"),
+])
+def test_bad_audio_raises_audio_error_naming_path(tmp_path, make, reason):
+    """Every unusable file raises AudioError whose message has the path and the reason."""
+    path = make(tmp_path)
+    with pytest.raises(AudioError) as e:
+        data.load_audio(path)
+    assert str(path) in str(e.value) and reason in str(e.value)
+
+
+def test_streamed_wav_with_placeholder_size_loads(tmp_path):
+    """A WAV written by a streaming encoder (data size 0xFFFFFFFF, "unknown") is not taken as truncated."""
+    x = sine(440, SAMPLE_RATE, seconds=1.0)
+    sf.write(tmp_path / "a.wav", x, SAMPLE_RATE, subtype="PCM_16")
+    raw = bytearray((tmp_path / "a.wav").read_bytes())
+    size_at = raw.index(b"data") + 4  # the 4-byte size follows the chunk id
+    raw[size_at : size_at + 4] = b"\xff\xff\xff\xff"
+    (tmp_path / "streamed.wav").write_bytes(raw)
+    np.testing.assert_allclose(data.load_audio(tmp_path / "streamed.wav"), x, atol=1 / 32768)
+
+
+# -----------------------------------------------------------------------------
+# question readers
+
+AVQA_RECORD = {"id": 183, "video_name": "-HG3Omg_89c_000030", "question_text": "What happened in the video?",
+               "multi_choice": ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment car"],
+               "answer": 1, "question_type": "Happening", "audio_path": "wavs/-HG3Omg_89c_30.wav"}
+MMAU_ITEM = {"id": "3fe6", "audio_id": "./test-mini-audios/3fe6.wav", "question": "Who speaks?",
+             "choices": ["Man", "Woman", "Child", "Robot"], "answer": "Man", "task": "sound"}
+PLAIN_RECORD = {"audio": "clips/dog.flac", "question": "Which animal?", "choices": ["dog", "cat"], "answer": "cat"}
+
+
+def test_avqa_reader(tmp_path):
+    """AVQA: index 1 -> second choice; "video"/"Video" become "audio"/"Audio"; paths relative to the file's folder."""
+    second = dict(AVQA_RECORD, question_text="Video shows what? The video is loud.", answer=0)
+    path = write_jsonl(tmp_path / "train.jsonl", [AVQA_RECORD, second])
+    a, b = data.read_samples(path)
+    assert a.question == "What happened in the audio?"
+    assert b.question == "Audio shows what? The audio is loud."
+    assert a.choices == AVQA_RECORD["multi_choice"]
+    assert (a.answer, b.answer) == ("Yacht consignment", "motorboat")
+    assert a.audio_path == str(tmp_path / "wavs" / "-HG3Omg_89c_30.wav")
+    assert a.meta == AVQA_RECORD
+
+
+def test_avqa_reader_with_audio_dir(tmp_path):
+    """With audio_dir, relative paths go under it; absolute paths that do not exist fall back to audio_dir/<name>."""
+    moved = dict(AVQA_RECORD, audio_path="/elsewhere/wavs/x.wav")
+    path = write_jsonl(tmp_path / "train.jsonl", [AVQA_RECORD, moved])
+    a, b = data.read_samples(path, audio_dir=tmp_path / "audio")
+    assert a.audio_path == str(tmp_path / "audio" / "-HG3Omg_89c_30.wav")  # audio/wavs/... does not exist either
+    assert b.audio_path == str(tmp_path / "audio" / "x.wav")
+
+
+def test_mmau_reader_and_audio_dir_rule(tmp_path):
+    """MMAU audio_id resolves next to the JSON, or under audio_dir as given if it exists there, else by bare name."""
+    path = tmp_path / "mmau.json"
+    path.write_text(json.dumps([MMAU_ITEM]))
+    [s] = data.read_samples(path)
+    assert (s.question, s.choices, s.answer) == ("Who speaks?", ["Man", "Woman", "Child", "Robot"], "Man")
+    assert s.audio_path == str(tmp_path / "test-mini-audios" / "3fe6.wav")
+    # audio_dir = the folder holding the extracted test-mini-audios/ (the file exists there)
+    extracted = tmp_path / "mmau" / "test-mini-audios"
+    extracted.mkdir(parents=True)
+    (extracted / "3fe6.wav").touch()
+    assert data.read_samples(path, tmp_path / "mmau")[0].audio_path == str(extracted / "3fe6.wav")
+    # audio_dir = test-mini-audios/ itself
+    assert data.read_samples(path, extracted)[0].audio_path == str(extracted / "3fe6.wav")
+
+
+def test_plain_reader(tmp_path):
+    """The plain format keeps question, choices and answer string as written."""
+    path = write_jsonl(tmp_path / "mine.jsonl", [PLAIN_RECORD])
+    [s] = data.read_samples(path)
+    assert (s.question, s.choices, s.answer) == ("Which animal?", ["dog", "cat"], "cat")
+    assert s.audio_path == str(tmp_path / "clips" / "dog.flac")
+
+
+def test_format_is_picked_from_content_not_name(tmp_path):
+    """The reader depends on content: an MMAU list in a .jsonl file and AVQA lines in a .json file both load."""
+    mmau = tmp_path / "x.jsonl"
+    mmau.write_text("\n  " + json.dumps([MMAU_ITEM], indent=1))  # leading whitespace before "["
+    avqa = write_jsonl(tmp_path / "y.json", [AVQA_RECORD])
+    assert data.read_samples(mmau)[0].answer == "Man"
+    assert data.read_samples(avqa)[0].answer == "Yacht consignment"
+
+
+def test_duplicate_choices_are_accepted(tmp_path):
+    """Real MMAU items repeat a choice string; that is not an error."""
+    path = write_jsonl(tmp_path / "d.jsonl", [dict(PLAIN_RECORD, choices=["dog", "cat", "dog"])])
+    assert data.read_samples(path)[0].choices == ["dog", "cat", "dog"]
+
+
+def _drop(record, key):
+    return {k: v for k, v in record.items() if k != key}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ('{"question_text": "What happened in the video?", ', "bad JSON: Expecting property name"),
+    ("[1, 2]", "not a JSON object"),
+    (_drop(AVQA_RECORD, "audio_path"), "missing field 'audio_path'"),
+    (_drop(AVQA_RECORD, "multi_choice"), "missing field 'multi_choice'"),
+    (dict(AVQA_RECORD, answer=4), "answer index 4 is out of range for 4 choices"),
+    (dict(AVQA_RECORD, answer=-1), "answer index -1 is out of range"),
+    (dict(AVQA_RECORD, answer="1"), "field 'answer' should be int, got str"),
+    (dict(AVQA_RECORD, answer=True), "field 'answer' should be int, got bool"),
+    (dict(AVQA_RECORD, multi_choice=["only one"], answer=0), "needs at least 2 choices, got 1"),
+    (dict(AVQA_RECORD, multi_choice=["a", 2]), "should be a list of strings"),
+])
+def test_bad_avqa_record_names_file_and_line(tmp_path, bad, problem):
+    """A bad record on line 3 (after a good line and a blank line) raises DataError "<file>:3: <problem>"."""
+    path = write_jsonl(tmp_path / "avqa.jsonl", [AVQA_RECORD, "", bad])
+    with pytest.raises(DataError) as e:
+        data.read_samples(path)
+    assert str(e.value).startswith(f"{path}:3: ")
+    assert problem in str(e.value)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (dict(MMAU_ITEM, answer="Dog"), "answer 'Dog' is not one of the choices"),
+    (dict(MMAU_ITEM, choices=["Man"], answer="Man"), "needs at least 2 choices, got 1"),
+    (_drop(MMAU_ITEM, "audio_id"), "missing field 'audio_id'"),
+    (_drop(MMAU_ITEM, "question"), "missing field 'question'"),
+])
+def test_bad_mmau_item_names_file_and_index(tmp_path, bad, problem):
+    """A bad item at list index 1 raises DataError "<file>: item 1: <problem>"."""
+    path = tmp_path / "mmau.json"
+    path.write_text(json.dumps([MMAU_ITEM, bad], indent=2))
+    with pytest.raises(DataError) as e:
+        data.read_samples(path)
+    assert str(e.value).startswith(f"{path}: item 1: ") and problem in str(e.value)
+
+
+def test_broken_json_list_names_line(tmp_path):
+    """A JSON list that does not parse reports the line of the syntax error (line 3: the missing comma)."""
+    path = tmp_path / "mmau.json"
+    path.write_text('[\n{"a": 1}\n{"b": 2}]\n')
+    with pytest.raises(DataError, match=r":3: bad JSON"):
+        data.read_samples(path)
+
+
+def test_bad_plain_record(tmp_path):
+    """Plain format: an answer missing from the choices is reported with file and line 1."""
+    path = write_jsonl(tmp_path / "mine.jsonl", [dict(PLAIN_RECORD, answer="cow")])
+    with pytest.raises(DataError, match=rf"^{path}:1: answer 'cow' is not one of the choices \['dog', 'cat'\]$"):
+        data.read_samples(path)
+
+
+def test_scan_collects_every_bad_record(tmp_path):
+    """scan_samples keeps going: 2 good and 3 bad lines give 2 samples and errors for lines 2, 3, 5 in order."""
+    lines = [PLAIN_RECORD, "not json", _drop(PLAIN_RECORD, "audio"), PLAIN_RECORD, dict(PLAIN_RECORD, choices=[])]
+    path = write_jsonl(tmp_path / "mine.jsonl", lines)
+    samples, errors = data.scan_samples(path)
+    assert len(samples) == 2
+    assert [str(e).split(": ")[0] for e in errors] == [f"{path}:2", f"{path}:3", f"{path}:5"]
+
+
+@pytest.mark.parametrize("name", ["mmau-test-mini.json", "mmau-test-mini-2025-03-25.json"])
+def test_real_mmau_files_load(name):
+    """Both released MMAU test-mini versions parse completely: 1000 samples, every answer among its choices."""
+    path = MMAU_DIR / name
+    if not path.exists():
+        pytest.skip(f"{path} not available (set MMAU_DIR)")
+    samples = data.read_samples(path)
+    assert len(samples) == 1000
+    assert all(s.answer in s.choices and len(s.choices) >= 2 for s in samples)
+    assert {s.meta["task"] for s in samples} == {"sound", "music", "speech"}
+
+
+# -----------------------------------------------------------------------------
+# prompt
+
+def test_build_prompt_matches_recipe():
+    """The user text is the recipe's, character for character, with choices as str(list)."""
+    q = "Based on the given audio, identify the source of the speaking voice."
+    choices = ["Man", "Woman", "Child", "Robot"]
+    assert data.build_prompt(q, choices) == (
+        "Based on the given audio, identify the source of the speaking voice. Please choose the answer from the "
+        "following options: ['Man', 'Woman', 'Child', 'Robot']. Output the final answer in <answer> </answer>.")
+    assert data.build_prompt(q, choices, think=True) == (
+        "Based on the given audio, identify the source of the speaking voice. Please choose the answer from the "
+        "following options: ['Man', 'Woman', 'Child', 'Robot']. "
+        "Output the thinking process in <think> </think> and final answer in <answer> </answer>.")
+
+
+# -----------------------------------------------------------------------------
+# synthetic task
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return data.make_synthetic(tmp_path_factory.mktemp("synth"), n_train=40, n_test=8, seed=0)
+
+
+def test_synthetic_labels_are_balanced(synthetic):
+    """40 train and 8 test items cycle through the 4 bands: 10 and 2 of each."""
+    train, test = (data.read_samples(p) for p in synthetic)
+    for samples, per_class in ((train, 10), (test, 2)):
+        answers = [s.answer for s in samples]
+        assert {c: answers.count(c) for c in data.PITCH_CHOICES} == dict.fromkeys(data.PITCH_CHOICES, per_class)
+        assert all(s.choices == data.PITCH_CHOICES and s.meta["category"] == s.answer for s in samples)
+
+
+def test_synthetic_tone_is_in_its_band(synthetic):
+    """Each clip's FFT peak lies in its labelled band (centre +-15%), and each clip is 1-2 s of 16 kHz audio."""
+    for sample in data.read_samples(synthetic[0]):
+        audio = data.load_audio(sample.audio_path)
+        assert SAMPLE_RATE <= len(audio) <= 2 * SAMPLE_RATE
+        peak_hz = np.argmax(np.abs(np.fft.rfft(audio))) * SAMPLE_RATE / len(audio)
+        centre = data.PITCH_CENTERS_HZ[data.PITCH_CHOICES.index(sample.answer)]
+        # FFT bins are at most 1 Hz apart for >= 1 s clips, so allow 1 Hz beyond the +-15% band
+        assert 0.85 * centre - 1 <= peak_hz <= 1.15 * centre + 1, (sample.audio_path, peak_hz, centre)
+
+
+def test_synthetic_is_deterministic_and_reused(tmp_path, synthetic):
+    """Same seed -> byte-identical files; a different seed differs; a repeated call rewrites nothing."""
+    again = data.make_synthetic(tmp_path / "a", n_train=40, n_test=8, seed=0)
+    other = data.make_synthetic(tmp_path / "b", n_train=40, n_test=8, seed=1)
+    assert again[0].read_text() == synthetic[0].read_text()
+    wav = "wavs/train_00007.wav"
+    assert (tmp_path / "a" / wav).read_bytes() == (synthetic[0].parent / wav).read_bytes()
+    assert other[0].read_text() != synthetic[0].read_text()
+    stamp = again[0].stat().st_mtime_ns
+    assert data.make_synthetic(tmp_path / "a", n_train=40, n_test=8, seed=0) == again
+    assert again[0].stat().st_mtime_ns == stamp
+    data.make_synthetic(tmp_path / "a", n_train=4, n_test=8, seed=0)  # other parameters: regenerated
+    assert len(data.read_samples(again[0])) == 4
+
+
+# -----------------------------------------------------------------------------
+# data checker
+
+def test_checker_lists_every_problem_and_fails(tmp_path):
+    """One bad record and one missing wav: exit code 1 and both are listed, with their counts."""
+    sf.write(tmp_path / "ok.wav", np.zeros(SAMPLE_RATE), SAMPLE_RATE)
+    lines = [dict(PLAIN_RECORD, audio="ok.wav"), dict(PLAIN_RECORD, audio="gone.wav"), dict(PLAIN_RECORD, answer="cow")]
+    path = write_jsonl(tmp_path / "mine.jsonl", lines)
+    run = subprocess.run([sys.executable, str(REPO / "data.py"), str(path)], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr
+    assert f"{path}:3: answer 'cow' is not one of the choices" in run.stdout
+    assert f"{tmp_path / 'gone.wav'}: file not found" in run.stdout
+    assert "3 records, 2 good, 1 bad" in run.stdout
+    assert "audio files: 2, 1 readable, 1 missing or unreadable" in run.stdout
+
+
+def test_checker_passes_a_good_file(tmp_path, capsys):
+    """All good: exit 0, breakdown by category, durations 1 s and 31 s (8 kHz files), one clip over 30 s."""
+    sf.write(tmp_path / "short.wav", np.zeros(8000), 8000)
+    sf.write(tmp_path / "long.wav", np.zeros(31 * 8000), 8000)
+    lines = [dict(PLAIN_RECORD, audio="short.wav", category="animals"),
+             dict(PLAIN_RECORD, audio="long.wav", category="animals"),
+             dict(PLAIN_RECORD, audio="short.wav", category="pets")]
+    path = write_jsonl(tmp_path / "mine.jsonl", lines)
+    assert data.main([str(path), "--audio-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "by category: animals 2, pets 1" in out
+    # 2 distinct files of 1 s and 31 s: median = mean = 16 s
+    assert "durations (s): min 1.00, median 16.00, mean 16.00, max 31.00" in out
+    assert "longer than 30 s (the model hears only the first 30 s): 1" in out
+    assert out.rstrip().endswith("OK")
