@@ -1,0 +1,361 @@
+"""evaluate.py: MMAU's scoring and printout, inference end to end, resuming, and 2 ranks.
+
+The end-to-end tests run the tiny random model on the first 20 real MMAU test-mini questions
+(MMAU_DIR, default: the shared folder next to the repository) with generated noise clips in
+place of the real audio; they are skipped where the question file is not present.
+
+Run: python -m pytest -q tests/test_evaluate.py
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import evaluate as E
+from conftest import ROOT
+from data import SAMPLE_RATE, make_synthetic
+from reward import extract_answer, mmau_correct
+
+MMAU_DIR = Path(os.environ.get("MMAU_DIR", ROOT.parent / "shared" / "mmau"))
+MMAU = MMAU_DIR / "mmau-test-mini.json"  # the revised version (2025-05-15)
+MMAU_VERSIONS = [MMAU_DIR / "mmau-test-mini-2025-03-25.json", MMAU]
+needs_mmau = pytest.mark.skipif(not MMAU.exists(), reason=f"no MMAU question file in {MMAU_DIR}")
+CHOICES = ["Man", "Woman", "Child", "Robot"]
+N = 20  # items evaluated end to end
+MISSING = 5  # the item whose clip is not written
+
+
+def item(prediction, answer="Man", choices=CHOICES, **fields):
+    return {"choices": choices, "answer": answer, "model_prediction": prediction, **fields}
+
+
+def correct(record) -> bool:
+    return E.score([record]).total.correct == 1
+
+
+# ----------------------------------------------------------------------------- the rule, on crafted cases
+
+def test_exact_choice_is_correct():
+    """The answer string itself is correct; another choice is wrong."""
+    assert correct(item("Man"))
+    assert not correct(item("Woman"))
+
+
+def test_choice_with_extra_words_is_correct():
+    """Extra words are allowed if none of them belongs to a wrong choice."""
+    # {the, speaker, is, a, man}: contains {man}, no word of {woman, child, robot}
+    assert correct(item("The speaker is a man."))
+
+
+def test_two_choices_is_wrong():
+    """Naming the answer and another choice is wrong: the other choice's word is present."""
+    assert not correct(item("Man or Woman"))
+
+
+def test_choices_sharing_words():
+    """Shared words do not count against the answer; a word only a wrong choice has does."""
+    bands = ["very low", "low", "high", "very high"]
+    # answer "very low": wrong words = {high}; "very low" contains {very, low} and not "high"
+    assert correct(item("very low", "very low", bands))
+    # "low" lacks the answer's word "very"
+    assert not correct(item("low", "very low", bands))
+    # answer "low": wrong words = {very, high}; "very low" contains "very"
+    assert not correct(item("very low", "low", bands))
+    assert correct(item("low", "low", bands))
+
+
+def test_permutation_of_the_answer_is_correct():
+    """A choice with the same words as the answer in another order is ignored, so naming it is correct."""
+    choices = ["guitar and drums", "drums and guitar", "piano", "violin"]
+    # wrong words = {piano, violin}; "drums and guitar" has the answer's three words
+    assert correct(item("drums and guitar", "guitar and drums", choices))
+
+
+def test_empty_prediction_is_wrong():
+    """A prediction without any word is wrong, also when it is only punctuation."""
+    assert not correct(item(""))
+    assert not correct(item(" ... "))
+
+
+def test_case_and_punctuation_are_ignored():
+    """Words are compared lowercased, punctuation is not a word."""
+    assert correct(item("MAN!!"))
+    assert correct(item("(man)."))
+
+
+def test_items_without_the_field_are_skipped():
+    """Records without the scored field are not counted (as in the official script), only reported."""
+    records = [item("Man"), {"choices": CHOICES, "answer": "Man"}, item("Robot")]
+    s = E.score(records)
+    assert (s.total.correct, s.total.total, s.skipped) == (1, 2, 1)
+
+
+def test_key_defaults_to_model_prediction_else_model_output():
+    """model_prediction is scored when present; otherwise model_output, the official script's key."""
+    both = {"choices": CHOICES, "answer": "Man", "model_prediction": "Man", "model_output": "Woman"}
+    assert E.score([both]).key == "model_prediction" and E.score([both]).total.correct == 1
+    assert E.score([both], key="model_output").total.correct == 0
+    raw = {"choices": CHOICES, "answer": "Man", "model_output": "<answer>Man</answer>"}
+    # the whole output is tokenized: {answer, man}, which has no wrong word
+    assert E.score([raw]).key == "model_output" and E.score([raw]).total.correct == 1
+
+
+# ----------------------------------------------------------------------------- the printout
+
+def test_report_lines_match_the_official_script():
+    """Task lines in the official order (sound, music, speech; zero counts too), then difficulty
+    (easy, hard, medium), then sub-categories in order of appearance, then the Total line."""
+    records = [
+        item("Woman", task="music", difficulty="easy", **{"sub-category": "B"}),  # wrong
+        item("Man", task="sound", difficulty="easy", **{"sub-category": "A"}),  # right
+        item("Man", task="sound", difficulty="hard", **{"sub-category": "A"}),  # right
+        {"choices": CHOICES, "answer": "Man", "task": "speech", "difficulty": "hard"},  # skipped
+    ]
+    # sound 2/2, music 0/1; easy 1/2, hard 1/1; B 0/1, A 2/2; total 2/3 = 66.67%
+    assert E.report_lines(E.score(records)) == [
+        "******************************",
+        "Task-wise Accuracy:",
+        "sound : 100.00% over 2 samples",
+        "music : 0.00% over 1 samples",
+        "speech : 0.00% over 0 samples",
+        "******************************",
+        "Difficulty-wise Accuracy:",
+        "easy : 50.00% over 2 samples",
+        "hard : 100.00% over 1 samples",
+        "medium : 0.00% over 0 samples",
+        "******************************",
+        "Sub-category-wise Accuracy:",
+        "B : 0.00% over 1 samples",
+        "A : 100.00% over 2 samples",
+        "******************************",
+        "Total Accuracy: 66.67% over 3 samples",
+        "******************************",
+        "No prediction count: 1",
+    ]
+
+
+def test_report_lines_for_other_data():
+    """Without MMAU's fields, records are grouped by category if they have one; Total is always printed."""
+    records = [item("Man", category="speech"), item("Child", category="speech"), item("Man", category="noise")]
+    assert E.report_lines(E.score(records))[:5] == [
+        "******************************",
+        "Category-wise Accuracy:",
+        "speech : 50.00% over 2 samples",
+        "noise : 100.00% over 1 samples",
+        "******************************",
+    ]
+    plain = E.report_lines(E.score([item("Man"), item("Child"), item("Robot"), item("man")]))
+    assert plain[:2] == ["******************************", "Total Accuracy: 50.00% over 4 samples"]
+
+
+def test_score_file_prints_the_key_and_writes_a_summary(tmp_path, capsys):
+    """--score says which field it scored and writes preds.summary.json; without an evaluation
+    summary of this exact file, the source data is marked unknown."""
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([{"choices": CHOICES, "answer": "Man", "model_output": "<answer>Man</answer>",
+                                  "task": "sound"}]))
+    assert E.main(["--score", str(preds)]) == 0
+    out = capsys.readouterr().out
+    assert "by 'model_output'" in out and "Total Accuracy: 100.00% over 1 samples" in out
+    summary = json.loads((tmp_path / "preds.summary.json").read_text())
+    assert (summary["key"], summary["correct"], summary["total"], summary["data_sha256"]) == ("model_output", 1, 1, None)
+    assert summary["groups"]["task"]["sound"] == {"accuracy": 100.0, "correct": 1, "total": 1}
+    assert "unknown" in summary["note"]
+
+
+@needs_mmau
+@pytest.mark.parametrize("path", MMAU_VERSIONS, ids=lambda p: p.stem)
+def test_every_mmau_answer_scores_correct(path):
+    """On both MMAU versions, each item's own answer is judged correct by the rule."""
+    records = [dict(r, model_prediction=r["answer"]) for r in json.loads(path.read_text())]
+    s = E.score(records)
+    assert (s.total.correct, s.total.total) == (1000, 1000)
+    assert sum(t.total for t in s.groups["task"].values()) == 1000
+
+
+# ----------------------------------------------------------------------------- end to end on the tiny model
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    """Noise clips of 1-3 s under the names the first N MMAU items expect, except item MISSING."""
+    root = tmp_path_factory.mktemp("mmau-audio")
+    rng = np.random.default_rng(0)
+    for i, record in enumerate(json.loads(MMAU.read_text())[:N]):
+        if i != MISSING:
+            path = root / record["audio_id"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, 0.1 * rng.standard_normal(SAMPLE_RATE * (1 + i % 3)), SAMPLE_RATE)
+    return root
+
+
+def eval_args(tiny_dir, audio_dir, out, *extra):
+    return ["--model", str(tiny_dir), "--data", str(MMAU), "--audio-dir", str(audio_dir), "--out", str(out),
+            "--limit", str(N), "--batch-size", "4", "--max-new-tokens", "8", "--dtype", "float32", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_dir, audio_dir, tmp_path_factory):
+    """One uninterrupted 1-process run on the first N items: (predictions path, records)."""
+    out = tmp_path_factory.mktemp("full") / "preds.json"
+    assert E.main(eval_args(tiny_dir, audio_dir, out)) == 0
+    return out, json.loads(out.read_text())
+
+
+@needs_mmau
+def test_end_to_end_records(full_run):
+    """N items in data order, each the original record plus model_output and model_prediction."""
+    _, records = full_run
+    originals = json.loads(MMAU.read_text())[:N]
+    assert len(records) == N
+    for original, record in zip(originals, records):
+        assert {k: record[k] for k in original} == original
+        assert record["model_prediction"] == extract_answer(record["model_output"])
+    assert sum("error" in r for r in records) == 1
+
+
+@needs_mmau
+def test_missing_audio_is_an_error_counted_wrong(full_run):
+    """The item without a clip has an empty prediction and an error naming the file; it is scored
+    (as wrong) and listed in the summary, and the other items were still evaluated."""
+    out, records = full_run
+    bad = records[MISSING]
+    assert bad["model_prediction"] == "" and bad["model_output"] == ""
+    assert Path(bad["audio_id"]).name in bad["error"] and "file not found" in bad["error"]
+    summary = json.loads(E.summary_path(out).read_text())
+    assert summary["total"] == N  # the errored item counts
+    assert summary["correct"] == sum(mmau_correct(r["model_prediction"], r["answer"], r["choices"]) for r in records)
+    assert summary["errors"] == [{"index": MISSING, "id": bad["id"], "error": bad["error"]}]
+    assert all(r["model_output"] for i, r in enumerate(records) if i != MISSING)  # 8 new tokens, never empty
+
+
+@needs_mmau
+def test_summary_names_the_data_file(full_run):
+    """The summary holds the data file's path and sha256, and names the MMAU version."""
+    out, _ = full_run
+    summary = json.loads(E.summary_path(out).read_text())
+    assert summary["data_sha256"] == hashlib.sha256(MMAU.read_bytes()).hexdigest()
+    assert summary["data_version"] == "MMAU test-mini, revised (2025-05-15)"
+    assert summary["data"] == str(MMAU) and summary["settings"]["limit"] == N
+
+
+@needs_mmau
+def test_rescoring_keeps_the_provenance(full_run, tmp_path, capsys):
+    """--score on an evaluated file gives the same numbers and keeps the data file's hash."""
+    out, _ = full_run
+    preds = tmp_path / "preds.json"
+    shutil.copy(out, preds)
+    shutil.copy(E.summary_path(out), E.summary_path(preds))
+    before = json.loads(E.summary_path(preds).read_text())
+    E.main(["--score", str(preds)])
+    after = json.loads(E.summary_path(preds).read_text())
+    assert (after["correct"], after["total"], after["data_sha256"]) == (before["correct"], N, before["data_sha256"])
+    assert f"Total Accuracy: {before['accuracy']:.2f}% over {N} samples" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- resuming
+
+@needs_mmau
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_dir, audio_dir, full_run, tmp_path):
+    """A run stopped after 7 items with its last line torn, then re-run, gives the uninterrupted
+    output. Each item's prediction is in the part file once; the item without audio was tried by
+    both runs, so its error is there twice."""
+    out = tmp_path / "preds.json"
+    E.main(eval_args(tiny_dir, audio_dir, out, "--limit", "7"))  # batches 0-3 and 4-6: 7 lines
+    part = E.parts_dir(out) / "rank0.jsonl"
+    text = part.read_text()
+    part.write_text(text[:-30])  # a kill in the middle of item 6's line: 6 whole lines remain
+    out.unlink()
+    E.main(eval_args(tiny_dir, audio_dir, out))
+    assert out.read_text() == full_run[0].read_text()
+    lines = [json.loads(line) for line in part.read_text().splitlines()]
+    assert sorted(p["index"] for p in lines if not p["error"]) == [i for i in range(N) if i != MISSING]
+    assert [p["index"] for p in lines if p["error"]] == [MISSING, MISSING]
+
+
+@needs_mmau
+def test_failed_audio_is_retried(tiny_dir, audio_dir, full_run, tmp_path):
+    """Re-run after the missing clip appears: that item is evaluated, the others are kept."""
+    out = tmp_path / "preds.json"
+    shutil.copytree(E.parts_dir(full_run[0]), E.parts_dir(out))
+    fixed_audio = tmp_path / "audio"
+    shutil.copytree(audio_dir, fixed_audio)
+    _, records = full_run
+    sf.write(fixed_audio / records[MISSING]["audio_id"], np.zeros(SAMPLE_RATE), SAMPLE_RATE)
+    E.main(eval_args(tiny_dir, fixed_audio, out))
+    again = json.loads(out.read_text())
+    assert "error" not in again[MISSING] and again[MISSING]["model_output"]
+    assert again[:MISSING] + again[MISSING + 1:] == records[:MISSING] + records[MISSING + 1:]
+
+
+@needs_mmau
+def test_other_settings_refuse_to_resume(tiny_dir, audio_dir, full_run, tmp_path):
+    """Predictions made with other settings are never mixed in: the run stops before loading anything."""
+    out = tmp_path / "preds.json"
+    shutil.copytree(E.parts_dir(full_run[0]), E.parts_dir(out))
+    with pytest.raises(ValueError, match="another run"):
+        E.main(eval_args(tiny_dir, audio_dir, out, "--max-new-tokens", "9"))
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+@needs_mmau
+def test_two_ranks_match_one(tiny_dir, audio_dir, full_run, tmp_path):
+    """torchrun with 2 processes, resuming a 1-process run that finished items 0-4, writes the
+    same output as the uninterrupted 1-process run, with each item predicted once."""
+    out = tmp_path / "preds.json"
+    parts = E.parts_dir(out)
+    parts.mkdir()
+    shutil.copy(E.parts_dir(full_run[0]) / "run.json", parts)
+    lines = (E.parts_dir(full_run[0]) / "rank0.jsonl").read_text().splitlines(keepends=True)
+    (parts / "rank0.jsonl").write_text("".join(line for line in lines if json.loads(line)["index"] < 5))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "evaluate.py", *eval_args(tiny_dir, audio_dir, out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "15 to evaluate on 2 rank(s)" in result.stdout
+    assert result.stdout.count("Total Accuracy:") == 1  # printed by rank 0 only
+    assert out.read_text() == full_run[0].read_text()
+    indices = [json.loads(line)["index"] for f in ("rank0.jsonl", "rank1.jsonl")
+               for line in (parts / f).read_text().splitlines()]
+    assert sorted(indices) == list(range(N))
+
+
+# ----------------------------------------------------------------------------- the demo
+
+def test_demo_picks_the_start_and_the_newest_checkpoint(tmp_path):
+    """checkpoint-0 and the largest step (by number, not by name); other names are ignored."""
+    for name in ["checkpoint-0", "checkpoint-20", "checkpoint-100", "checkpoint-100.tmp", "logs"]:
+        (tmp_path / name).mkdir()
+    assert E.demo_checkpoints(tmp_path) == [tmp_path / "checkpoint-0", tmp_path / "checkpoint-100"]
+
+
+def test_demo_without_checkpoints_says_to_train_first(tmp_path, monkeypatch, capsys):
+    """With no runs/ folder the demo exits with 1 and tells the user to run train.py."""
+    monkeypatch.chdir(tmp_path)
+    assert E.main([]) == 1
+    assert "run `python train.py` first" in capsys.readouterr().out
+
+
+def test_demo_evaluates_before_and_after(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The demo scores checkpoint-0 and the newest checkpoint on the synthetic test split and
+    prints both accuracies on one line."""
+    monkeypatch.chdir(tmp_path)
+    make_synthetic("runs/synthetic", n_train=4, n_test=8, seed=0)
+    for name in ["checkpoint-0", "checkpoint-3"]:
+        shutil.copytree(tiny_dir, Path("runs/demo") / name)
+    assert E.demo(batch_size=8, max_new_tokens=4, dtype="float32") == 0
+    out = capsys.readouterr().out
+    assert out.count("Total Accuracy:") == 2 and "Category-wise Accuracy:" in out
+    assert "Greedy accuracy on runs/synthetic/test.jsonl: checkpoint-0 " in out and "-> checkpoint-3 " in out
+    records = json.loads(Path("runs/demo/eval/checkpoint-3.json").read_text())
+    assert len(records) == 8 and {"question", "choices", "answer", "model_prediction"} <= set(records[0])
+    assert records[0]["answer"] in records[0]["choices"]  # the AVQA index became the choice string
