@@ -152,8 +152,10 @@ def pack_groups(rollout, pad_id):
             row.append(comp[b * G + i, :n])
             pos.append(torch.arange(P, P + n))
             seg.append(torch.full((n,), i + 1))
-            # token 0 is predicted by the last prompt state, token j by the completion's token j-1
-            source[b * G + i, :n] = torch.cat([torch.tensor([P - 1]), torch.arange(start, start + n - 1)])
+            # token j is predicted by the completion's token j-1, token 0 by the last prompt state
+            src = start - 1 + torch.arange(n)
+            src[:1] = P - 1
+            source[b * G + i, :n] = src
             start += n
         rows.append(torch.cat(row)), positions.append(torch.cat(pos)), segments.append(torch.cat(seg))
     L = max(len(r) for r in rows)

@@ -11,11 +11,18 @@ random `Qwen2AudioConfig`. Everything else in the project runs the same code on 
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import (
+    AutoConfig,
     AutoProcessor,
+    GenerationConfig,
     Qwen2AudioConfig,
     Qwen2AudioForConditionalGeneration,
     Qwen2AudioProcessor,
@@ -35,16 +42,52 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<
 
 
 # -----------------------------------------------------------------------------
+# Processes and devices
+
+def init_distributed(always=False):
+    """Join the torchrun process group: CUDA + nccl when a GPU is present, else CPU + gloo.
+    Returns (rank, world_size, device). Without torchrun there is no group unless `always`, which
+    makes a one-process group so that training runs the same sharded code on 1 process as on 8."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, device_id=device if cuda else None)
+        elif always:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
 # Loading
 
 def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False):
     """Open a local Qwen2-Audio directory. Returns (model, processor); the tokenizer pads on the left."""
     model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    # The Whisper position table is a fixed sinusoid the class freezes; from_pretrained unfreezes it.
+    model.model.audio_tower.embed_positions.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, load_processor(path)
+
+
+def load_processor(path):
+    """The Qwen2-Audio processor; its tokenizer pads on the left (batched generation appends on the right)."""
     processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"  # batched generation appends on the right
-    return model, processor
+    processor.tokenizer.padding_side = "left"
+    return processor
 
 
 def end_token_ids(tokenizer):
@@ -59,6 +102,87 @@ def suppressed_token_ids(tokenizer, vocab_size):
     special = {tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
     special |= set(tokenizer.added_tokens_decoder)  # <|AUDIO|> and friends are added tokens
     return sorted((special - ends) | set(range(len(tokenizer), vocab_size)))
+
+
+# -----------------------------------------------------------------------------
+# Sharding (FSDP2)
+
+def shard(model, param_dtype=None):
+    """Shard with FSDP2 over all processes: each audio-encoder layer, each decoder layer, the lm_head,
+    then `model.model` (embeddings, conv stem, projector, norms). grpo.py calls `model.model` and
+    `model.lm_head` directly, so those two are the units that run the root's hooks. Parameters stay
+    in their own dtype (fp32 master weights for the policy); param_dtype is the compute dtype, and
+    gradients are reduced in fp32."""
+    mesh = init_device_mesh(_device_type(), (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in [*model.model.audio_tower.layers, *model.model.language_model.layers]:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model.lm_head, mesh=mesh, mp_policy=mp)
+    fully_shard(model.model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def fsdp_units(model):
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+class unsharded:
+    """Context: gather every FSDP unit once, keep it gathered for the whole rollout, then reshard.
+    Otherwise each decoded token would all-gather the whole model, and ranks whose decode loops stop
+    at different steps would wait on each other forever."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        for unit in fsdp_units(self.model):
+            unit.set_reshard_after_forward(False, recurse=False)
+        return self.model
+
+    def __exit__(self, *exc):
+        roots = (self.model.model, self.model.lm_head)  # roots keep their gathered weights after forward anyway
+        for unit in fsdp_units(self.model):
+            unit.reshard()
+            if unit not in roots:
+                unit.set_reshard_after_forward(True, recurse=False)
+
+
+def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_checkpointing=False):
+    """Build the model on the meta device on every rank, shard it, and fill the shards from rank 0,
+    which alone reads the checkpoint: host memory holds one full copy, not one per rank."""
+    device = torch.device(_device_type(), torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    model = meta_model(AutoConfig.from_pretrained(path)).to(storage_dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard(model, param_dtype)
+    model.to_empty(device=device)
+    full = {}
+    if dist.get_rank() == 0:
+        full = Qwen2AudioForConditionalGeneration.from_pretrained(path).state_dict()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    reset_rotary(model, device)
+    if Path(path, "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def reset_rotary(model, device):
+    """The rotary inverse frequencies are non-persistent buffers: to_empty() leaves them as garbage
+    and no state dict refills them. Recompute them by building a fresh rotary module."""
+    for name, module in model.named_modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "original_inv_freq"):
+            fresh = type(module)(module.config)
+            module.inv_freq = fresh.inv_freq.to(device)
+            module.original_inv_freq = fresh.original_inv_freq.to(device)
+
+
+def full_state_dict(model):
+    """The whole model's weights on rank 0's CPU with Hugging Face names (all ranks must call)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _device_type():
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # -----------------------------------------------------------------------------

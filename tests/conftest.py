@@ -37,3 +37,16 @@ def pitch_samples(n):
                for i in range(n)]
     audios = [(0.1 * rng.standard_normal(16000 * (1 + i % 3))).astype(np.float32) for i in range(n)]
     return samples, audios
+
+
+@pytest.fixture(scope="session")
+def tiny2_dir(tmp_path_factory):
+    """A tiny Qwen2-Audio with a 2 s mel window, as the demo uses (faster than 10 s)."""
+    return M.build_tiny(tmp_path_factory.mktemp("tiny2") / "model", seed=0, window_seconds=2)
+
+
+@pytest.fixture(scope="session")
+def pitch_task(tmp_path_factory):
+    """A small synthetic pitch task: (train.jsonl, test.jsonl) with 32 and 8 questions."""
+    from data import make_synthetic
+    return make_synthetic(tmp_path_factory.mktemp("pitch"), n_train=32, n_test=8, seed=0)

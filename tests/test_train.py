@@ -1,0 +1,214 @@
+"""train.py in one process: flags, data order, the loop end to end, checkpoints, and faults."""
+
+import json
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from transformers import Qwen2AudioForConditionalGeneration
+
+import grpo
+import model as M
+import train as T
+
+
+def quick_args(model_dir, pitch_task, out, *extra):
+    train_jsonl, _ = pitch_task
+    return ["--model", str(model_dir), "--data", str(train_jsonl), "--out", str(out), "--max-steps", "2",
+            "--prompts-per-step", "4", "--micro-batch", "2", "--group-size", "4", "--max-new-tokens", "12",
+            "--lr", "1e-3", "--dtype", "float32", "--seed", "0", "--no-gradient-checkpointing", *extra]
+
+
+@pytest.fixture(scope="session")
+def warm_dir(tiny2_dir, pitch_task, tmp_path_factory):
+    """The tiny model after a short format warm start (max_steps 0: warm start, checkpoint-0, stop).
+    It answers in the right format some of the time, so rewards differ within groups."""
+    out = tmp_path_factory.mktemp("warm")
+    T.main(quick_args(tiny2_dir, pitch_task, out, "--max-steps", "0", "--warm-start-steps", "15",
+                      "--warm-start-lr", "1e-2"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return out / "checkpoint-0"
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_group():
+    """A run that stops with SystemExit leaves its process group; the next test starts without one."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_every_config_field_is_a_flag():
+    """Each Config field maps to --kebab-case; bools take --x / --no-x; explicit flags beat the demo preset."""
+    cfg, demo = T.parse_args([])
+    assert demo and cfg.lr == T.DEMO["lr"] and cfg.prompts_per_step == 32
+    cfg, demo = T.parse_args(["--lr", "5e-4"])
+    assert demo and cfg.lr == 5e-4 and cfg.max_new_tokens == T.DEMO["max_new_tokens"]
+    cfg, demo = T.parse_args(["--model", "/some/Qwen2-Audio-7B-Instruct", "--data", "train.jsonl"])
+    assert not demo and cfg == T.Config(model="/some/Qwen2-Audio-7B-Instruct", data="train.jsonl")
+    for f in fields(T.Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            assert getattr(T.parse_args([flag])[0], f.name) is True
+            assert getattr(T.parse_args(["--no-" + f.name.replace("_", "-")])[0], f.name) is False
+        else:
+            value = {int: "7", float: "0.5", str: "x"}[f.type]
+            assert getattr(T.parse_args([flag, value])[0], f.name) == f.type(value)
+
+
+def test_r1_aqa_defaults():
+    """Without the demo preset the defaults are R1-AQA's."""
+    c = T.Config()
+    assert (c.group_size, c.lr, c.beta, c.temperature, c.top_k, c.max_new_tokens) == (8, 1e-6, 0.04, 1.0, 50, 256)
+    assert (c.weight_decay, c.grad_clip, c.seed, c.save_every, c.clip_eps, c.num_iterations) == (0, 1.0, 42, 100, 0.2, 1)
+    assert c.lr_decay and not c.token_mean and c.dtype == "bfloat16"
+
+
+def test_balanced_order_interleaves_answers():
+    """Balanced: each window of 4 consecutive samples holds each of the 4 answers once; a permutation either way."""
+    answers = ["a", "b", "c", "d"] * 10
+    order = T.epoch_order(answers, epoch=0, seed=0, balance=True)
+    assert sorted(order) == list(range(40))
+    for w in range(0, 40, 4):
+        assert sorted(answers[i] for i in order[w:w + 4]) == ["a", "b", "c", "d"]
+    assert sorted(T.epoch_order(answers, 0, 0, balance=False)) == list(range(40))
+
+
+def test_step_indices_run_through_epochs():
+    """Steps tile an endless run of epochs: 10 samples, 4 per step -> steps 0..4 cover two epochs exactly."""
+    cfg = T.Config(prompts_per_step=4, seed=3)
+    answers = list("abcdeabcde")
+    steps = [T.step_indices(cfg, answers, s) for s in range(5)]
+    flat = sum(steps, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert T.step_indices(cfg, answers, 2) == steps[2]  # depends only on (seed, step)
+
+
+def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
+    """Two GRPO steps from the warm-started model: two metric records, samples, and checkpoints that
+    from_pretrained opens, with weights that moved. Gradient checkpointing is on (the default for real
+    models)."""
+    out = tmp_path / "run"
+    _, test_jsonl = pitch_task
+    T.main(quick_args(warm_dir, pitch_task, out, "--save-every", "1", "--test-data", str(test_jsonl),
+                      "--eval-samples", "4", "--log-samples", "3", "--gradient-checkpointing"))
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ["reward", "accuracy", "format", "kl", "clip_frac", "completion_len", "frac_zero_std",
+                "grad_norm", "lr", "seconds", "skipped", "bad_samples"]:
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[0]["lr"] == pytest.approx(5e-4)  # linear decay over 2 steps: 1e-3 * (1 - 1/2)
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2 * 3
+    assert [p.name for p in T.checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((out / "checkpoint-2" / "train_config.json").read_text())["max_steps"] == 2
+    assert all(r["grad_norm"] > 0 and r["format"] > 0 for r in records)
+    trained = Qwen2AudioForConditionalGeneration.from_pretrained(out / "checkpoint-2")
+    start = Qwen2AudioForConditionalGeneration.from_pretrained(warm_dir)
+    moved = [not torch.equal(p, start.state_dict()[k]) for k, p in trained.state_dict().items()]
+    assert sum(moved) > len(moved) // 2
+    model, processor = M.load(out / "checkpoint-2")
+    assert processor.tokenizer.padding_side == "left" and model.dtype == torch.bfloat16
+
+
+def test_beta_zero_runs_without_reference(tiny2_dir, pitch_task, tmp_path):
+    """beta 0: no reference model is built and the logged KL is exactly 0."""
+    assert T.reference(T.Config(beta=0.0), tiny2_dir) is None
+    T.main(quick_args(tiny2_dir, pitch_task, tmp_path, "--beta", "0", "--max-steps", "1"))
+    assert metrics(tmp_path)[0]["kl"] == 0.0
+
+
+def test_second_iteration_clips(warm_dir, pitch_task, tmp_path):
+    """num_iterations 2 with a large lr: the second optimizer step on the same rollout sees ratios off 1,
+    so clip_frac > 0; the lr schedule counts both updates (1e-2 * (1 - 2/4) after step 1 of 2)."""
+    T.main(quick_args(warm_dir, pitch_task, tmp_path, "--num-iterations", "2", "--lr", "1e-2", "--beta", "0"))
+    first = metrics(tmp_path)[0]
+    assert first["clip_frac"] > 0
+    assert first["lr"] == pytest.approx(5e-3)
+
+
+def test_nan_loss_skips_the_update(warm_dir, pitch_task, tmp_path, monkeypatch):
+    """A non-finite loss skips the optimizer step, is counted, and leaves the weights finite and unchanged;
+    the same step without the NaN does change them."""
+    real = grpo.grpo_loss
+
+    def poisoned(*args, **kwargs):
+        loss, m = real(*args, **kwargs)
+        return loss * float("nan"), m
+
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "a", "--max-steps", "1"))
+    monkeypatch.setattr(T.grpo, "grpo_loss", poisoned)
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "b", "--max-steps", "1"))
+    assert metrics(tmp_path / "a")[0]["skipped"] == 0 and metrics(tmp_path / "b")[0]["skipped"] == 1
+    start = load_file(warm_dir / "model.safetensors")
+    clean = load_file(tmp_path / "a" / "checkpoint-1" / "model.safetensors")
+    poisoned_run = load_file(tmp_path / "b" / "checkpoint-1" / "model.safetensors")
+    assert all(torch.equal(poisoned_run[k], start[k]) for k in start)
+    assert not all(torch.equal(clean[k], start[k]) for k in start)
+
+
+def write_with_missing_audio(pitch_task, tmp_path, n_missing):
+    train_jsonl, _ = pitch_task
+    lines = train_jsonl.read_text().splitlines()
+    for i in range(n_missing):
+        record = json.loads(lines[i])
+        record["audio_path"] = str(tmp_path / f"gone{i}.wav")
+        lines[i] = json.dumps(record)
+    path = train_jsonl.parent / f"with_{n_missing}_missing.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_unreadable_audio_is_skipped_and_counted(tiny2_dir, pitch_task, tmp_path, capsys):
+    """One missing clip among 32: logged with its path, counted, and the run goes on."""
+    data = write_with_missing_audio(pitch_task, tmp_path, 1)
+    T.main(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--data", str(data), "--prompts-per-step", "16",
+                      "--micro-batch", "16", "--max-new-tokens", "3", "--balance-answers"))
+    # 2 steps x 16 prompts cover all 32 records once, so the missing one was seen exactly once
+    assert [r["bad_samples"] for r in metrics(tmp_path / "run")] in ([0, 1], [1, 1])
+    assert "gone0.wav" in capsys.readouterr().out
+
+
+def test_too_many_unreadable_clips_stop_the_run(tiny2_dir, pitch_task, tmp_path):
+    """More than max_bad_fraction bad (of at least 100) stops with a message that says what to do."""
+    data = write_with_missing_audio(pitch_task, tmp_path, 8)
+    with pytest.raises(SystemExit, match="unreadable audio"):
+        T.main(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--data", str(data), "--prompts-per-step", "32",
+                          "--micro-batch", "32", "--max-new-tokens", "2", "--max-bad-fraction", "0.05"))
+
+
+def test_token_mean_changes_the_update(warm_dir, pitch_task, tmp_path):
+    """--token-mean weights long completions more than the per-sequence mean: another gradient."""
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "seq", "--max-steps", "1", "--beta", "0"))
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "tok", "--max-steps", "1", "--beta", "0", "--token-mean"))
+    seq, tok = metrics(tmp_path / "seq")[0], metrics(tmp_path / "tok")[0]
+    assert seq["reward"] == tok["reward"]  # same rollout
+    assert seq["grad_norm"] != pytest.approx(tok["grad_norm"], rel=1e-4)
+
+
+def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
+    """A folder without trainer_state.pt (a crash mid-save) or named *.tmp never counts as a checkpoint;
+    pruning keeps the newest keep_last and checkpoint-0."""
+    for step in [0, 10, 20, 30, 40]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.pt").write_text("")
+    (tmp_path / "checkpoint-50").mkdir()
+    (tmp_path / "checkpoint-60.tmp").mkdir()
+    assert [p.name for p in T.checkpoints(tmp_path)][-1] == "checkpoint-40"
+    T.prune_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in T.checkpoints(tmp_path)] == ["checkpoint-0", "checkpoint-30", "checkpoint-40"]
+
+
+def test_text_chart():
+    """The chart has `height` rows plus an axis; a value of 1 fills its column, 0 leaves it empty."""
+    chart = T.text_chart([0.0, 1.0], height=4, width=2).splitlines()
+    assert len(chart) == 5
+    assert chart[0].endswith("| █") and chart[3].endswith("| █")
+    assert "over 2 steps" in chart[-1]
