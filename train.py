@@ -76,7 +76,7 @@ class Config:
 
 # The workshop demo (`python train.py`): a tiny model learns a synthetic task on a laptop CPU in minutes.
 # R1-AQA's values above stay the defaults for real models; flags given explicitly override these.
-DEMO = dict(max_steps=250, prompts_per_step=32, micro_batch=32, lr=1e-3, max_new_tokens=16, dtype="float32",
+DEMO = dict(max_steps=400, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=False, max_new_tokens=16, dtype="float32",
             gradient_checkpointing=False, balance_answers=True, warm_start_steps=60, save_every=50, seed=0)
 
 

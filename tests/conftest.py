@@ -6,12 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project is a folder of scripts, not a package
 
 import model as M  # noqa: E402
-from data import Sample  # noqa: E402
+import train  # noqa: E402
+from data import Sample, make_synthetic  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -48,5 +50,24 @@ def tiny2_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pitch_task(tmp_path_factory):
     """A small synthetic pitch task: (train.jsonl, test.jsonl) with 32 and 8 questions."""
-    from data import make_synthetic
     return make_synthetic(tmp_path_factory.mktemp("pitch"), n_train=32, n_test=8, seed=0)
+
+
+def quick_args(model_dir, pitch_task, out, *extra):
+    """train.py flags for a run of seconds: 4 prompts x 4 completions of up to 12 tokens, fp32."""
+    train_jsonl, _ = pitch_task
+    return ["--model", str(model_dir), "--data", str(train_jsonl), "--out", str(out), "--max-steps", "2",
+            "--prompts-per-step", "4", "--micro-batch", "2", "--group-size", "4", "--max-new-tokens", "12",
+            "--lr", "1e-3", "--dtype", "float32", "--seed", "0", "--no-gradient-checkpointing", *extra]
+
+
+@pytest.fixture(scope="session")
+def warm_dir(tiny2_dir, pitch_task, tmp_path_factory):
+    """The tiny model after a short format warm start (max_steps 0: warm start, checkpoint-0, stop).
+    It answers in the right format some of the time, so rewards differ within groups."""
+    out = tmp_path_factory.mktemp("warm")
+    train.main(quick_args(tiny2_dir, pitch_task, out, "--max-steps", "0", "--warm-start-steps", "15",
+                          "--warm-start-lr", "1e-2"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return out / "checkpoint-0"

@@ -13,25 +13,7 @@ from transformers import Qwen2AudioForConditionalGeneration
 import grpo
 import model as M
 import train as T
-
-
-def quick_args(model_dir, pitch_task, out, *extra):
-    train_jsonl, _ = pitch_task
-    return ["--model", str(model_dir), "--data", str(train_jsonl), "--out", str(out), "--max-steps", "2",
-            "--prompts-per-step", "4", "--micro-batch", "2", "--group-size", "4", "--max-new-tokens", "12",
-            "--lr", "1e-3", "--dtype", "float32", "--seed", "0", "--no-gradient-checkpointing", *extra]
-
-
-@pytest.fixture(scope="session")
-def warm_dir(tiny2_dir, pitch_task, tmp_path_factory):
-    """The tiny model after a short format warm start (max_steps 0: warm start, checkpoint-0, stop).
-    It answers in the right format some of the time, so rewards differ within groups."""
-    out = tmp_path_factory.mktemp("warm")
-    T.main(quick_args(tiny2_dir, pitch_task, out, "--max-steps", "0", "--warm-start-steps", "15",
-                      "--warm-start-lr", "1e-2"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return out / "checkpoint-0"
+from conftest import quick_args
 
 
 def metrics(out):

@@ -1,0 +1,122 @@
+"""Two processes on CPU (gloo), launched the way users launch them: torchrun. FSDP2 collectives, world-
+size-independent training, and exact kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import train as T
+from conftest import quick_args
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def max_weight_diff(a, b):
+    wa, wb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def run_args(warm_dir, pitch_task, out):
+    # 6 steps, a checkpoint every 2; lr 1e-2 so that weights move far and any divergence would show
+    return quick_args(warm_dir, pitch_task, out, "--max-steps", "6", "--save-every", "2", "--lr", "1e-2")
+
+
+def kill_after(cmd, out, steps):
+    """Start cmd, SIGKILL its whole process group once `steps` metric records exist, return whether it
+    was still running (it must be, or the kill proved nothing)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = Path(out) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= steps:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="module")
+def one_process_run(warm_dir, pitch_task, tmp_path_factory):
+    """The uninterrupted 1-process reference, with 1 thread like each of the 2 ranks."""
+    out = tmp_path_factory.mktemp("one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        T.main(run_args(warm_dir, pitch_task, out))
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return out
+
+
+def test_fsdp_rollout_gathers_once_per_unit_and_master_weights_are_fp32(tiny_dir, tmp_path):
+    """Rollouts of 8 and 40 tokens on the two ranks: each all-gathers exactly once per FSDP unit (6 for
+    2 + 2 layers, lm_head and the trunk) and neither deadlocks. An lr 1e-6 step moves most fp32 master
+    weights; seen in bf16, fewer than 10% would have moved."""
+    out = tmp_path / "checks.json"
+    subprocess.run(torchrun(str(ROOT / "tests" / "dist_checks.py"), str(tiny_dir), str(out)),
+                   cwd=ROOT, env=ENV, check=True, timeout=300)
+    ranks = json.loads(out.read_text())
+    assert [r["tokens"] for r in ranks] == [8, 40]
+    for r in ranks:
+        assert r["units"] == 6 and r["all_gathers"] <= r["units"]
+    moved, moved_bf16, numel = ranks[0]["moved"], ranks[0]["moved_bf16"], ranks[0]["numel"]
+    assert moved > 0.8 * numel and moved_bf16 < 0.1 * numel
+
+
+def test_two_processes_match_one(one_process_run, warm_dir, pitch_task, tmp_path):
+    """Same config on 1 and 2 processes: the same completions (rewards, lengths, logged samples), the same
+    KL and grad norm per step, and after 6 optimizer steps the same weights to 1e-5."""
+    out = tmp_path / "two"
+    subprocess.run(torchrun(str(ROOT / "train.py"), *run_args(warm_dir, pitch_task, out)),
+                   cwd=ROOT, env=ENV, check=True, timeout=300)
+    one, two = metrics(one_process_run), metrics(out)
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        for key in ["reward", "accuracy", "format", "completion_len", "frac_zero_std"]:
+            assert a[key] == b[key], (a["step"], key)
+        for key in ["kl", "grad_norm"]:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    assert (one_process_run / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
+    assert max_weight_diff(one_process_run / "checkpoint-6", out / "checkpoint-6") < 1e-5
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_kill_and_resume_is_exact(nproc, one_process_run, warm_dir, pitch_task, tmp_path):
+    """SIGKILL after step 3 (checkpoint-2 is the newest complete one), then --resume: the final weights and
+    every step's metrics equal the uninterrupted run's (1e-5 across process counts, bit-exact within)."""
+    out = tmp_path / "killed"
+    args = run_args(warm_dir, pitch_task, out)
+    launch = torchrun(str(ROOT / "train.py"), *args, nproc=nproc)
+    assert kill_after(launch, out, steps=3), "the run ended before it could be killed"
+    assert not (out / "checkpoint-6").exists()
+    subprocess.run(launch + ["--resume"], cwd=ROOT, env=ENV, check=True, timeout=300)
+    resumed = metrics(out)
+    reference = metrics(one_process_run)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(reference, resumed):
+        assert a["reward"] == b["reward"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert max_weight_diff(one_process_run / "checkpoint-6", out / "checkpoint-6") < 1e-5
+    assert sorted(p.name for p in T.checkpoints(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
