@@ -33,16 +33,21 @@ attention counted dense, masked entries included, as the kernels compute them), 
 over RUNS after a warm-up, the two sides interleaved), and peak memory = the most bytes that torch's
 CPU allocator had handed out during the phase and not yet taken back, from the profiler's
 allocation events (tracemalloc does not see torch's allocations; RSS hides frees in malloc).
-Other processes on the machine add noise to the wall times, hence the median.
+Other processes on the machine add noise to the wall times, hence the median. Worse, when other
+processes keep the cores busy, 2 intra-op threads wait on each other at every op and wall times
+grow 10-100x, unevenly; the script prints the load and says so, and --threads 1 is then reliable.
 
 Setting: the tiny Qwen2-Audio at R1-AQA proportions: 10 s clips (250 audio tokens), the R1-AQA
 prompt, G = 8, 12 new tokens, B = 2 prompts of different lengths (so left padding is exercised;
 R1-AQA runs 1 prompt per GPU, B = 2 is two such micro-batches at once). fp32, no checkpointing.
 
     python tests/bench_step.py              # 15-40 s on 2 CPU cores
+    python tests/bench_step.py --threads 1  # on a busy machine
 """
 
+import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -325,13 +330,28 @@ def print_table(table):
               f"{m['ours'] / 2**20:13.1f} {m['baseline'] / 2**20:9.1f}")
 
 
+def print_load():
+    """The machine's load before we start: other busy processes distort multi-threaded wall times."""
+    load, cores, threads = os.getloadavg()[0], os.cpu_count(), torch.get_num_threads()
+    print(f"load average {load:.1f} on {cores} cores, {threads} torch threads")
+    if threads > 1 and load > 1:
+        print("warning: other processes are running; wall times with several threads are unreliable "
+              "(rerun with --threads 1)")
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--runs", type=int, default=RUNS, help="timed runs per phase, after one warm-up")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print_load()
     bench = setup()
     P, N = bench.batch["input_ids"].shape[1], bench.rollout.completion_ids.size(0)
     print(f"tiny Qwen2-Audio, {SECONDS} s clips, B={len(SAMPLES)} prompts (padded length {P}), "
-          f"G={GROUP_SIZE}, N={N} completions x T={NEW_TOKENS} tokens, fp32, {torch.get_num_threads()} threads")
+          f"G={GROUP_SIZE}, N={N} completions x T={NEW_TOKENS} tokens, fp32")
     print(f"log-probs and loss agree: max |ours - baseline or ideal| = {check_agreement(bench):.1e} (< 1e-4)")
-    table = measure(bench)
+    table = measure(bench, args.runs)
     print_table(table)
     print("o/b = ours / baseline, o/i = ours / ideal; the ideal is counted, not run for time or memory")
     step = totals(table)
