@@ -6,7 +6,7 @@ GRPOTrainer (and so R1-AQA) computes the same numbers, and how close it is to th
 The three phases of a step, each done by two implementations on the same model and inputs:
   rollout    ours: grpo.generate_groups (encode + prefill once per prompt, fork the KV cache G ways)
              baseline: model.generate(num_return_sequences=G), which encodes the audio and
-             prefills the prompt G times
+             prefills the prompt G times. Both counts include every decode step.
   reference  log-probs of the sampled tokens under the frozen model, no grad
              ours: grpo.completion_logprobs (one packed forward per group, lm_head only where a
              completion token is predicted)
