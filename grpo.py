@@ -59,9 +59,9 @@ def sample_next(logits, generators, temperature=1.0, top_k=0, top_p=1.0):
         logits = logits.masked_fill(logits < kth, float("-inf"))           # [N, V]
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)        # [N, V]
-        cum = sorted_logits.softmax(-1).cumsum(-1)                          # [N, V]
-        drop = cum - sorted_logits.softmax(-1) > top_p                      # [N, V] mass before it already > p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        sorted_probs = sorted_logits.softmax(-1)                           # [N, V]
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p              # [N, V] the mass before it is already > p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # back to vocab order
     probs = logits.softmax(-1)                                             # [N, V]
     rows = probs.size(0) // len(generators)
     # Exponential race: argmax(p / E) with E ~ Exp(1) is a sample from p (as in gpt-fast).
