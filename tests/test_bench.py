@@ -16,6 +16,16 @@ import bench_step
 G, T = 4, 5  # small group, short completions
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these tests count, they do not time, and on a shared 2-core machine two
+    threads wait on each other at every op (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bench(tiny2_dir):
     """The tiny model with a 2 s window (50 audio tokens), 2 prompts of different lengths, G = 4, 5 tokens."""
