@@ -89,13 +89,13 @@ def generate_groups(model, batch, generators, group_size, max_new_tokens, end_id
     end = torch.as_tensor(end_ids, device=ids.device)
     done = torch.zeros(ids.size(0) * G, dtype=torch.bool, device=ids.device)  # [N]
     tokens = []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         logits = logits.float().index_fill(-1, suppress, float("-inf"))   # [N, V]
         tok = sample_next(logits, generators, temperature, top_k, top_p)   # [N]
         tok = tok.masked_fill(done, pad_id)                                # [N] finished rows emit pad
         tokens.append(tok)
         done |= torch.isin(tok, end)
-        if done.all():
+        if done.all() or t == max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)     # [N, P+t]
         out = model.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,

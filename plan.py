@@ -225,15 +225,27 @@ def load_config(model_dir):
     return AutoConfig.from_pretrained(model_dir)
 
 
-def print_flops(config, args):
-    ours = step_flops(config, args.prompts, args.group_size, args.prompt_tokens, args.new_tokens)
-    hf = step_flops(config, args.prompts, args.group_size, args.prompt_tokens, args.new_tokens, packed=False)
-    print(f"\nFLOPs per optimizer step: {args.prompts} prompts x G={args.group_size}, prompt {args.prompt_tokens} "
-          f"tokens, completions of {args.new_tokens} tokens, checkpointing")
-    print(f"{'phase':10s} {'ours PFLOP':>11s} {'HF/TRL PFLOP':>13s} {'ratio':>6s}")
+def flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, beta=0.04):
+    ours = step_flops(config, prompts, group_size, prompt_tokens, new_tokens, beta)
+    hf = step_flops(config, prompts, group_size, prompt_tokens, new_tokens, beta, packed=False)
+    lines = [f"FLOPs per optimizer step: {prompts} prompts x G={group_size}, prompt {prompt_tokens} "
+             f"tokens, completions of {new_tokens} tokens, checkpointing",
+             f"{'phase':10s} {'ours PFLOP':>11s} {'HF/TRL PFLOP':>13s} {'ratio':>6s}"]
     for phase in ours:
-        print(f"{phase:10s} {ours[phase] / 1e15:11.2f} {hf[phase] / 1e15:13.2f} {ours[phase] / hf[phase]:6.2f}")
-    print(f"per GPU: {ours['total'] / args.gpus / 1e15:.2f} PFLOP")
+        ratio = f"{ours[phase] / hf[phase]:6.2f}" if hf[phase] else f"{'-':>6s}"
+        lines.append(f"{phase:10s} {ours[phase] / 1e15:11.2f} {hf[phase] / 1e15:13.2f} {ratio}")
+    lines.append(f"per GPU: {ours['total'] / gpus / 1e15:.2f} PFLOP")
+    return "\n".join(lines)
+
+
+def report(config, gpus=8, prompts_per_gpu=1, prompts=16, group_size=8, prompt_tokens=PROMPT_TOKENS,
+           new_tokens=256, gpu_mem_gb=80, beta=0.04):
+    """The whole plan as text: the memory table, then the FLOPs. train.py --plan prints this too."""
+    plan = memory_plan(config, gpus, prompts_per_gpu, group_size, prompt_tokens, new_tokens, gpu_mem_gb, beta)
+    head = (f"memory per GPU: {gpus} GPUs, {prompts_per_gpu} prompt(s) x G={group_size} per GPU, "
+            f"prompt {prompt_tokens} tokens + {new_tokens} new, beta={beta}")
+    flops = flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, beta)
+    return "\n".join([head, format_plan(plan), "", flops])
 
 
 def main():
@@ -248,13 +260,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.04)
     args = parser.parse_args()
-    config = load_config(args.model)
-    plan = memory_plan(config, args.gpus, args.prompts_per_gpu, args.group_size, args.prompt_tokens,
-                       args.new_tokens, args.gpu_mem, args.beta)
-    print(f"memory per GPU: {args.gpus} GPUs, {args.prompts_per_gpu} prompt(s) x G={args.group_size} per GPU, "
-          f"prompt {args.prompt_tokens} tokens + {args.new_tokens} new, beta={args.beta}")
-    print(format_plan(plan))
-    print_flops(config, args)
+    print(report(load_config(args.model), args.gpus, args.prompts_per_gpu, args.prompts, args.group_size,
+                 args.prompt_tokens, args.new_tokens, args.gpu_mem, args.beta))
 
 
 if __name__ == "__main__":

@@ -194,3 +194,16 @@ def test_text_chart():
     assert len(chart) == 5
     assert chart[0].endswith("| █") and chart[3].endswith("| █")
     assert "over 2 steps" in chart[-1]
+
+
+def test_plan_prints_the_7b_table_for_this_runs_batch():
+    """--plan without a model folder plans the 7B (its parameter count is asserted inside), uses the
+    run's batch settings, and says whether it fits --gpu-mem."""
+    import contextlib
+    import io
+    for gpu_mem, verdict in [("80", "fits in 80 GiB"), ("30", "does NOT fit in 30 GiB")]:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            T.main(["--plan", "--gpu-mem", gpu_mem, "--group-size", "4", "--max-new-tokens", "128"])
+        text = buf.getvalue()
+        assert verdict in text and "G=4" in text and "+ 128 new" in text
