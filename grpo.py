@@ -140,10 +140,11 @@ class Packed:
 
 def pack_groups(rollout, pad_id):
     """Lay out each group as one sequence in which every completion sees the prompt and its own past."""
-    G, comp, mask = rollout.group_size, rollout.completion_ids, rollout.mask
+    # index bookkeeping on the CPU; completion_logprobs moves the result to the model's device once
+    G, comp, mask = rollout.group_size, rollout.completion_ids.cpu(), rollout.mask.cpu()
     lengths = mask.sum(1).tolist()                                         # N completion lengths
     rows, positions, segments, source = [], [], [], torch.zeros_like(comp)
-    for b, prompt in enumerate(rollout.prompt_ids):
+    for b, prompt in enumerate(p.cpu() for p in rollout.prompt_ids):
         P = len(prompt)
         row, pos, seg = [prompt], [torch.arange(P)], [torch.zeros(P, dtype=torch.long)]
         start = P

@@ -83,7 +83,7 @@ class Config:
 # beta 0.1 rather than 0.04: a stronger pull towards the reference keeps some probability on every
 # answer, so a class the policy gets wrong still yields a correct sample to learn from. At 0.04 (and
 # with G = 16 too) some seeds stalled at 50% or 75%, every group of the unlearned classes all wrong.
-DEMO = dict(max_steps=500, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=False, beta=0.1,
+DEMO = dict(max_steps=600, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=False, beta=0.1,
             max_new_tokens=16, dtype="float32", gradient_checkpointing=False, balance_answers=True,
             warm_start_steps=60, save_every=50, seed=0)
 
@@ -210,7 +210,8 @@ def rollout(run, step, positions, samples):
         for pos, batch in zip(chunks(positions, cfg.micro_batch), chunks(samples, cfg.micro_batch)):
             audios, ok = read_audio(batch, run.counts)
             inputs = M.collate(run.processor, batch, audios, cfg.think).to(run.device)
-            r = grpo.generate_groups(run.policy, inputs, grpo.prompt_generators(cfg.seed, step, pos), cfg.group_size,
+            gens = grpo.prompt_generators(cfg.seed, step, pos, run.device)
+            r = grpo.generate_groups(run.policy, inputs, gens, cfg.group_size,
                                      cfg.max_new_tokens, run.end_ids, run.pad_id, run.suppress_ids,
                                      cfg.temperature, cfg.top_k, cfg.top_p)
             r.mask &= torch.tensor(ok, device=run.device).repeat_interleave(cfg.group_size)[:, None]
@@ -345,7 +346,8 @@ def heldout_accuracy(run, samples):
                                      run.suppress_ids, top_k=1)
             texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
             scores = [reward.score(t, s.answer, cfg.think) for t, s in zip(texts, batch)]
-            sums += torch.tensor([sum(s.accuracy for s in scores), sum(s.format for s in scores), len(batch)])
+            sums += torch.tensor([sum(s.accuracy for s in scores), sum(s.format for s in scores), len(batch)],
+                                 device=run.device)
     acc, fmt, n = all_sum(sums).tolist()
     return acc / max(n, 1), fmt / max(n, 1)
 
@@ -370,7 +372,7 @@ def save_checkpoint(run, step):
         run.processor.save_pretrained(tmp)
     state = {"model": get_model_state_dict(run.policy), "optim": get_optimizer_state_dict(run.policy, run.optimizer)}
     dcp.save(state, checkpoint_id=tmp / "train_state")
-    seen, bad = all_sum(torch.tensor([run.counts["seen"], run.counts["bad"]])).tolist()  # the run's totals
+    seen, bad = all_sum(torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)).tolist()  # run totals
     if rank == 0:
         torch.save({"step": step, "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state(),
                     "counts": {"seen": seen, "bad": bad}, "config": asdict(cfg)}, tmp / "trainer_state.pt")
@@ -473,7 +475,8 @@ def reference(cfg, path):
 def check_bad_fraction(run):
     """Stop (on every rank at once) when more than max_bad_fraction of the samples seen were unreadable;
     the first few bad ones are always tolerated (the fraction is taken of at least 100)."""
-    bad, seen = all_sum(torch.tensor([run.counts["bad"], run.counts["seen"]], dtype=torch.float64)).tolist()
+    counts = torch.tensor([run.counts["bad"], run.counts["seen"]], dtype=torch.float64, device=run.device)
+    bad, seen = all_sum(counts).tolist()
     if bad > run.cfg.max_bad_fraction * max(seen, 100):
         raise SystemExit(f"stopping: {int(bad)} of {int(seen)} samples had unreadable audio "
                          f"(more than --max-bad-fraction {run.cfg.max_bad_fraction}); run `python data.py` on the data")

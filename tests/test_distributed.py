@@ -74,7 +74,7 @@ def one_process_run(warm_dir, pitch_task, tmp_path_factory):
 def test_fsdp_rollout_gathers_once_per_unit_and_master_weights_are_fp32(tiny_dir, tmp_path):
     """Rollouts of 8 and 40 tokens on the two ranks: each all-gathers exactly once per FSDP unit (6 for
     2 + 2 layers, lm_head and the trunk) and neither deadlocks. An lr 1e-6 step moves most fp32 master
-    weights; seen in bf16, fewer than 10% would have moved."""
+    weights; seen in bf16, fewer than 10% would have moved. A NaN on one rank stops the step on both."""
     out = tmp_path / "checks.json"
     subprocess.run(torchrun(str(ROOT / "tests" / "dist_checks.py"), str(tiny_dir), str(out)),
                    cwd=ROOT, env=ENV, check=True, timeout=300)
@@ -84,6 +84,8 @@ def test_fsdp_rollout_gathers_once_per_unit_and_master_weights_are_fp32(tiny_dir
         assert r["units"] == 6 and r["all_gathers"] <= r["units"]
     moved, moved_bf16, numel = ranks[0]["moved"], ranks[0]["moved_bf16"], ranks[0]["numel"]
     assert moved > 0.8 * numel and moved_bf16 < 0.1 * numel
+    # a NaN on rank 1 alone: both ranks see a non-finite global norm, so both skip the step
+    assert [r["finite_norm_after_nan"] for r in ranks] == [False, False]
 
 
 def test_two_processes_match_one(one_process_run, warm_dir, pitch_task, tmp_path):
