@@ -169,7 +169,7 @@ def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_c
 def reset_rotary(model, device):
     """The rotary inverse frequencies are non-persistent buffers: to_empty() leaves them as garbage
     and no state dict refills them. Recompute them by building a fresh rotary module."""
-    for name, module in model.named_modules():
+    for module in model.modules():
         if hasattr(module, "inv_freq") and hasattr(module, "original_inv_freq"):
             fresh = type(module)(module.config)
             module.inv_freq = fresh.inv_freq.to(device)

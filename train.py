@@ -13,7 +13,6 @@ fp32 master weights, bf16 compute, and a process group of one when not launched 
 import argparse
 import inspect
 import json
-import math
 import re
 import shutil
 import time

@@ -120,5 +120,8 @@ def test_kill_and_resume_is_exact(nproc, one_process_run, warm_dir, pitch_task, 
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(reference, resumed):
         assert a["reward"] == b["reward"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    assert max_weight_diff(one_process_run / "checkpoint-6", out / "checkpoint-6") < 1e-5
+        if nproc == 1:  # same process count, same thread count: the same float operations in the same order
+            assert a["grad_norm"] == b["grad_norm"] and a["kl"] == b["kl"]
+    tolerance = 0.0 if nproc == 1 else 1e-5
+    assert max_weight_diff(one_process_run / "checkpoint-6", out / "checkpoint-6") <= tolerance
     assert sorted(p.name for p in T.checkpoints(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]

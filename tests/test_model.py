@@ -1,6 +1,5 @@
 """model.py: the tiny offline Qwen2-Audio, the chat rendering and the batch the processor builds."""
 
-import numpy as np
 import torch
 
 import model as M
