@@ -547,6 +547,9 @@ def loop(run, start):
             append_jsonl(out / "samples.jsonl", samples)
         if metrics["step"] % cfg.save_every == 0 or metrics["step"] == cfg.max_steps:
             save_checkpoint(run, metrics["step"])
+            if dist.get_rank() == 0 and samples:  # read completions, not only rewards: that is where hacks show
+                bar.write(f"step {metrics['step']} sample: answer {samples[0]['answer']!r}, "
+                          f"completion {samples[0]['completion']!r}, reward {samples[0]['reward']:.0f}")
     return history
 
 

@@ -125,3 +125,29 @@ def test_kill_and_resume_is_exact(nproc, one_process_run, warm_dir, pitch_task, 
     tolerance = 0.0 if nproc == 1 else 1e-5
     assert max_weight_diff(one_process_run / "checkpoint-6", out / "checkpoint-6") <= tolerance
     assert sorted(p.name for p in T.checkpoints(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_unreadable_audio_on_two_processes(warm_dir, pitch_task, tmp_path):
+    """One missing clip on one rank: it is counted once for the whole run and both ranks finish every step;
+    with a stricter --max-bad-fraction both ranks stop at the same step with the same message."""
+    train_jsonl, _ = pitch_task
+    lines = train_jsonl.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["audio_path"] = str(tmp_path / "gone.wav")
+    data = train_jsonl.parent / "one_missing_2proc.jsonl"  # beside the original: its audio paths are relative
+    data.write_text("\n".join([json.dumps(record)] + lines[1:]) + "\n")
+    out = tmp_path / "run"
+    # 2 steps x 16 prompts = all 32 records once, so the missing clip is met exactly once
+    args = quick_args(warm_dir, pitch_task, out, "--data", str(data), "--prompts-per-step", "16",
+                      "--micro-batch", "8", "--max-new-tokens", "3")
+    result = subprocess.run(torchrun(str(ROOT / "train.py"), *args), cwd=ROOT, env=ENV, timeout=300,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gone.wav" in result.stdout
+    assert [r["bad_samples"] for r in metrics(out)][-1] == 1
+    assert [p.name for p in T.checkpoints(out)] == ["checkpoint-2"]
+    # with a lower tolerance both ranks stop together, with the message, instead of one hanging
+    strict = subprocess.run(torchrun(str(ROOT / "train.py"), *args, "--out", str(tmp_path / "strict"),
+                                     "--max-bad-fraction", "0.001"),
+                            cwd=ROOT, env=ENV, timeout=120, capture_output=True, text=True)
+    assert strict.returncode != 0 and strict.stderr.count("stopping: 1 of 16 samples had unreadable audio") == 2
