@@ -1,7 +1,9 @@
-"""Qwen2-Audio: loading, turning samples into model inputs, and a tiny offline copy for CPU.
+"""Qwen2-Audio: loading, sharding with FSDP2, turning samples into model inputs, and a tiny offline copy.
 
 The real model is Qwen2-Audio-7B-Instruct (a Whisper-style audio encoder, a linear projector and
-a Qwen2-7B language model). `load()` opens any local Hugging Face directory of that architecture.
+a Qwen2-7B language model). `load()` opens any local Hugging Face directory of that architecture
+in one process; `sharded_load()` builds it on the meta device, shards it over all processes and
+fills the shards from rank 0 (training). `unsharded()` keeps the weights gathered for a rollout.
 `build_tiny()` writes such a directory from scratch, without a model hub: a small byte-level BPE
 tokenizer with the real special tokens and chat template, a Whisper feature extractor and a small
 random `Qwen2AudioConfig`. Everything else in the project runs the same code on both.

@@ -247,9 +247,11 @@ def train_step(run, step):
     local = sum((g.rollout.mask.sum() if cfg.token_mean else g.rollout.mask.any(1).sum()) for g in groups)
     denominator = all_sum(torch.stack([local.float()]))[0].clamp(min=1) / world
     run.policy.train()
+    skipped = 0
     for _ in range(cfg.num_iterations):
-        stats = optimizer_step(run, groups, denominator)
-    stats.update(rollout_stats(run, groups))
+        stats = optimizer_step(run, groups, denominator)  # the metrics of the last pass are logged
+        skipped += stats["skipped"]
+    stats.update(rollout_stats(run, groups), skipped=skipped)
     metrics = {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}
     return metrics, sample_records(run, groups, step + 1)
 
