@@ -495,33 +495,11 @@ def main(argv=None):
     cfg, demo = parse_args(argv)
     if cfg.plan:
         return print_plan(cfg)
-    rank, world, device = M.init_distributed(always=True)
+    _, world, device = M.init_distributed(always=True)
     torch.manual_seed(cfg.seed)
     assert cfg.prompts_per_step % world == 0, f"--prompts-per-step {cfg.prompts_per_step} must divide by {world} ranks"
     print0(f"{'demo preset' if demo else 'config'}: {json.dumps(asdict(cfg))}")
-    out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.model == "tiny":
-            M.tiny(cfg.cache_dir, window_seconds=2)
-    dist.barrier()  # the tiny model exists before other ranks load it
-    model_dir = M.tiny(cfg.cache_dir, window_seconds=2) if cfg.model == "tiny" else cfg.model
-    train, held_out = load_data(cfg)
-    run = build_run(cfg, model_dir, train, device)
-    done = checkpoints(out) if cfg.resume else []
-    if not done and rank == 0:
-        truncate_log(out / "metrics.jsonl", 0)  # a fresh run starts fresh logs
-        truncate_log(out / "samples.jsonl", 0)
-    if cfg.warm_start_steps and not done:
-        warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
-        save_checkpoint(run, 0)
-    run.ref = reference(cfg, out / "checkpoint-0" if cfg.warm_start_steps else model_dir)
-    start = load_checkpoint(run, done[-1]) if done else 0
-    if done:
-        print0(f"resumed from {done[-1]} at step {start}")
-        if rank == 0:
-            truncate_log(out / "metrics.jsonl", start)
-            truncate_log(out / "samples.jsonl", start)
+    run, held_out, start = setup(cfg, device)
     before = heldout_accuracy(run, held_out) if held_out and start == 0 else None
     if before:
         print0(f"held-out before GRPO: accuracy {before[0]:.1%}, format {before[1]:.1%} ({len(held_out)} questions)")
@@ -533,6 +511,39 @@ def main(argv=None):
     if history:
         print0(text_chart([h["accuracy"] for h in history], label="train accuracy"))
     dist.destroy_process_group()
+
+
+def setup(cfg, device):
+    """Model, data, optimizer and reference; then either resume, or warm start (if asked) and begin.
+    Returns (run, held-out samples, the step to start from)."""
+    rank, out = dist.get_rank(), Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.model == "tiny":
+            M.tiny(cfg.cache_dir, window_seconds=2)
+    dist.barrier()  # the tiny model exists before other ranks load it
+    model_dir = M.tiny(cfg.cache_dir, window_seconds=2) if cfg.model == "tiny" else cfg.model
+    train, held_out = load_data(cfg)
+    run = build_run(cfg, model_dir, train, device)
+    done = checkpoints(out) if cfg.resume else []
+    if cfg.resume and not done:
+        print0(f"--resume: no complete checkpoint in {out}, starting from step 0")
+    if not done:
+        if rank == 0:
+            truncate_log(out / "metrics.jsonl", 0)  # a fresh run starts fresh logs
+            truncate_log(out / "samples.jsonl", 0)
+        if cfg.warm_start_steps:
+            warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
+            save_checkpoint(run, 0)
+    run.ref = reference(cfg, out / "checkpoint-0" if cfg.warm_start_steps else model_dir)
+    if not done:
+        return run, held_out, 0
+    start = load_checkpoint(run, done[-1])
+    print0(f"resumed from {done[-1]} at step {start}")
+    if rank == 0:
+        truncate_log(out / "metrics.jsonl", start)
+        truncate_log(out / "samples.jsonl", start)
+    return run, held_out, start
 
 
 def loop(run, start):
