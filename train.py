@@ -82,6 +82,7 @@ class Config:
 # beta 0.1 rather than 0.04: a stronger pull towards the reference keeps some probability on every
 # answer, so a class the policy gets wrong still yields a correct sample to learn from. At 0.04 (and
 # with G = 16 too) some seeds stalled at 50% or 75%, every group of the unlearned classes all wrong.
+# A constant lr: with R1-AQA's linear decay the tiny model had not started to listen by step 250.
 DEMO = dict(max_steps=600, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=False, beta=0.1,
             max_new_tokens=16, dtype="float32", gradient_checkpointing=False, balance_answers=True,
             warm_start_steps=60, save_every=50, seed=0)
@@ -141,9 +142,10 @@ def step_indices(cfg, answers, step):
     return out
 
 
-def read_audio(samples, counts):
-    """Decode each clip. An unreadable one is reported, counted and replaced by 1 s of silence; the
-    caller masks it out of the loss, so the batch keeps its shape and all ranks stay in step."""
+def read_audio(samples, counts=None):
+    """Decode each clip. An unreadable one is reported, counted (in counts, if given) and replaced by
+    1 s of silence; the caller masks it out of the loss, so the batch keeps its shape and all ranks
+    stay in step."""
     audios, ok = [], []
     for s in samples:
         try:
@@ -153,8 +155,9 @@ def read_audio(samples, counts):
             print(f"[rank {dist.get_rank()}] skipping sample: {e}", flush=True)
             audios.append(np.zeros(data.SAMPLE_RATE, dtype=np.float32))
             ok.append(False)
-    counts["seen"] += len(samples)
-    counts["bad"] += ok.count(False)
+    if counts is not None:
+        counts["seen"] += len(samples)
+        counts["bad"] += ok.count(False)
     return audios, ok
 
 
@@ -325,7 +328,7 @@ def warm_start(run, steps, lr, batch_size=16):
 
 def teacher_forced(run, samples, targets):
     """A Rollout whose completions are given texts (group size 1), for supervised log-probs."""
-    audios, _ = read_audio(samples, {"seen": 0, "bad": 0})
+    audios, _ = read_audio(samples)
     inputs = M.collate(run.processor, samples, audios, run.cfg.think).to(run.device)
     ids = run.processor.tokenizer(targets, add_special_tokens=False, padding="longest", padding_side="right",
                                   return_tensors="pt")["input_ids"].to(run.device)
@@ -341,7 +344,7 @@ def heldout_accuracy(run, samples):
     run.policy.eval()
     with M.unsharded(run.policy):
         for batch in chunks(my_share(samples, dist.get_rank(), dist.get_world_size()), cfg.micro_batch):
-            audios, _ = read_audio(batch, {"seen": 0, "bad": 0})
+            audios, _ = read_audio(batch)
             inputs = M.collate(run.processor, batch, audios, cfg.think).to(run.device)
             r = grpo.generate_groups(run.policy, inputs, [], 1, cfg.max_new_tokens, run.end_ids, run.pad_id,
                                      run.suppress_ids, top_k=1)
