@@ -4,7 +4,8 @@ Data for audio question answering: audio loading, question files, prompts, a syn
 The model hears 16 kHz mono audio and reads a multiple-choice question. This file turns what is
 on disk into exactly that:
 - load_audio() reads any file libsndfile reads (wav, flac, ogg; any rate, any channel count),
-  averages the channels and resamples to 16 kHz with a windowed-sinc (Kaiser) polyphase filter.
+  keeps the first channel (as R1-AQA does; averaging them is an option) and resamples to 16 kHz
+  with a windowed-sinc (Kaiser) polyphase filter.
 - read_samples() reads three question formats into one Sample type, picking the format from
   the content: R1-AQA/AVQA JSONL (answer is an index), MMAU JSON lists (answer is a string)
   and a plain JSONL for your own data ({"audio", "question", "choices", "answer"}).
@@ -70,14 +71,20 @@ def _wav_data_is_cut(log: str) -> bool:
     return not streamed and present < declared
 
 
-def load_audio(path) -> np.ndarray:
-    """Any audio file -> float32 mono at SAMPLE_RATE (channels averaged)."""
+DOWNMIX = ("first", "mean")  # multi-channel audio: keep channel 0 (R1-AQA, training and evaluation) or average
+
+
+def load_audio(path, downmix: str = "first") -> np.ndarray:
+    """Any audio file -> float32 mono at SAMPLE_RATE: its first channel, or the mean of its channels."""
+    if downmix not in DOWNMIX:
+        raise ValueError(f"unknown downmix {downmix!r}: choose one of {DOWNMIX}")
     audio_duration(path)  # the checks
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
         raise AudioError(f"{path}: cannot decode ({e.error_string})") from e
-    return resample(data.mean(axis=1), sr, SAMPLE_RATE)
+    mono = data[:, 0] if downmix == "first" else data.mean(axis=1)
+    return resample(mono, sr, SAMPLE_RATE)
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int, zeros: int = 24, beta: float = 10.0) -> np.ndarray:
@@ -255,13 +262,22 @@ def _parse_plain(record: dict, where: str) -> Sample:
 _PARSERS = {"avqa": _parse_avqa, "mmau": _parse_mmau, "plain": _parse_plain}
 
 
-def build_prompt(question: str, choices: list[str], think: bool = False) -> str:
-    """The R1-AQA user text; choices are shown as Python's str(list)."""
-    if think:
-        ask = "Output the thinking process in <think> </think> and final answer in <answer> </answer>."
-    else:
-        ask = "Output the final answer in <answer> </answer>."
-    return f"{question} Please choose the answer from the following options: {choices}. {ask}"
+PROMPTS = ("direct", "answer", "think")  # the paper's Prompt <1>, <2> and <3>
+_ASK = {
+    "direct": "",
+    "answer": " Output the final answer in <answer> </answer>.",
+    "think": " Output the thinking process in <think> </think> and final answer in <answer> </answer>.",
+}
+
+
+def build_prompt(question: str, choices: list[str], prompt: str = "answer") -> str:
+    """The user text of the paper's three prompts; choices are shown as Python's str(list).
+    answer (Prompt <2>) is R1-AQA's training prompt and think (Prompt <3>) its think variant, both
+    as in its code. direct (Prompt <1>, the paper's SFT rows) is not in R1-AQA's code: it is Prompt
+    <2> without the answer-tag instruction, the question and the choices alone."""
+    if prompt not in _ASK:
+        raise ValueError(f"unknown prompt {prompt!r}: choose one of {PROMPTS}")
+    return f"{question} Please choose the answer from the following options: {choices}.{_ASK[prompt]}"
 
 
 # -----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from data import AudioError, Sample, load_audio, read_samples
+from data import DOWNMIX, PROMPTS, AudioError, Sample, load_audio, read_samples
 from reward import extract_answer, mmau_correct
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -72,7 +72,8 @@ class EvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 256
     dtype: str = "bfloat16"
-    think: bool = False
+    prompt: str = "answer"  # data.PROMPTS: evaluate with the prompt the model was trained on
+    downmix: str = "first"  # data.DOWNMIX: channel 0 of multi-channel audio (R1-AQA), or the mean
     limit: int | None = None  # evaluate the first N items only
 
 
@@ -87,11 +88,11 @@ class Prediction:
 # -----------------------------------------------------------------------------
 # Inference
 
-def generate(model, processor, samples: list[Sample], audios, think: bool, max_new_tokens: int) -> list[str]:
+def generate(model, processor, samples: list[Sample], audios, prompt: str, max_new_tokens: int) -> list[str]:
     """Greedy completions for one batch, decoded with special tokens skipped. Other generation
     settings (e.g. a repetition penalty) come from the checkpoint, as in R1-AQA's test script."""
     tokenizer = processor.tokenizer
-    batch = M.collate(processor, samples, audios, think).to(model.device)
+    batch = M.collate(processor, samples, audios, prompt).to(model.device)
     out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                          eos_token_id=M.end_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          suppress_tokens=M.suppressed_token_ids(tokenizer, model.config.text_config.vocab_size))
@@ -104,12 +105,12 @@ def predict_batch(model, processor, samples: list[Sample], indices: list[int], c
     predictions, ok, audios = [], [], []
     for i in indices:
         try:
-            audios.append(load_audio(samples[i].audio_path))
+            audios.append(load_audio(samples[i].audio_path, cfg.downmix))
             ok.append(i)
         except AudioError as e:
             predictions.append(Prediction(i, "", "", error=str(e)))
     if ok:
-        texts = generate(model, processor, [samples[i] for i in ok], audios, cfg.think, cfg.max_new_tokens)
+        texts = generate(model, processor, [samples[i] for i in ok], audios, cfg.prompt, cfg.max_new_tokens)
         predictions += [Prediction(i, text, extract_answer(text)) for i, text in zip(ok, texts)]
     return predictions
 
@@ -164,7 +165,7 @@ def run_key(cfg: EvalConfig, data_sha256: str) -> dict:
     """What decides the predictions. The batch size, --limit, the audio folder and the rank count do not."""
     weights = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in Path(cfg.model).glob("*.safetensors"))
     return {"model": str(Path(cfg.model).resolve()), "weights": weights, "data_sha256": data_sha256,
-            "think": cfg.think, "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype}
+            "prompt": cfg.prompt, "downmix": cfg.downmix, "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype}
 
 
 def check_run_key(parts: Path, key: dict) -> None:
@@ -440,7 +441,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", choices=list(DTYPES),
                         help="default bfloat16 (the 7B on a GPU); the demo uses float32, several times faster on a CPU")
-    parser.add_argument("--think", action="store_true", help="the think-then-answer prompt")
+    parser.add_argument("--prompt", choices=PROMPTS, default="answer",
+                        help="the paper's prompt the model was trained with: direct (<1>), answer (<2>, R1-AQA), think (<3>)")
+    parser.add_argument("--downmix", choices=DOWNMIX, default="first",
+                        help="multi-channel audio: keep channel 0 (R1-AQA) or average the channels")
     parser.add_argument("--limit", type=int, help="evaluate the first N items only")
     parser.add_argument("--score", metavar="PREDICTIONS", help="only score an existing predictions JSON")
     parser.add_argument("--key", choices=["model_prediction", "model_output"],
@@ -460,7 +464,7 @@ def main(argv=None) -> int:
         status = demo(args.batch_size, args.max_new_tokens, args.dtype or "float32")
     else:
         cfg = EvalConfig(args.model, args.data, args.out, args.audio_dir, args.batch_size, args.max_new_tokens,
-                         args.dtype or "bfloat16", args.think, args.limit)
+                         args.dtype or "bfloat16", args.prompt, args.downmix, args.limit)
         evaluate(cfg)
         status = 0
     if dist.is_initialized():

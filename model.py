@@ -14,6 +14,7 @@ random `Qwen2AudioConfig`. Everything else in the project runs the same code on 
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -70,6 +71,23 @@ def print0(*args, **kwargs):
     """print on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+class UsageError(Exception):
+    """A wrong flag, path or file, found before any work starts. run_main shows it as one line."""
+
+
+def run_main(main, argv=None):
+    """Run a script's main(argv). A UsageError becomes one line on stderr and exit status 2, with no
+    traceback; under torchrun every rank finds the same error by itself and only rank 0 prints it."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(2) from None
 
 
 # -----------------------------------------------------------------------------
@@ -197,10 +215,10 @@ def chat_text(processor, prompt):
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def collate(processor, samples: list[Sample], audios, think=False):
+def collate(processor, samples: list[Sample], audios, prompt="answer"):
     """Turn samples and their decoded audio (float32, 16 kHz) into one left-padded batch:
     input_ids, attention_mask, input_features [B, 128, frames], feature_attention_mask."""
-    texts = [chat_text(processor, build_prompt(s.question, s.choices, think)) for s in samples]
+    texts = [chat_text(processor, build_prompt(s.question, s.choices, prompt)) for s in samples]
     return processor(text=texts, audio=list(audios), sampling_rate=SAMPLE_RATE,
                      return_tensors="pt", padding=True)
 
@@ -239,7 +257,7 @@ def _tokenizer_corpus():
     for q in ["What is the pitch of the tone in the audio?", "What happened in the audio?",
               "How many beeps are there?", "Is the sound loud or soft?", "Who is speaking?"]:
         lines.append(build_prompt(q, words[:4]))
-        lines.append(build_prompt(q, words[4:8], think=True))
+        lines.append(build_prompt(q, words[4:8], "think"))
     lines += [f"<answer>{w}</answer>" for w in words] + [f"<think>{w}</think>" for w in words]
     return lines * 20
 

@@ -4,7 +4,8 @@ R1-AQA scores each sampled completion with two rule-based rewards and adds them:
   - accuracy: the text inside the first <answer>...</answer> (or the whole completion if there
     is none), stripped, must equal the correct choice string exactly. Case counts.
   - format: the whole completion must be one <answer>...</answer> block (in the think variant,
-    <think>...</think> then <answer>...</answer>). Nothing may come before or after it.
+    <think>...</think> then <answer>...</answer>). Nothing may come before or after it. The direct
+    prompt (the paper's Prompt <1>) asks for the bare answer: one line, no tags, nothing around it.
 With both weights at 1, a completion scores 0, 1 or 2. No learned reward model is involved.
 
 Evaluation on MMAU uses a looser rule, MMAU's official string match: the prediction must name
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL: "." does not match a newline
 FORMAT = re.compile(r"<answer>.*?</answer>", re.DOTALL)
 THINK_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+DIRECT_FORMAT = re.compile(r"[^\s<>](?:[^\n<>]*[^\s<>])?")  # one line, no tags, no surrounding space
+FORMATS = {"direct": DIRECT_FORMAT, "answer": FORMAT, "think": THINK_FORMAT}  # by prompt (data.PROMPTS)
 WORD = re.compile(r"\b\w+\b")
 
 
@@ -43,12 +46,12 @@ def accuracy_reward(completion: str, answer: str) -> float:
     return 1.0 if extract_answer(completion) == answer.strip() else 0.0
 
 
-def format_reward(completion: str, think: bool = False) -> float:
-    """1.0 if the whole completion is an answer block (think: a think block, then one)."""
+def format_reward(completion: str, prompt: str = "answer") -> float:
+    """1.0 if the whole completion has the prompt's format: an answer block (answer), a think block
+    then an answer block (think), or a bare one-line answer (direct)."""
     # The completion was decoded with special tokens skipped, so no <|im_end|> trails it. It is
     # not stripped, as in R1-AQA: any leading or trailing whitespace makes the format 0.
-    pattern = THINK_FORMAT if think else FORMAT
-    return 1.0 if pattern.fullmatch(completion) else 0.0
+    return 1.0 if FORMATS[prompt].fullmatch(completion) else 0.0
 
 
 @dataclass
@@ -58,11 +61,11 @@ class Reward:
     total: float
 
 
-def score(completion: str, answer: str, think: bool = False,
+def score(completion: str, answer: str, prompt: str = "answer",
           accuracy_weight: float = 1.0, format_weight: float = 1.0) -> Reward:
     """Both rewards of one completion and their weighted sum (R1-AQA: weights 1 and 1)."""
     accuracy = accuracy_reward(completion, answer)
-    fmt = format_reward(completion, think)
+    fmt = format_reward(completion, prompt)
     return Reward(accuracy, fmt, accuracy_weight * accuracy + format_weight * fmt)
 
 

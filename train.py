@@ -40,6 +40,7 @@ class Config:
     model: str = "tiny"  # a local Qwen2-Audio directory, or "tiny" (built offline into --cache-dir)
     data: str = "synthetic"  # training data (R1-AQA JSONL, MMAU JSON or plain JSONL), or "synthetic"
     audio_dir: str = ""  # folder that relative audio paths in the data refer to ("" = the data file's folder)
+    downmix: str = "first"  # multi-channel audio: keep channel 0 ("first", R1-AQA) or average the channels ("mean")
     test_data: str = ""  # held-out data scored before and after training ("" = none; synthetic: its test split)
     out: str = "runs/demo"  # run folder: metrics.jsonl, samples.jsonl, checkpoint-{step}/
     cache_dir: str = "runs"  # where the tiny model and the synthetic task are built
@@ -60,7 +61,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
     seed: int = 42  # data order and sampling noise
-    think: bool = False  # ask for <think> </think> before the answer (prompt and format reward)
+    prompt: str = "answer"  # the paper's prompt: direct (<1>), answer (<2>, R1-AQA), think (<3>); sets the format reward
     dtype: str = "bfloat16"  # compute dtype (bfloat16 or float32); weights and optimizer stay fp32
     gradient_checkpointing: bool = True  # recompute layer activations in backward to save memory
     balance_answers: bool = False  # order the data so every batch has each answer equally often
@@ -142,14 +143,14 @@ def step_indices(cfg, answers, step):
     return out
 
 
-def read_audio(samples, counts=None):
+def read_audio(samples, downmix, counts=None):
     """Decode each clip. An unreadable one is reported, counted (in counts, if given) and replaced by
     1 s of silence; the caller masks it out of the loss, so the batch keeps its shape and all ranks
     stay in step."""
     audios, ok = [], []
     for s in samples:
         try:
-            audios.append(data.load_audio(s.audio_path))
+            audios.append(data.load_audio(s.audio_path, downmix))
             ok.append(True)
         except data.AudioError as e:
             print(f"[rank {dist.get_rank()}] skipping sample: {e}", flush=True)
@@ -210,8 +211,8 @@ def rollout(run, step, positions, samples):
     run.policy.eval()  # generation must not run with gradient checkpointing (it would drop the KV cache)
     with M.unsharded(run.policy):
         for pos, batch in zip(chunks(positions, cfg.micro_batch), chunks(samples, cfg.micro_batch)):
-            audios, ok = read_audio(batch, run.counts)
-            inputs = M.collate(run.processor, batch, audios, cfg.think).to(run.device)
+            audios, ok = read_audio(batch, cfg.downmix, run.counts)
+            inputs = M.collate(run.processor, batch, audios, cfg.prompt).to(run.device)
             gens = grpo.prompt_generators(cfg.seed, step, pos, run.device)
             r = grpo.generate_groups(run.policy, inputs, gens, cfg.group_size,
                                      cfg.max_new_tokens, run.end_ids, run.pad_id, run.suppress_ids,
@@ -224,7 +225,7 @@ def rollout(run, step, positions, samples):
 def score(run, r, samples, ok):
     texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
     answers = [s.answer for s in samples for _ in range(r.group_size)]
-    scores = [reward.score(t, a, run.cfg.think) for t, a in zip(texts, answers)]
+    scores = [reward.score(t, a, run.cfg.prompt) for t, a in zip(texts, answers)]
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=run.device)
     rewards = as_tensor([s.total for s in scores])                       # [N]
     valid = as_tensor(ok).repeat_interleave(r.group_size)                # [N] 0 = unreadable audio
@@ -328,8 +329,8 @@ def warm_start(run, steps, lr, batch_size=16):
 
 def teacher_forced(run, samples, targets):
     """A Rollout whose completions are given texts (group size 1), for supervised log-probs."""
-    audios, _ = read_audio(samples)
-    inputs = M.collate(run.processor, samples, audios, run.cfg.think).to(run.device)
+    audios, _ = read_audio(samples, run.cfg.downmix)
+    inputs = M.collate(run.processor, samples, audios, run.cfg.prompt).to(run.device)
     ids = run.processor.tokenizer(targets, add_special_tokens=False, padding="longest", padding_side="right",
                                   return_tensors="pt")["input_ids"].to(run.device)
     prompts = [row[m.bool()] for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
@@ -344,12 +345,12 @@ def heldout_accuracy(run, samples):
     run.policy.eval()
     with M.unsharded(run.policy):
         for batch in chunks(my_share(samples, dist.get_rank(), dist.get_world_size()), cfg.micro_batch):
-            audios, _ = read_audio(batch)
-            inputs = M.collate(run.processor, batch, audios, cfg.think).to(run.device)
+            audios, _ = read_audio(batch, cfg.downmix)
+            inputs = M.collate(run.processor, batch, audios, cfg.prompt).to(run.device)
             r = grpo.generate_groups(run.policy, inputs, [], 1, cfg.max_new_tokens, run.end_ids, run.pad_id,
                                      run.suppress_ids, top_k=1)
             texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
-            scores = [reward.score(t, s.answer, cfg.think) for t, s in zip(texts, batch)]
+            scores = [reward.score(t, s.answer, cfg.prompt) for t, s in zip(texts, batch)]
             sums += torch.tensor([sum(s.accuracy for s in scores), sum(s.format for s in scores), len(batch)],
                                  device=run.device)
     acc, fmt, n = all_sum(sums).tolist()

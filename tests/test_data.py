@@ -75,11 +75,14 @@ def test_16k_input_is_returned_unchanged(tmp_path):
     np.testing.assert_array_equal(data.load_audio(tmp_path / "a.wav"), x)
 
 
-def test_stereo_is_averaged(tmp_path):
-    """Channels are averaged: left 0.6*s and right 0.2*s give 0.4*s."""
+def test_stereo_keeps_channel_0_or_averages(tmp_path):
+    """R1-AQA keeps the first channel: left 0.6*s and right 0.2*s give 0.6*s; downmix="mean" gives 0.4*s."""
     s = sine(440, SAMPLE_RATE, seconds=0.5, amplitude=1.0)
     sf.write(tmp_path / "st.wav", np.stack([0.6 * s, 0.2 * s], axis=1), SAMPLE_RATE, subtype="FLOAT")
-    np.testing.assert_allclose(data.load_audio(tmp_path / "st.wav"), 0.4 * s, atol=1e-6)
+    np.testing.assert_allclose(data.load_audio(tmp_path / "st.wav"), 0.6 * s, atol=1e-6)
+    np.testing.assert_allclose(data.load_audio(tmp_path / "st.wav", downmix="mean"), 0.4 * s, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown downmix 'left'"):
+        data.load_audio(tmp_path / "st.wav", downmix="left")
 
 
 @pytest.mark.parametrize("name, subtype, tolerance", [
@@ -301,16 +304,22 @@ def test_real_mmau_files_load(name):
 # prompt
 
 def test_build_prompt_matches_recipe():
-    """The user text is the recipe's, character for character, with choices as str(list)."""
+    """The user text is the recipe's, character for character, with choices as str(list); the direct
+    prompt is the answer prompt without its last sentence."""
     q = "Based on the given audio, identify the source of the speaking voice."
     choices = ["Man", "Woman", "Child", "Robot"]
     assert data.build_prompt(q, choices) == (
         "Based on the given audio, identify the source of the speaking voice. Please choose the answer from the "
         "following options: ['Man', 'Woman', 'Child', 'Robot']. Output the final answer in <answer> </answer>.")
-    assert data.build_prompt(q, choices, think=True) == (
+    assert data.build_prompt(q, choices, "think") == (
         "Based on the given audio, identify the source of the speaking voice. Please choose the answer from the "
         "following options: ['Man', 'Woman', 'Child', 'Robot']. "
         "Output the thinking process in <think> </think> and final answer in <answer> </answer>.")
+    assert data.build_prompt(q, choices, "direct") == (
+        "Based on the given audio, identify the source of the speaking voice. Please choose the answer from the "
+        "following options: ['Man', 'Woman', 'Child', 'Robot'].")
+    with pytest.raises(ValueError, match="unknown prompt 'cot'"):
+        data.build_prompt(q, choices, "cot")
 
 
 # -----------------------------------------------------------------------------

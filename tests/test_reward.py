@@ -152,16 +152,25 @@ def test_format_two_answer_blocks_pass():
 def test_format_think_variant():
     """Think format needs a think block, optional whitespace, then an answer block."""
     completion = "<think>A low voice.\nAn adult.</think>\n <answer>Man</answer>"
-    assert format_reward(completion, think=True) == 1.0
-    assert format_reward("<think></think><answer>Man</answer>", think=True) == 1.0
-    assert format_reward("<answer>Man</answer>", think=True) == 0.0
-    assert format_reward("<think>hmm</think>", think=True) == 0.0
-    assert format_reward("<think>hmm</think> so <answer>Man</answer>", think=True) == 0.0
+    assert format_reward(completion, prompt="think") == 1.0
+    assert format_reward("<think></think><answer>Man</answer>", prompt="think") == 1.0
+    assert format_reward("<answer>Man</answer>", prompt="think") == 0.0
+    assert format_reward("<think>hmm</think>", prompt="think") == 0.0
+    assert format_reward("<think>hmm</think> so <answer>Man</answer>", prompt="think") == 0.0
 
 
 def test_format_think_completion_fails_plain_format():
-    """Without think=True a completion that starts with <think> has no format."""
+    """Without prompt="think" a completion that starts with <think> has no format."""
     assert format_reward("<think>hmm</think><answer>Man</answer>") == 0.0
+
+
+def test_format_direct_prompt_is_a_bare_line():
+    """The direct prompt asks for the answer alone: one line, no tags, no space around it."""
+    assert format_reward("very low", prompt="direct") == 1.0
+    assert format_reward("M", prompt="direct") == 1.0
+    for bad in ["", " Man", "Man\n", "<answer>Man</answer>", "Man\nWoman", "a <b> c"]:
+        assert format_reward(bad, prompt="direct") == 0.0, bad
+    assert score("Man", "Man", prompt="direct") == Reward(1.0, 1.0, 2.0)
 
 
 # ----------------------------------------------------------------------------- score
@@ -184,9 +193,9 @@ def test_score_weights():
 
 
 def test_score_think_flag():
-    """think selects the format pattern; accuracy does not depend on it."""
+    """The prompt selects the format pattern; accuracy does not depend on it."""
     completion = "<think>hmm</think><answer>Man</answer>"
-    assert score(completion, "Man", think=True) == Reward(1.0, 1.0, 2.0)
+    assert score(completion, "Man", prompt="think") == Reward(1.0, 1.0, 2.0)
     assert score(completion, "Man") == Reward(1.0, 0.0, 1.0)
 
 
