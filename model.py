@@ -13,6 +13,7 @@ random `Qwen2AudioConfig`. Everything else in the project runs the same code on 
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -92,6 +93,29 @@ def run_main(main, argv=None):
 
 # -----------------------------------------------------------------------------
 # Loading
+
+MODEL_TYPES = ("qwen2_audio",)  # config.json model_type values this project trains
+
+
+def check_model_dir(path, flag="--model"):
+    """Recognise a model folder before anything is loaded: it exists, has a config.json whose
+    model_type this project trains, and has weights. Otherwise a UsageError naming the folder."""
+    path, what = Path(path), "give a local Qwen2-Audio folder, a checkpoint-N that train.py wrote, or `tiny`"
+    if not path.is_dir():
+        raise UsageError(f"{flag} {path}: {'not a folder' if path.exists() else 'no such folder'} ({what})")
+    config = path / "config.json"
+    if not config.is_file():
+        raise UsageError(f"{flag} {path}: no config.json in this folder, so it is not a model folder ({what})")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UsageError(f"{flag} {config}: not a JSON object ({e})") from None
+    if model_type not in MODEL_TYPES:
+        raise UsageError(f"{flag} {path}: config.json has model_type {model_type!r}, but this project trains "
+                         f"{' or '.join(MODEL_TYPES)} (Qwen2-Audio-7B-Instruct)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise UsageError(f"{flag} {path}: config.json but no weights (*.safetensors) in this folder")
+    return path
 
 def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False):
     """Open a local Qwen2-Audio directory. Returns (model, processor); the tokenizer pads on the left."""

@@ -1,5 +1,8 @@
 """model.py: the tiny offline Qwen2-Audio, the chat rendering and the batch the processor builds."""
 
+import json
+
+import pytest
 import torch
 
 import model as M
@@ -78,3 +81,34 @@ def test_7b_architecture_on_meta():
     meta = M.meta_model(M.config_7b())
     assert sum(p.numel() for p in meta.parameters()) == 8_397_094_912
     assert sum(p.numel() for p in meta.lm_head.parameters()) == 4096 * 156032
+
+
+@pytest.mark.parametrize("setup, problem", [
+    ("missing", "no such folder (give a local Qwen2-Audio folder"),
+    ("file", "not a folder"),
+    ("empty", "no config.json in this folder"),
+    ("badjson", "not a JSON object"),
+    ("llama", "config.json has model_type 'llama', but this project trains qwen2_audio"),
+    ("noweights", "config.json but no weights"),
+])
+def test_model_folder_is_recognised_before_loading(tmp_path, setup, problem):
+    """A path that is not a Qwen2-Audio folder stops with a UsageError that names the path and the problem."""
+    path = tmp_path / setup
+    if setup == "file":
+        path.write_text("x")
+    elif setup != "missing":
+        path.mkdir()
+    config = {"badjson": "{", "llama": json.dumps({"model_type": "llama"}),
+              "noweights": json.dumps({"model_type": "qwen2_audio"})}.get(setup)
+    if config:
+        (path / "config.json").write_text(config)
+        if setup == "llama":
+            (path / "model.safetensors").write_text("")
+    with pytest.raises(M.UsageError) as e:
+        M.check_model_dir(path)
+    assert str(path) in str(e.value) and problem in str(e.value)
+
+
+def test_a_real_model_folder_passes(tiny_dir):
+    """The tiny model's folder is recognised as it is."""
+    assert M.check_model_dir(tiny_dir) == tiny_dir
