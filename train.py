@@ -13,8 +13,9 @@ fp32 master weights, bf16 compute, and a process group of one when not launched 
 import argparse
 import inspect
 import json
+import os
 import re
-import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -22,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
+import checkpoint
 import data
 import grpo
 import model as M
@@ -68,8 +67,9 @@ class Config:
     warm_start_steps: int = 0  # supervised steps on the answer FORMAT only (random answers), before GRPO
     warm_start_lr: float = 3e-3  # learning rate of the warm start
     save_every: int = 100  # write a checkpoint every this many steps (and at the end)
-    keep_last: int = 3  # checkpoints kept besides checkpoint-0
-    resume: bool = False  # continue from the newest complete checkpoint in --out
+    keep_last: int = 3  # newest checkpoints kept (>= 1), besides checkpoint-0
+    resume: bool = False  # continue the run in --out from its newest complete checkpoint (same settings)
+    overwrite: bool = False  # start over in an --out that holds a run, deleting its checkpoints and logs
     log_samples: int = 2  # completions per step written to samples.jsonl
     max_bad_fraction: float = 0.01  # stop if more than this share of samples has unreadable audio
     eval_samples: int = 200  # held-out questions scored before and after training
@@ -102,21 +102,92 @@ def parse_args(argv=None):
     return replace(Config(), **{**(DEMO if demo else {}), **given}), demo
 
 
+WARM_START_BATCH = 16  # questions per warm-start step, all processes together
+
+
+def validate(cfg, world):
+    """Flags that make no sense stop the run before anything is built, each named with the reason."""
+    share = cfg.prompts_per_step // world
+    rules = [
+        (cfg.temperature > 0, "temperature", "must be > 0: it divides the logits"),
+        (cfg.group_size >= 2, "group_size", "GRPO compares completions: at least 2 per prompt"),
+        (0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (cfg.top_k >= 0, "top_k", "must be >= 0 (0 = no limit)"),
+        (cfg.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+        (cfg.beta >= 0, "beta", "must be >= 0 (0 = no KL term and no reference model)"),
+        (cfg.lr >= 0, "lr", "must be >= 0"),
+        (cfg.warm_start_lr >= 0, "warm_start_lr", "must be >= 0"),
+        (cfg.clip_eps > 0, "clip_eps", "must be > 0"),
+        (cfg.num_iterations >= 1, "num_iterations", "must be >= 1"),
+        (cfg.grad_clip > 0, "grad_clip", "must be > 0"),
+        (cfg.weight_decay >= 0, "weight_decay", "must be >= 0"),
+        (cfg.max_steps >= 0, "max_steps", "must be >= 0"),
+        (cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world == 0, "prompts_per_step",
+         f"the global batch must split evenly over the {world} process(es)"),
+        (cfg.micro_batch >= 1 and share % min(cfg.micro_batch, max(share, 1)) == 0, "micro_batch",
+         f"must divide each process's {share} prompts (or be at least that many)"),
+        (cfg.warm_start_steps >= 0 and (cfg.warm_start_steps == 0 or WARM_START_BATCH % world == 0),
+         "warm_start_steps", f"must be >= 0, and its batch of {WARM_START_BATCH} must split over {world} processes"),
+        (cfg.save_every >= 1, "save_every", "must be >= 1"),
+        (cfg.keep_last >= 1, "keep_last", "must be >= 1: the newest checkpoint is what --resume continues from"),
+        (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]"),
+        (cfg.eval_samples >= 0, "eval_samples", "must be >= 0"),
+        (cfg.log_samples >= 0, "log_samples", "must be >= 0"),
+        (cfg.dtype in ("bfloat16", "float32"), "dtype", "must be bfloat16 or float32"),
+        (cfg.prompt in data.PROMPTS, "prompt", f"must be one of {', '.join(data.PROMPTS)}"),
+        (cfg.downmix in data.DOWNMIX, "downmix", f"must be one of {', '.join(data.DOWNMIX)}"),
+    ]
+    problems = [f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}" for ok, flag, why in rules if not ok]
+    if problems:
+        raise M.UsageError("; ".join(problems))
+
+
+def check_paths(cfg):
+    """The model folder, the data files and the audio folder exist, before anything is built."""
+    if cfg.model != "tiny":
+        M.check_model_dir(cfg.model)
+    for flag, path in (("--data", cfg.data), ("--test-data", cfg.test_data)):
+        if path and path != "synthetic" and not Path(path).is_file():
+            what = "is a folder, not a question file" if Path(path).is_dir() else "no such file"
+            raise M.UsageError(f"{flag} {path}: {what} (give an R1-AQA/AVQA JSONL, MMAU JSON or plain JSONL file"
+                               + (", or `synthetic`)" if flag == "--data" else ")"))
+    if cfg.audio_dir and not Path(cfg.audio_dir).is_dir():
+        raise M.UsageError(f"--audio-dir {cfg.audio_dir}: no such folder (it is where relative audio paths "
+                           f"in the data are looked up; leave it out to use the data file's folder)")
+
+
 # -----------------------------------------------------------------------------
 # Data
 
 def load_data(cfg):
-    """(train samples, held-out samples). 'synthetic' writes the pitch task once into the cache dir."""
+    """(train samples, held-out samples); a malformed file stops the run with a one-line UsageError."""
     train, test = cfg.data, cfg.test_data
-    if cfg.data == "synthetic":
-        if dist.get_rank() == 0:
-            data.make_synthetic(Path(cfg.cache_dir) / "synthetic")
-        dist.barrier()  # the other ranks read the files rank 0 wrote
+    if cfg.data == "synthetic":  # written by rank 0 in setup()
         train, synthetic_test = (str(Path(cfg.cache_dir) / "synthetic" / f) for f in ("train.jsonl", "test.jsonl"))
         test = test or synthetic_test
-    audio_dir = cfg.audio_dir or None
-    held_out = data.read_samples(test, audio_dir)[:cfg.eval_samples] if test else []
-    return data.read_samples(train, audio_dir), held_out
+    return read_questions("--data", train, cfg), read_questions("--test-data", test, cfg)[:cfg.eval_samples]
+
+
+def read_questions(flag, path, cfg):
+    if not path:
+        return []
+    try:
+        samples = data.read_samples(path, cfg.audio_dir or None)
+    except (data.DataError, OSError) as e:
+        raise M.UsageError(f"{flag}: {e}") from None
+    if not samples:
+        raise M.UsageError(f"{flag} {path}: no questions in the file")
+    return samples
+
+
+def check_first_batch(cfg, train):
+    """Stop before training on nothing: if no clip of the first global batch exists, the audio folder or
+    the paths in the data are wrong, and every sample would be skipped."""
+    paths = [train[i].audio_path for i in step_indices(cfg, [s.answer for s in train], 0)]
+    if not any(Path(p).is_file() for p in paths):
+        hint = "check --audio-dir" if cfg.audio_dir else "give --audio-dir, the folder the audio paths are relative to"
+        raise M.UsageError(f"--data {cfg.data}: none of the {len(paths)} clips of the first batch exists, "
+                           f"e.g. {paths[0]} ({hint})")
 
 
 def epoch_order(answers, epoch, seed, balance):
@@ -246,6 +317,8 @@ def train_step(run, step):
                 g.ref_logp = grpo.completion_logprobs(run.ref, g.rollout, run.pad_id, cfg.temperature)
             if cfg.num_iterations > 1:  # the policy as it sampled; with mu = 1 it is logp.detach()
                 g.old_logp = grpo.completion_logprobs(run.policy, g.rollout, run.pad_id, cfg.temperature)
+    if run.ref is not None:
+        M.reshard(run.ref)  # it never runs backward, which is where FSDP would free its root units
     # Normalise by the whole global batch, not per micro-batch or per rank. FSDP averages gradients
     # over ranks, so each rank divides by (global count / world size).
     local = sum((g.rollout.mask.sum() if cfg.token_mean else g.rollout.mask.any(1).sum()) for g in groups)
@@ -271,16 +344,23 @@ def optimizer_step(run, groups, denominator):
                                  cfg.token_mean, denominator)
         loss.backward()
         sums += torch.stack([m["kl"] * m["tokens"], m["clip_frac"] * m["tokens"], m["tokens"]])
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
+    grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
+    run.scheduler.step()
+    kl, clip, tokens = all_sum(sums).tolist()
+    return {"kl": kl / max(tokens, 1), "clip_frac": clip / max(tokens, 1), "grad_norm": grad_norm,
+            "skipped": int(not finite)}
+
+
+def clip_and_step(model, optimizer, max_norm):
+    """Clip the accumulated gradients and step; a non-finite norm (it is global, so every rank sees the
+    same value) skips the update on all ranks. Returns (grad norm, whether the step was taken)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), max_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     finite = bool(torch.isfinite(grad_norm))
     if finite:
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    kl, clip, tokens = all_sum(sums).tolist()
-    return {"kl": kl / max(tokens, 1), "clip_frac": clip / max(tokens, 1), "grad_norm": grad_norm.item(),
-            "skipped": int(not finite)}
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item(), finite
 
 
 def rollout_stats(run, groups):
@@ -304,27 +384,39 @@ def all_sum(x):
     return x
 
 
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 # -----------------------------------------------------------------------------
 # Warm start and held-out accuracy (both on the same packed forward as GRPO)
 
-def warm_start(run, steps, lr, batch_size=16):
+def warm_start(run, steps, lr):
     """Teach a random model the answer FORMAT only: `<answer>{a random choice}</answer>`. It then
-    starts GRPO at chance accuracy with a good format, and has to learn to listen."""
-    cfg = run.cfg
+    starts GRPO at chance accuracy with a good format, and has to learn to listen. The questions and
+    the random answers are drawn for the whole global batch before each process takes its share, so
+    the warm start, like everything after it, does not depend on the number of processes."""
+    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.AdamW(run.policy.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable(run.policy), lr=lr, weight_decay=0.0)
     run.policy.train()
-    for _ in tqdm(range(steps), desc="warm start (format only)", disable=dist.get_rank() != 0):
-        batch = my_share([run.train[i] for i in rng.choice(len(run.train), batch_size)], dist.get_rank(),
-                         dist.get_world_size())
+    for _ in tqdm(range(steps), desc="warm start (format only)", disable=rank != 0):
+        batch = [run.train[i] for i in rng.choice(len(run.train), WARM_START_BATCH)]
         targets = [f"<answer>{rng.choice(s.choices)}</answer><|im_end|>" for s in batch]
-        r = teacher_forced(run, batch, targets)
+        supervised_step(run, opt, my_share(batch, rank, world), my_share(targets, rank, world))
+
+
+def supervised_step(run, optimizer, samples, targets):
+    """One optimizer step of cross-entropy on the target texts of this rank's share of a global batch,
+    micro-batch by micro-batch (as GRPO's steps, so the forwards are the same on 1 process as on 2).
+    The loss is the sum of -log p over the global batch's target tokens over their number."""
+    batches = [teacher_forced(run, s, t) for s, t in zip(chunks(samples, run.cfg.micro_batch),
+                                                         chunks(targets, run.cfg.micro_batch))]
+    tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
+    for r in batches:
         logp = grpo.completion_logprobs(run.policy, r, run.pad_id)                 # [B, T]
-        tokens = all_sum(r.mask.sum().float()) / dist.get_world_size()
         (-(logp * r.mask).sum() / tokens).backward()
-        torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    return clip_and_step(run.policy, optimizer, run.cfg.grad_clip)
 
 
 def teacher_forced(run, samples, targets):
@@ -355,65 +447,6 @@ def heldout_accuracy(run, samples):
                                  device=run.device)
     acc, fmt, n = all_sum(sums).tolist()
     return acc / max(n, 1), fmt / max(n, 1)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: a Hugging Face model folder + the exact training state, written atomically
-
-def save_checkpoint(run, step):
-    """OUT/checkpoint-{step}/: the model in the compute dtype (from_pretrained opens it), the processor,
-    and train_state/ (fp32 weight shards, optimizer, step, scheduler, RNG, config). Written under a
-    temporary name and renamed when complete, so a crash mid-save never leaves a valid-looking folder."""
-    cfg, rank = run.cfg, dist.get_rank()
-    out = Path(cfg.out)
-    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
-    dist.barrier()  # no rank writes into tmp before it is cleared
-    full = M.full_state_dict(run.policy)
-    if rank == 0:
-        dtype = getattr(torch, cfg.dtype)
-        run.policy.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in full.items()})
-        run.processor.save_pretrained(tmp)
-    state = {"model": get_model_state_dict(run.policy), "optim": get_optimizer_state_dict(run.policy, run.optimizer)}
-    dcp.save(state, checkpoint_id=tmp / "train_state")
-    seen, bad = all_sum(torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)).tolist()  # run totals
-    if rank == 0:
-        torch.save({"step": step, "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state(),
-                    "counts": {"seen": seen, "bad": bad}, "config": asdict(cfg)}, tmp / "trainer_state.pt")
-        (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        prune_checkpoints(out, cfg.keep_last)
-    dist.barrier()  # a later resume or save on any rank must see the renamed folder
-
-
-def checkpoints(out):
-    """Complete checkpoints in OUT, oldest first."""
-    found = [(int(p.name.split("-")[1]), p) for p in Path(out).glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").exists()]
-    return [p for _, p in sorted(found)]
-
-
-def prune_checkpoints(out, keep_last):
-    """Keep the newest keep_last, and checkpoint-0 (the starting policy, the demo's 'before')."""
-    for p in checkpoints(out)[:-keep_last]:
-        if p.name != "checkpoint-0":
-            shutil.rmtree(p)
-
-
-def load_checkpoint(run, path):
-    """Restore weights, optimizer, scheduler and RNG; returns the step to continue from."""
-    state = {"model": get_model_state_dict(run.policy), "optim": get_optimizer_state_dict(run.policy, run.optimizer)}
-    dcp.load(state, checkpoint_id=path / "train_state")
-    set_model_state_dict(run.policy, state["model"])
-    set_optimizer_state_dict(run.policy, run.optimizer, state["optim"])
-    trainer = torch.load(path / "trainer_state.pt", weights_only=False)
-    run.scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["rng"])
-    if dist.get_rank() == 0:
-        run.counts.update(trainer["counts"])  # rank 0 carries the run's totals; others restart from 0
-    return trainer["step"]
 
 
 # -----------------------------------------------------------------------------
@@ -458,7 +491,7 @@ def build_run(cfg, model_dir, train, device):
     policy = M.sharded_load(model_dir, param_dtype=compute, storage_dtype=torch.float32,
                             gradient_checkpointing=cfg.gradient_checkpointing)
     processor = M.load_processor(model_dir)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+    optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     updates = max(cfg.max_steps * cfg.num_iterations, 1)
     decay = (lambda u: max(0.0, 1 - u / updates)) if cfg.lr_decay else (lambda u: 1.0)
@@ -499,9 +532,10 @@ def main(argv=None):
     cfg, demo = parse_args(argv)
     if cfg.plan:
         return print_plan(cfg)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_paths(cfg)
     _, world, device = M.init_distributed(always=True)
     torch.manual_seed(cfg.seed)
-    assert cfg.prompts_per_step % world == 0, f"--prompts-per-step {cfg.prompts_per_step} must divide by {world} ranks"
     print0(f"{'demo preset' if demo else 'config'}: {json.dumps(asdict(cfg))}")
     run, held_out, start = setup(cfg, device)
     before = heldout_accuracy(run, held_out) if held_out and start == 0 else None
@@ -518,32 +552,34 @@ def main(argv=None):
 
 
 def setup(cfg, device):
-    """Model, data, optimizer and reference; then either resume, or warm start (if asked) and begin.
-    Returns (run, held-out samples, the step to start from)."""
+    """The run folder, data, model, optimizer and reference; then either resume, or warm start (if asked)
+    and begin. Every check that can stop the run comes before the model is built, with the same verdict
+    on every rank. Returns (run, held-out samples, the step to start from)."""
     rank, out = dist.get_rank(), Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint.tidy(out)
         if cfg.model == "tiny":
             M.tiny(cfg.cache_dir, window_seconds=2)
-    dist.barrier()  # the tiny model exists before other ranks load it
-    model_dir = M.tiny(cfg.cache_dir, window_seconds=2) if cfg.model == "tiny" else cfg.model
+        if cfg.data == "synthetic":
+            data.make_synthetic(Path(cfg.cache_dir) / "synthetic")
+    dist.barrier()  # the folder is tidy and the tiny model and task exist before any rank reads them
+    resume_from = checkpoint.check_run_folder(cfg, asdict(Config()))
     train, held_out = load_data(cfg)
+    check_first_batch(cfg, train)
+    if cfg.overwrite and rank == 0:
+        print0(f"--overwrite: deleting the run in {out}")
+        checkpoint.wipe(out)
+    model_dir = M.tiny(cfg.cache_dir, window_seconds=2) if cfg.model == "tiny" else cfg.model
     run = build_run(cfg, model_dir, train, device)
-    done = checkpoints(out) if cfg.resume else []
-    if cfg.resume and not done:
-        print0(f"--resume: no complete checkpoint in {out}, starting from step 0")
-    if not done:
-        if rank == 0:
-            truncate_log(out / "metrics.jsonl", 0)  # a fresh run starts fresh logs
-            truncate_log(out / "samples.jsonl", 0)
-        if cfg.warm_start_steps:
-            warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
-            save_checkpoint(run, 0)
+    if resume_from is None and cfg.warm_start_steps:
+        warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
+        checkpoint.save(run, 0)
     run.ref = reference(cfg, out / "checkpoint-0" if cfg.warm_start_steps else model_dir)
-    if not done:
+    if resume_from is None:
         return run, held_out, 0
-    start = load_checkpoint(run, done[-1])
-    print0(f"resumed from {done[-1]} at step {start}")
+    start = checkpoint.load(run, resume_from)
+    print0(f"resumed from {resume_from} at step {start}")
     if rank == 0:
         truncate_log(out / "metrics.jsonl", start)
         truncate_log(out / "samples.jsonl", start)
@@ -563,7 +599,7 @@ def loop(run, start):
             append_jsonl(out / "metrics.jsonl", [metrics])
             append_jsonl(out / "samples.jsonl", samples)
         if metrics["step"] % cfg.save_every == 0 or metrics["step"] == cfg.max_steps:
-            save_checkpoint(run, metrics["step"])
+            checkpoint.save(run, metrics["step"])
             if dist.get_rank() == 0 and samples:  # read completions, not only rewards: that is where hacks show
                 bar.write(f"step {metrics['step']} sample: answer {samples[0]['answer']!r}, "
                           f"completion {samples[0]['completion']!r}, reward {samples[0]['reward']:.0f}")
@@ -571,4 +607,4 @@ def loop(run, start):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(M.run_main(main))

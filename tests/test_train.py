@@ -12,6 +12,7 @@ from transformers import Qwen2AudioForConditionalGeneration
 
 import grpo
 import model as M
+import checkpoint
 import train as T
 from conftest import quick_args
 
@@ -89,7 +90,7 @@ def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
         assert all(np.isfinite(r[key]) for r in records), key
     assert records[0]["lr"] == pytest.approx(5e-4)  # linear decay over 2 steps: 1e-3 * (1 - 1/2)
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2 * 3
-    assert [p.name for p in T.checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert [p.name for p in checkpoint.complete(out)] == ["checkpoint-1", "checkpoint-2"]
     assert json.loads((out / "checkpoint-2" / "train_config.json").read_text())["max_steps"] == 2
     assert all(r["grad_norm"] > 0 and r["format"] > 0 for r in records)
     trained = Qwen2AudioForConditionalGeneration.from_pretrained(out / "checkpoint-2")
@@ -107,13 +108,84 @@ def test_beta_zero_runs_without_reference(tiny2_dir, pitch_task, tmp_path):
     assert metrics(tmp_path)[0]["kl"] == 0.0
 
 
-def test_second_iteration_clips(warm_dir, pitch_task, tmp_path):
-    """num_iterations 2 with a large lr: the second optimizer step on the same rollout sees ratios off 1,
-    so clip_frac > 0; the lr schedule counts both updates (1e-2 * (1 - 2/4) after step 1 of 2)."""
+def test_second_iteration_clips(warm_dir, pitch_task, tmp_path, monkeypatch):
+    """num_iterations 2 with a large lr: every loss of the first pass over a rollout has old_logp equal to
+    the policy (ratio exactly 1, no clipping); the second pass, after one update, sees ratios off 1 and
+    clips. The lr schedule counts both updates (1e-2 * (1 - 2/4) after step 1 of 2)."""
+    calls, real = [], grpo.grpo_loss
+
+    def recording(*args, **kwargs):
+        loss, m = real(*args, **kwargs)
+        calls.append((m["ratio"].item(), m["clip_frac"].item()))
+        return loss, m
+
+    monkeypatch.setattr(T.grpo, "grpo_loss", recording)
     T.main(quick_args(warm_dir, pitch_task, tmp_path, "--num-iterations", "2", "--lr", "1e-2", "--beta", "0"))
+    # per step: 2 micro-batches (4 prompts, micro-batch 2) x 2 passes = 4 calls, in order
+    first_pass = calls[0:2] + calls[4:6]
+    second_pass = calls[2:4] + calls[6:8]
+    assert len(calls) == 8 and all(call == (1.0, 0.0) for call in first_pass), calls
+    assert all(ratio != 1.0 for ratio, _ in second_pass) and max(clip for _, clip in second_pass) > 0, calls
     first = metrics(tmp_path)[0]
     assert first["clip_frac"] > 0
     assert first["lr"] == pytest.approx(5e-3)
+
+
+@pytest.fixture
+def fresh_run(tiny2_dir, pitch_task, tmp_path):
+    """train.setup() from nothing: the warm start of conftest's warm_dir (after which rewards differ within
+    groups), checkpoint-0 saved, the reference built."""
+    cfg, _ = T.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--warm-start-steps", "15",
+                                     "--warm-start-lr", "1e-2", "--lr", "1e-3"))
+    _, _, device = M.init_distributed(always=True)
+    run, _, start = T.setup(cfg, device)
+    assert start == 0 and (tmp_path / "run" / "checkpoint-0").exists()
+    return run
+
+
+def test_first_grpo_update_equals_a_fresh_adamw(fresh_run, monkeypatch):
+    """Saving checkpoint-0 must not initialise the GRPO optimizer (a zero-gradient step would start AdamW's
+    step count at 1 and scale the first update by about 0.74). The first GRPO update equals that of a
+    fresh torch.optim.AdamW given the same (clipped) gradient, parameter by parameter."""
+    run = fresh_run
+    assert not run.optimizer.state
+    params = run.optimizer.param_groups[0]["params"]
+    before = [p.detach().to_local().clone() for p in params]
+    grads, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(*args, **kwargs):
+        norm = real_clip(*args, **kwargs)
+        grads.extend(p.grad.to_local().clone() for p in params)
+        return norm
+
+    monkeypatch.setattr(T.torch.nn.utils, "clip_grad_norm_", recording_clip)
+    metrics_1, _ = T.train_step(run, 0)
+    assert metrics_1["frac_zero_std"] < 1 and metrics_1["skipped"] == 0  # there was something to learn
+    fresh = [torch.nn.Parameter(b.clone()) for b in before]
+    for p, g in zip(fresh, grads):
+        p.grad = g
+    torch.optim.AdamW(fresh, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0).step()
+    after = [p.detach().to_local() for p in run.optimizer.param_groups[0]["params"]]
+    assert sum(not torch.equal(a, b) for a, b in zip(after, before)) > len(before) // 2  # it did update
+    for got, want in zip(after, fresh):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-7)
+
+
+def test_the_reference_is_resharded_after_its_pass(fresh_run):
+    """The frozen reference never runs backward, where FSDP frees the root units: after a step every one
+    of its parameters is back to its sharded DTensor (nothing left gathered)."""
+    from torch.distributed.tensor import DTensor
+    T.train_step(fresh_run, 0)
+    params = list(fresh_run.ref.parameters())
+    assert len(params) == 66 and all(isinstance(p, DTensor) for p in params)
+
+
+def test_kl_is_zero_at_the_first_step(fresh_run):
+    """Before the first update the policy is the reference (checkpoint-0), so the k3 KL of step 1 is 0
+    in float32 (a wrong reference, e.g. the model before the warm start, gives a clearly positive KL)."""
+    metrics_1, _ = T.train_step(fresh_run, 0)
+    metrics_2, _ = T.train_step(fresh_run, 1)
+    assert metrics_1["kl"] == 0.0 and metrics_2["kl"] > 0
 
 
 def test_nan_loss_skips_the_update(warm_dir, pitch_task, tmp_path, monkeypatch):
@@ -183,9 +255,9 @@ def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
         (tmp_path / f"checkpoint-{step}" / "trainer_state.pt").write_text("")
     (tmp_path / "checkpoint-50").mkdir()
     (tmp_path / "checkpoint-60.tmp").mkdir()
-    assert [p.name for p in T.checkpoints(tmp_path)][-1] == "checkpoint-40"
-    T.prune_checkpoints(tmp_path, keep_last=2)
-    assert [p.name for p in T.checkpoints(tmp_path)] == ["checkpoint-0", "checkpoint-30", "checkpoint-40"]
+    assert [p.name for p in checkpoint.complete(tmp_path)][-1] == "checkpoint-40"
+    checkpoint.prune(tmp_path, keep_last=2)
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-0", "checkpoint-30", "checkpoint-40"]
 
 
 def test_text_chart():

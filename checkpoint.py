@@ -1,0 +1,205 @@
+"""Checkpoints and run folders: what train.py writes, how a run resumes, and how runs never mix.
+
+OUT/checkpoint-{step}/ is a Hugging Face model folder in the compute dtype (from_pretrained,
+model.load and evaluate.py open it) plus the exact training state:
+  train_state/        fp32 weight shards and the optimizer, written by torch.distributed.checkpoint
+  trainer_state.pt    the step, the lr scheduler, the RNG, the run's sample counters and the config
+  train_config.json   the config, readable
+Nothing else is needed to continue bit for bit: the data order is a pure function of (seed, step).
+
+Finished work is never lost:
+- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced, then it
+  is renamed. Saving a step that exists first renames the old one to checkpoint-{step}.old, so a
+  complete copy of every saved step is on disk at every moment. tidy() clears what a crash left
+  (stale .tmp folders; an .old whose replacement never arrived is put back).
+- A run that is not --resume refuses a folder that holds another run (--overwrite starts over);
+  --resume refuses a run made with settings that change the run (check_run_folder).
+
+train.py is the only user:  checkpoint.save(run, step), checkpoint.load(run, path).
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+
+import model as M
+
+# Config fields a resumed run may change: where and how often it logs and saves, how long it runs, and
+# how it splits the batch in memory. Any other difference (model, data, group size, lr, seed, ...)
+# would silently make the second half of the run another experiment, so --resume refuses it.
+MAY_CHANGE_ON_RESUME = {"max_steps", "save_every", "keep_last", "resume", "overwrite", "log_samples",
+                        "max_bad_fraction", "eval_samples", "micro_batch", "gradient_checkpointing",
+                        "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem"}
+RUN_FILES = ("metrics.jsonl", "samples.jsonl")  # what a run writes besides its checkpoints
+
+
+# -----------------------------------------------------------------------------
+# What is in a run folder
+
+def step_of(path):
+    """The step of a folder named checkpoint-{step}, else None (checkpoint-7.tmp, checkpoint-7.old, logs)."""
+    prefix, _, step = Path(path).name.partition("-")
+    return int(step) if prefix == "checkpoint" and step.isdigit() else None
+
+
+def complete(out):
+    """Complete checkpoints in OUT, oldest first: a checkpoint-{step} folder with its trainer_state.pt,
+    which save() writes last."""
+    found = [(step_of(p), p) for p in Path(out).glob("checkpoint-*") if step_of(p) is not None]
+    return [p for step, p in sorted(found) if (p / "trainer_state.pt").exists()]
+
+
+def tidy(out):
+    """Clear what a crash mid-save left behind (rank 0, before anything reads the folder): a .tmp folder
+    is an unfinished save; an .old folder is a complete checkpoint whose replacement may not have
+    arrived, so it goes back in place unless the replacement is complete."""
+    for tmp in Path(out).glob("checkpoint-*.tmp"):
+        shutil.rmtree(tmp)
+    for old in Path(out).glob("checkpoint-*.old"):
+        final = old.with_suffix("")
+        if (final / "trainer_state.pt").exists():
+            shutil.rmtree(old)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            old.rename(final)
+
+
+def check_run_folder(cfg, defaults):
+    """What to do with OUT, decided the same way on every rank: the checkpoint to resume from, or None
+    for a fresh run. Raises UsageError where a run would mix with another one."""
+    out = Path(cfg.out)
+    done = complete(out)
+    logged = any((out / f).exists() and (out / f).stat().st_size for f in RUN_FILES)
+    if cfg.resume and cfg.overwrite:
+        raise M.UsageError("--resume and --overwrite contradict each other: give one")
+    if cfg.resume:
+        if not done:
+            raise M.UsageError(f"--resume: no checkpoint in {out} (start without --resume, or check --out)")
+        check_same_run(done[-1], asdict(cfg), defaults)
+        return done[-1]
+    if (done or logged) and not cfg.overwrite:
+        newest = f"its newest checkpoint is step {step_of(done[-1])}" if done else "no checkpoint yet"
+        raise M.UsageError(f"--out {out} already holds a run ({newest}): --resume continues it, --overwrite "
+                           f"starts over (deleting it), or choose another --out")
+    return None
+
+
+def check_same_run(path, current, defaults):
+    """--resume continues only the run it was: every field outside MAY_CHANGE_ON_RESUME must match."""
+    saved = json.loads((path / "train_config.json").read_text())
+    differ = [k for k in current if k not in MAY_CHANGE_ON_RESUME and saved.get(k, defaults[k]) != current[k]]
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {current[k]} (the run has {saved.get(k, defaults[k])})"
+                          for k in differ)
+        raise M.UsageError(f"--resume: {path} was made with other settings: {flags}; resume with the run's "
+                           f"settings, or start a new run in another --out")
+
+
+def wipe(out):
+    """--overwrite: delete what a run wrote in OUT (checkpoints and logs), nothing else."""
+    for p in Path(out).glob("checkpoint-*"):
+        shutil.rmtree(p)
+    for f in RUN_FILES:
+        (Path(out) / f).unlink(missing_ok=True)
+
+
+def prune(out, keep_last):
+    """Keep the newest keep_last (>= 1) checkpoints, and checkpoint-0 (the starting policy)."""
+    for p in complete(out)[:-keep_last]:
+        if step_of(p) != 0:
+            shutil.rmtree(p)
+
+
+# -----------------------------------------------------------------------------
+# Saving and loading
+
+def save(run, step):
+    """Write OUT/checkpoint-{step} (all ranks call): under a temporary name, fsynced, then renamed."""
+    cfg, rank = run.cfg, dist.get_rank()
+    out = Path(cfg.out)
+    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    weights = M.gathered_state_dict(run.policy, getattr(torch, cfg.dtype))
+    if rank == 0:
+        run.policy.save_pretrained(tmp, state_dict=weights)
+        run.processor.save_pretrained(tmp)
+    dcp.save(training_state(run), checkpoint_id=tmp / "train_state")
+    counts = torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)
+    dist.all_reduce(counts)  # the run's totals, kept by rank 0
+    seen, bad = counts.tolist()
+    if rank == 0:
+        torch.save({"step": step, "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                    "counts": {"seen": seen, "bad": bad}, "config": asdict(cfg)}, tmp / "trainer_state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        publish(tmp, final)
+        prune(out, cfg.keep_last)
+    dist.barrier()  # a later resume or save on any rank must see the renamed folder
+
+
+def training_state(run):
+    """What train_state/ holds: the weights and, once it has any, the optimizer's state. A state dict of
+    an optimizer that has not stepped yet would be made by taking a zero-gradient step, which starts
+    AdamW's step count at 1 and puts its bias correction off by one for the whole run."""
+    state = {"model": get_model_state_dict(run.policy)}
+    if run.optimizer.state:
+        state["optim"] = get_optimizer_state_dict(run.policy, run.optimizer)
+    return state
+
+
+def publish(tmp, final):
+    """Make tmp the checkpoint `final` with no moment at which the step has no complete checkpoint."""
+    fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_tree(root):
+    """Push every file and folder under root to the disk (a kill is safe without it, a power cut is not)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(Path(folder) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(run, path):
+    """Restore weights, optimizer (if the checkpoint has its state), scheduler and RNG; return the step."""
+    trainer = torch.load(path / "trainer_state.pt", weights_only=False)
+    has_optim = holds_optimizer(path / "train_state")
+    state = {"model": get_model_state_dict(run.policy)}
+    if has_optim:
+        state["optim"] = get_optimizer_state_dict(run.policy, run.optimizer)
+    dcp.load(state, checkpoint_id=path / "train_state")
+    set_model_state_dict(run.policy, state["model"])
+    if has_optim:
+        set_optimizer_state_dict(run.policy, run.optimizer, state["optim"])
+    run.scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    if dist.get_rank() == 0:
+        run.counts.update(trainer["counts"])  # rank 0 carries the run's totals; others restart from 0
+    return trainer["step"]
+
+
+def holds_optimizer(train_state):
+    """Whether a train_state/ written by save() holds optimizer state (checkpoint-0 does not)."""
+    metadata = dcp.FileSystemReader(train_state).read_metadata()
+    return any(key.startswith("optim") for key in metadata.state_dict_metadata)

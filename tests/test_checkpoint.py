@@ -1,0 +1,124 @@
+"""checkpoint.py without a model: what counts as a checkpoint, pruning, crash leftovers, the order of a
+re-save, fsync, and the run-folder rules (a fresh run never mixes with an old one; --resume continues
+only the same run)."""
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+import checkpoint as C
+import model as M
+import train as T
+
+
+def fake_checkpoint(out, name, marker=""):
+    """A folder laid out like a complete checkpoint (trainer_state.pt is what save() writes last)."""
+    path = Path(out) / name
+    path.mkdir(parents=True)
+    (path / "trainer_state.pt").write_text(marker)
+    (path / "train_config.json").write_text(json.dumps(asdict(T.Config(out=str(out)))))
+    return path
+
+
+def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
+    """A folder without trainer_state.pt (a crash mid-save), *.tmp or *.old never counts as a checkpoint;
+    steps sort by number, not name; pruning keeps the newest keep_last and checkpoint-0."""
+    for step in [0, 10, 20, 30, 40, 100]:
+        fake_checkpoint(tmp_path, f"checkpoint-{step}")
+    (tmp_path / "checkpoint-50").mkdir()
+    fake_checkpoint(tmp_path, "checkpoint-60.tmp")
+    fake_checkpoint(tmp_path, "checkpoint-70.old")
+    assert [p.name for p in C.complete(tmp_path)][-2:] == ["checkpoint-40", "checkpoint-100"]
+    C.prune(tmp_path, keep_last=2)
+    assert [p.name for p in C.complete(tmp_path)] == ["checkpoint-0", "checkpoint-40", "checkpoint-100"]
+
+
+def test_tidy_clears_what_a_crash_left(tmp_path):
+    """A .tmp folder is deleted. An .old folder whose replacement is complete is deleted; one whose
+    replacement never arrived (or is incomplete) goes back in place, so the step keeps its checkpoint."""
+    fake_checkpoint(tmp_path, "checkpoint-5.tmp")
+    fake_checkpoint(tmp_path, "checkpoint-10.old", marker="old")
+    fake_checkpoint(tmp_path, "checkpoint-10", marker="new")
+    fake_checkpoint(tmp_path, "checkpoint-20.old", marker="old")   # crash between the two renames
+    fake_checkpoint(tmp_path, "checkpoint-30.old", marker="old")
+    (tmp_path / "checkpoint-30").mkdir()                            # a replacement without trainer_state.pt
+    C.tidy(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert [(tmp_path / f"checkpoint-{s}" / "trainer_state.pt").read_text() for s in (10, 20, 30)] == [
+        "new", "old", "old"]
+
+
+def test_resaving_a_step_keeps_a_complete_copy_at_every_moment(tmp_path, monkeypatch):
+    """publish() over an existing step renames the old copy aside before the new one takes its name. A
+    crash right after that first rename leaves the old copy as checkpoint-N.old, which tidy() restores."""
+    final = fake_checkpoint(tmp_path, "checkpoint-7", marker="old")
+    tmp = fake_checkpoint(tmp_path, "checkpoint-7.tmp", marker="new")
+    real_rename = Path.rename
+
+    def crash_on_second_rename(self, target):
+        if self.name == "checkpoint-7.tmp":
+            raise OSError("killed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_second_rename)
+    with pytest.raises(OSError, match="killed"):
+        C.publish(tmp, final)
+    assert (tmp_path / "checkpoint-7.old" / "trainer_state.pt").read_text() == "old"
+    monkeypatch.setattr(Path, "rename", real_rename)
+    C.tidy(tmp_path)
+    assert [p.name for p in C.complete(tmp_path)] == ["checkpoint-7"]
+    assert (final / "trainer_state.pt").read_text() == "old"
+    C.publish(fake_checkpoint(tmp_path, "checkpoint-7.tmp", marker="new"), final)  # uninterrupted: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-7"]
+    assert (final / "trainer_state.pt").read_text() == "new"
+
+
+def test_every_file_and_folder_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """publish() fsyncs each file and each folder of the new checkpoint, then the run folder: 3 files in
+    2 folders (the checkpoint and train_state/) + the parent = 6 fsyncs, all before the rename."""
+    tmp = fake_checkpoint(tmp_path, "checkpoint-3.tmp")                   # trainer_state.pt, train_config.json
+    (tmp / "train_state").mkdir()
+    (tmp / "train_state" / "__0_0.distcp").write_bytes(b"x")
+    events, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    real_rename = Path.rename
+    monkeypatch.setattr(Path, "rename", lambda self, t: (events.append("rename"), real_rename(self, t))[1])
+    C.publish(tmp, tmp_path / "checkpoint-3")
+    assert events == ["fsync"] * 5 + ["rename", "fsync"]
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
+    """Without --resume a used --out stops with its newest step and the two ways on; --overwrite is
+    allowed; a folder with logs but no checkpoint yet is a run too; an empty folder is not."""
+    defaults = asdict(T.Config())
+    assert C.check_run_folder(T.Config(out=str(tmp_path)), defaults) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(M.UsageError, match="no checkpoint yet"):
+        C.check_run_folder(T.Config(out=str(tmp_path)), defaults)
+    fake_checkpoint(tmp_path, "checkpoint-20")
+    with pytest.raises(M.UsageError) as e:
+        C.check_run_folder(T.Config(out=str(tmp_path)), defaults)
+    assert str(tmp_path) in str(e.value) and "step 20" in str(e.value)
+    assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
+    assert C.check_run_folder(T.Config(out=str(tmp_path), overwrite=True), defaults) is None
+    C.wipe(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_continues_only_the_same_run(tmp_path):
+    """--resume needs a checkpoint; it accepts changes to fields that do not change the run (max_steps,
+    save_every, ...) and names every field that would."""
+    defaults = asdict(T.Config())
+    with pytest.raises(M.UsageError, match=f"--resume: no checkpoint in {tmp_path}"):
+        C.check_run_folder(T.Config(out=str(tmp_path), resume=True), defaults)
+    path = fake_checkpoint(tmp_path, "checkpoint-4")
+    ok = T.Config(out=str(tmp_path), resume=True, max_steps=5000, save_every=7, keep_last=9)
+    assert C.check_run_folder(ok, defaults) == path
+    with pytest.raises(M.UsageError) as e:
+        C.check_run_folder(T.Config(out=str(tmp_path), resume=True, lr=3e-6, seed=1), defaults)
+    assert "--lr 3e-06 (the run has 1e-06)" in str(e.value) and "--seed 1 (the run has 42)" in str(e.value)
+    with pytest.raises(M.UsageError, match="contradict"):
+        C.check_run_folder(T.Config(out=str(tmp_path), resume=True, overwrite=True), defaults)
