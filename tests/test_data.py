@@ -164,12 +164,13 @@ PLAIN_RECORD = {"audio": "clips/dog.flac", "question": "Which animal?", "choices
 
 
 def test_avqa_reader(tmp_path):
-    """AVQA: index 1 -> second choice; "video"/"Video" become "audio"/"Audio"; paths relative to the file's folder."""
-    second = dict(AVQA_RECORD, question_text="Video shows what? The video is loud.", answer=0)
+    """AVQA: index 1 -> second choice; as R1-AQA's plain str.replace, only lowercase "video" becomes
+    "audio" (inside "videos" too) while "Video" and "VIDEO" stay; paths relative to the file's folder."""
+    second = dict(AVQA_RECORD, question_text="Video shows what? The video is loud. VIDEO; videos.", answer=0)
     path = write_jsonl(tmp_path / "train.jsonl", [AVQA_RECORD, second])
     a, b = data.read_samples(path)
     assert a.question == "What happened in the audio?"
-    assert b.question == "Audio shows what? The audio is loud."
+    assert b.question == "Video shows what? The audio is loud. VIDEO; audios."
     assert a.choices == AVQA_RECORD["multi_choice"]
     assert (a.answer, b.answer) == ("Yacht consignment", "motorboat")
     assert a.audio_path == str(tmp_path / "wavs" / "-HG3Omg_89c_30.wav")
