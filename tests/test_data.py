@@ -36,7 +36,7 @@ def write_jsonl(path, lines):
 
 @pytest.mark.parametrize("sr", [44100, 48000, 8000, 22050])
 def test_resampled_sine_matches_ideal(tmp_path, sr):
-    """A 1 kHz sine at any rate comes out as the ideal 16 kHz sine (relative RMS < 1e-3 away from the edges)."""
+    """A 1 kHz sine at any rate comes out as the ideal 16 kHz sine: relative RMS error < 5e-6 away from the edges."""
     path = tmp_path / f"sine_{sr}.wav"
     sf.write(path, sine(1000, sr), sr, subtype="FLOAT")
     y = data.load_audio(path)
@@ -46,11 +46,13 @@ def test_resampled_sine_matches_ideal(tmp_path, sr):
     edge = SAMPLE_RATE // 10  # skip 0.1 s at each end, where the filter sees the zero padding
     err = rel_rms(y[edge:-edge], ideal[edge:-edge])
     print(f"1 kHz sine from {sr} Hz: relative RMS error {err:.2e}")
-    assert err < 1e-3
+    # measured 3.98e-6, 4.18e-6, 2.74e-6, 4.08e-6 (44.1, 48, 8, 22.05 kHz); a Kaiser beta of 9
+    # instead of 10 gives 7e-6 to 1.2e-5, so the bound holds the filter to its design
+    assert err < 5e-6
 
 
 def test_resampling_removes_tones_above_new_nyquist(tmp_path):
-    """A 12 kHz tone at 48 kHz (above the 8 kHz output Nyquist; it would alias to 4 kHz) comes out >= 40 dB down."""
+    """A 12 kHz tone at 48 kHz (above the 8 kHz output Nyquist; it would alias to 4 kHz) comes out >= 110 dB down."""
     path = tmp_path / "tone12k.wav"
     sf.write(path, sine(12000, 48000), 48000, subtype="FLOAT")
     y = data.load_audio(path)
@@ -58,7 +60,7 @@ def test_resampling_removes_tones_above_new_nyquist(tmp_path):
     # output RMS over input RMS; the input is a 0.5-amplitude sine, RMS 0.5/sqrt(2)
     attenuation_db = 20 * np.log10(np.sqrt(np.mean(y[edge:-edge] ** 2)) / (0.5 / np.sqrt(2)))
     print(f"12 kHz tone from 48 kHz: {attenuation_db:.1f} dB")
-    assert attenuation_db <= -40
+    assert attenuation_db <= -110  # measured -114.4 dB; a Kaiser beta of 9 instead of 10 gives -105.9 dB
 
 
 def test_output_length_is_ceil_of_scaled_length():
