@@ -515,13 +515,15 @@ def test_avqa_clip_stems():
 @pytest.fixture
 def avqa_files(tmp_path):
     """AVQA's format: 3 good records (2 on one wav named by video_name, 1 on a flac named id_start),
-    4 with no clip, 1 with an unreadable clip, 2 malformed: 10 records, 3 to keep."""
+    4 with no clip in the folder itself, 1 with an unreadable clip, 2 malformed: 10 records, 3 to keep."""
     clips = tmp_path / "clips"
     clips.mkdir()
     sf.write(clips / "-HG3Omg_89c_000030.wav", np.zeros(SAMPLE_RATE), SAMPLE_RATE)
     sf.write(clips / "bbbbbbbbbbb_7.flac", np.zeros(2 * 8000), 8000)
     (clips / "ccccccccccc_000000.wav").write_text("not audio")
     (clips / "ddddddddddd_000001.mp4").write_bytes(b"")  # a video: not an audio extension, so not a clip
+    (clips / "sub").mkdir()
+    sf.write(clips / "sub" / "eeeeeeeeeee_000001.wav", np.zeros(8000), 8000)  # subfolders are not searched
     good = [AVQA_QA, dict(AVQA_QA, id=184, question_text="Which video is it?", answer=3),
             dict(AVQA_QA, id=5, video_name="bbbbbbbbbbb_000007", answer=0)]
     missing = [dict(AVQA_QA, id=10 + i, video_name=f"{c * 11}_000001") for i, c in enumerate("defd")]
