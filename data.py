@@ -9,18 +9,25 @@ on disk into exactly that:
 - read_samples() reads three question formats into one Sample type, picking the format from
   the content: R1-AQA/AVQA JSONL (answer is an index), MMAU JSON lists (answer is a string)
   and a plain JSONL for your own data ({"audio", "question", "choices", "answer"}).
-  A malformed record raises DataError naming the file, the line (or list item) and the problem.
+  A malformed record raises DataError naming the file, the line (or list item) and the problem;
+  so does a file that cannot be used at all (missing, a folder, not UTF-8, no records).
 - build_prompt() writes the R1-AQA question text.
 - make_synthetic() writes a small pitch-band task (real wav files) to train on a CPU.
+- convert_avqa() turns AVQA's own QA file (train_qa.json) into R1-AQA's JSONL for the clips you have.
 
 Run it as a data checker; it lists every bad record and every missing or unreadable clip:
     python data.py questions.jsonl
     python data.py mmau-test-mini.json --audio-dir test-mini-audios
+or to prepare AVQA (clips named by video_name or YouTube id + start seconds, any audio extension):
+    python data.py --from-avqa train_qa.json --audio-dir avqa_wavs --out avqa_train.jsonl
+Exit status: 0 all good; 1 bad records or audio (or, preparing AVQA, no record kept); 2 a file or
+folder that cannot be used, printed as one line.
 """
 
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -39,7 +46,11 @@ class AudioError(Exception):
 
 
 class DataError(ValueError):
-    """A malformed question record: "{file}:{line}: {problem}" or "{file}: item {index}: {problem}"."""
+    """
+    A question file that cannot be used, as one self-contained line that starts with the path:
+    a malformed record ("{file}:{line}: {problem}" or "{file}: item {index}: {problem}") or a
+    problem with the whole file ("{file}: {problem}": missing, a folder, not UTF-8, no records).
+    """
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +148,7 @@ class Sample:
 
 
 def read_samples(path, audio_dir=None) -> list[Sample]:
-    """All samples of a question file; raises DataError on the first malformed record."""
+    """All samples of a question file; DataError if the file is unusable or on its first malformed record."""
     samples, errors = scan_samples(path, audio_dir)
     if errors:
         raise errors[0]
@@ -146,8 +157,9 @@ def read_samples(path, audio_dir=None) -> list[Sample]:
 
 def scan_samples(path, audio_dir=None) -> tuple[list[Sample], list[DataError]]:
     """
-    The good samples of a question file and one DataError per malformed record, in file order.
-    A file starting with "[" is an MMAU JSON list; otherwise it is JSONL, read as R1-AQA/AVQA
+    The good samples of a question file and one DataError per malformed record, in file order;
+    a file that cannot be used at all (missing, a folder, not UTF-8, no records) raises DataError
+    before anything is parsed. A file starting with "[" is an MMAU JSON list; otherwise it is JSONL, read as R1-AQA/AVQA
     when its first record has "question_text" or "multi_choice", else as the plain format.
     """
     path = Path(path)
@@ -168,14 +180,38 @@ def scan_samples(path, audio_dir=None) -> tuple[list[Sample], list[DataError]]:
     return samples, errors
 
 
+def read_text(path) -> str:
+    """A text file's content; DataError "{path}: {problem}" if it is missing, a folder, not UTF-8 or empty."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the question file inside it")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file, no records")
+    return text
+
+
 def _read_records(path: Path) -> tuple[str, list[tuple[str, object]]]:
     """The file's format and, per record, its location and its JSON value (or a DataError)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             return "mmau", [("", DataError(f"{path}:{e.lineno}: bad JSON: {e.msg} at column {e.colno}"))]
+        if not items:
+            raise DataError(f"{path}: an empty JSON list, no records")
+        if isinstance(items[0], dict) and "multi_choice" in items[0] and "audio_path" not in items[0]:
+            raise DataError(f"{path}: AVQA's own QA file, which has no audio paths; convert it first with "
+                            f"python data.py --from-avqa {path} --audio-dir CLIPS --out OUT.jsonl")
         return "mmau", [(f"{path}: item {i}", item) for i, item in enumerate(items)]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -188,6 +224,13 @@ def _read_records(path: Path) -> tuple[str, list[tuple[str, object]]]:
             records.append((where, DataError(f"{where}: bad JSON: {e.msg} at column {e.colno}")))
     first = next((r for _, r in records if isinstance(r, dict)), {})
     return ("avqa" if "question_text" in first or "multi_choice" in first else "plain"), records
+
+
+def check_audio_dir(audio_dir, flag: str = "--audio-dir") -> None:
+    """DataError "{flag} {audio_dir}: ..." unless the audio folder exists; call it before any work."""
+    path = Path(audio_dir)
+    if not path.is_dir():
+        raise DataError(f"{flag} {path}: {'not a folder' if path.exists() else 'no such folder'}")
 
 
 def _resolve_audio(name: str, data_file: Path, audio_dir) -> str:
@@ -230,19 +273,21 @@ def _get_answer_string(record: dict, choices: list[str], where: str) -> str:
     return answer
 
 
-_VIDEO_TO_AUDIO = {"video": "audio", "Video": "Audio", "VIDEO": "AUDIO"}
-
-
-def _parse_avqa(record: dict, where: str) -> Sample:
-    """R1-AQA/AVQA: answer is a 0-based index; the questions were written about videos."""
+def _avqa_question(record: dict, where: str) -> tuple[str, list[str], str]:
+    """An AVQA record's question, choices and answer string; its answer is a 0-based index."""
     question = _get(record, "question_text", str, where)
-    question = re.sub("video|Video|VIDEO", lambda m: _VIDEO_TO_AUDIO[m.group()], question)
+    question = question.replace("video", "audio")  # as R1-AQA: lowercase only ("Video" stays)
     choices = _get_choices(record, "multi_choice", where)
     index = _get(record, "answer", int, where)
     if not 0 <= index < len(choices):
         raise DataError(f"{where}: answer index {index} is out of range for {len(choices)} choices")
-    audio = _get(record, "audio_path", str, where)
-    return Sample(audio, question, choices, choices[index], record)
+    return question, choices, choices[index]
+
+
+def _parse_avqa(record: dict, where: str) -> Sample:
+    """R1-AQA/AVQA: AVQA's record plus audio_path; the questions were written about videos."""
+    question, choices, answer = _avqa_question(record, where)
+    return Sample(_get(record, "audio_path", str, where), question, choices, answer, record)
 
 
 def _parse_mmau(record: dict, where: str) -> Sample:
@@ -327,6 +372,141 @@ def _write_tone(out_dir: Path, name: str, label: int, rng: np.random.Generator) 
 
 
 # -----------------------------------------------------------------------------
+# AVQA preparation: AVQA's train_qa.json / val_qa.json -> R1-AQA's JSONL, for the clips you have
+
+DROP_REASONS = ("malformed record", "missing audio", "unreadable audio")
+
+
+@dataclass
+class AvqaConversion:
+    total: int  # records in the AVQA file
+    records: list[dict]  # the kept ones as R1-AQA JSONL records, in the file's order
+    dropped: dict[str, list[str]]  # reason (DROP_REASONS) -> one message per dropped record
+
+
+def avqa_clip_stems(video_name: str) -> list[str]:
+    """The file names (without extension) an AVQA clip may have: its video_name, the VGGSound
+    clip's name ("-HG3Omg_89c_000030"), and YouTube id + start seconds, as R1-AQA's file named
+    its wavs ("-HG3Omg_89c_30")."""
+    ytid, _, start = video_name.rpartition("_")
+    short = f"{ytid}_{int(start)}" if ytid and start.isdigit() else video_name
+    return list(dict.fromkeys([video_name, short]))
+
+
+def _index_clips(audio_dir: Path) -> dict[str, Path]:
+    """The audio files directly in audio_dir (any extension libsndfile reads) by name without extension;
+    of two files with one name (a.flac, a.wav) the first in sorted order."""
+    extensions = {name.lower() for name in sf.available_formats()}  # wav, flac, ogg, aiff, ...
+    index = {}
+    for path in sorted(audio_dir.iterdir()):
+        if path.suffix[1:].lower() in extensions and path.is_file():
+            index.setdefault(path.stem, path)
+    return index
+
+
+def _read_avqa_list(qa_file: Path) -> list:
+    """The records of AVQA's QA file (a JSON list); DataError if the file is not one."""
+    text = read_text(qa_file)
+    if not text.lstrip().startswith("["):
+        raise DataError(f"{qa_file}: not AVQA's QA format (a JSON list of records, as train_qa.json)")
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{qa_file}:{e.lineno}: bad JSON: {e.msg} at column {e.colno}") from None
+    if not items:
+        raise DataError(f"{qa_file}: an empty JSON list, no records")
+    return items
+
+
+def convert_avqa(qa_file, audio_dir) -> AvqaConversion:
+    """
+    AVQA's QA records -> R1-AQA's JSONL records: AVQA's fields (answer stays the index) plus
+    dataset_name "AVQA" and audio_path, the absolute path of the clip found in audio_dir under
+    either name of avqa_clip_stems. Records that are malformed, whose clip is missing, or whose
+    clip's header does not read are dropped, each with a message under its reason.
+    """
+    qa_file, audio_dir = Path(qa_file), Path(audio_dir)
+    items, index = _read_avqa_list(qa_file), _index_clips(audio_dir)
+    out = AvqaConversion(len(items), [], {reason: [] for reason in DROP_REASONS})
+    problems = {}  # clip -> its AudioError message or "": a clip may serve several questions
+    for i, item in enumerate(items):
+        where = f"{qa_file}: item {i}"
+        try:
+            stems = _avqa_item_stems(item, where)
+        except DataError as e:
+            out.dropped["malformed record"].append(str(e))
+            continue
+        clip = next((index[stem] for stem in stems if stem in index), None)
+        if clip is None:
+            names = " or ".join(f"{stem}.*" for stem in stems)
+            out.dropped["missing audio"].append(f"{where}: no audio file {names} in {audio_dir}")
+            continue
+        if clip not in problems:
+            problems[clip] = _audio_problem(clip)
+        if problems[clip]:
+            out.dropped["unreadable audio"].append(f"{where}: {problems[clip]}")
+            continue
+        out.records.append(dict(item, dataset_name="AVQA", audio_path=str(clip.resolve())))
+    return out
+
+
+def _avqa_item_stems(item, where: str) -> list[str]:
+    """The clip names of a well-formed AVQA record; DataError naming the item if it is malformed."""
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: record is not a JSON object")
+    _avqa_question(item, where)
+    return avqa_clip_stems(_get(item, "video_name", str, where))
+
+
+def _audio_problem(path: Path) -> str:
+    """"" if the file's header reads as audio with frames, else the AudioError's message."""
+    try:
+        audio_duration(path)
+    except AudioError as e:
+        return str(e)
+    return ""
+
+
+def check_new_file(path, overwrite: bool) -> None:
+    """DataError "{path}: ..." unless path can be written: its folder exists and, without overwrite, it does not."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise DataError(f"{path}: its folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise DataError(f"{path}: already exists; pass --overwrite to replace it")
+
+
+def write_jsonl(path, records: list[dict], overwrite: bool = False) -> None:
+    """Write records one JSON object a line, atomically: .{name}.tmp in the same folder, then a rename."""
+    path = Path(path)
+    check_new_file(path, overwrite)  # again: the file may have appeared while the records were made
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # only left if something failed before the rename
+
+
+def print_conversion(qa_file, conversion: AvqaConversion, examples: int = 3) -> None:
+    """How many records were kept and, per reason, how many were dropped with the first few messages."""
+    kept, total = len(conversion.records), conversion.total
+    print(f"{qa_file}: {total} records, {kept} kept, {total - kept} dropped")
+    for reason, messages in conversion.dropped.items():
+        if messages:
+            print(f"dropped, {reason}: {len(messages)}")
+            for message in messages[:examples]:
+                print(f"  {message}")
+            if len(messages) > examples:
+                print(f"  ... and {len(messages) - examples} more")
+
+
+# -----------------------------------------------------------------------------
 # data checker
 
 CATEGORY_FIELDS = ["task", "category", "difficulty", "question_type"]  # MMAU (+ synthetic: category), AVQA
@@ -366,13 +546,10 @@ def print_problems(title: str, problems: list[Exception]) -> None:
             print(f"  {p}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Check a question file and its audio.")
-    parser.add_argument("file", help="AVQA/R1-AQA JSONL, MMAU JSON or plain JSONL")
-    parser.add_argument("--audio-dir", help="folder that relative audio paths are relative to")
-    args = parser.parse_args(argv)
-    samples, bad_records = scan_samples(args.file, args.audio_dir)
-    print(f"{args.file}: {len(samples) + len(bad_records)} records, {len(samples)} good, {len(bad_records)} bad")
+def check_file(path, audio_dir=None) -> int:
+    """The checker: print every bad record and missing or unreadable clip; 0 if there are none, else 1."""
+    samples, bad_records = scan_samples(path, audio_dir)
+    print(f"{path}: {len(samples) + len(bad_records)} records, {len(samples)} good, {len(bad_records)} bad")
     print_categories(samples)
     durations, bad_audio = scan_audio(samples)
     n_files = len(durations) + len(bad_audio)
@@ -383,6 +560,53 @@ def main(argv=None) -> int:
     ok = not bad_records and not bad_audio
     print("OK" if ok else f"FAILED: {len(bad_records)} bad records, {len(bad_audio)} missing or unreadable audio files")
     return 0 if ok else 1
+
+
+def prepare_avqa(qa_file, audio_dir, out, overwrite: bool = False) -> int:
+    """--from-avqa: write R1-AQA's JSONL for the AVQA records whose clip is readable; 0, or 1 if none is."""
+    check_new_file(out, overwrite)  # before the work, not after it
+    conversion = convert_avqa(qa_file, audio_dir)
+    print_conversion(qa_file, conversion)
+    if not conversion.records:
+        print(f"FAILED: no record has a readable clip in {audio_dir}; {out} not written")
+        return 1
+    write_jsonl(out, conversion.records, overwrite)
+    print(f"wrote {out} ({len(conversion.records)} records)")
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Check a question file and its audio, or prepare AVQA's.")
+    parser.add_argument("file", nargs="?", help="question file to check: AVQA/R1-AQA JSONL, MMAU JSON or plain JSONL")
+    parser.add_argument("--audio-dir", help="folder that relative audio paths are relative to; with "
+                        "--from-avqa, the folder holding the clips")
+    parser.add_argument("--from-avqa", metavar="QA_JSON", help="AVQA's train_qa.json or val_qa.json to convert "
+                        "to R1-AQA's JSONL (needs --audio-dir and --out)")
+    parser.add_argument("--out", help="with --from-avqa: the JSONL file to write")
+    parser.add_argument("--overwrite", action="store_true", help="with --from-avqa: replace --out if it exists")
+    args = parser.parse_args(argv)
+    if args.from_avqa is None and args.file is None:
+        parser.error("give a question file to check, or --from-avqa QA_JSON --audio-dir DIR --out OUT")
+    if args.from_avqa is not None and (args.file is not None or args.audio_dir is None or args.out is None):
+        parser.error("--from-avqa takes --audio-dir and --out, and no question file to check")
+    if args.from_avqa is None and (args.out is not None or args.overwrite):
+        parser.error("--out and --overwrite go with --from-avqa")
+    return args
+
+
+def main(argv=None) -> int:
+    """Exit 0: all good; 1: bad records or audio (checker), no record kept (--from-avqa); 2: a file or
+    folder that cannot be used, printed as one line on stderr."""
+    args = parse_args(argv)
+    try:
+        if args.audio_dir is not None:
+            check_audio_dir(args.audio_dir)
+        if args.from_avqa is not None:
+            return prepare_avqa(args.from_avqa, args.audio_dir, args.out, args.overwrite)
+        return check_file(args.file, args.audio_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,15 @@ R1-AQA scores each sampled completion with two rule-based rewards and adds them:
     prompt (the paper's Prompt <1>) asks for the bare answer: one line, no tags, nothing around it.
 With both weights at 1, a completion scores 0, 1 or 2. No learned reward model is involved.
 
+One difference from R1-AQA's code, on purpose: its accuracy reward first asks math_verify whether
+completion and solution parse to the same math expression, and compares strings only if not.
+math_verify pulls numbers out of free text, so there a wrong choice that shares a number with the
+right one scores 1 (checked with math-verify 0.7.0, the version R1-AQA pins): "Dominant 7th chord"
+for "Major 7th chord" (both parse as 7), "0:00 - 0:08" for "0:09 - 0:11" (both 0), and
+"<answer>Minor 6th</answer> <answer>Major 7th chord</answer>" for "Major 7th chord" (it reads the
+whole completion, so a second tag scores when the first is wrong). Here accuracy is the string
+match alone, and all three score 0.
+
 Evaluation on MMAU uses a looser rule, MMAU's official string match: the prediction must name
 every word of the answer and no word that only another choice has. mmau_correct re-implements it.
 

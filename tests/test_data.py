@@ -36,7 +36,7 @@ def write_jsonl(path, lines):
 
 @pytest.mark.parametrize("sr", [44100, 48000, 8000, 22050])
 def test_resampled_sine_matches_ideal(tmp_path, sr):
-    """A 1 kHz sine at any rate comes out as the ideal 16 kHz sine (relative RMS < 1e-3 away from the edges)."""
+    """A 1 kHz sine at any rate comes out as the ideal 16 kHz sine: relative RMS error < 5e-6 away from the edges."""
     path = tmp_path / f"sine_{sr}.wav"
     sf.write(path, sine(1000, sr), sr, subtype="FLOAT")
     y = data.load_audio(path)
@@ -46,11 +46,13 @@ def test_resampled_sine_matches_ideal(tmp_path, sr):
     edge = SAMPLE_RATE // 10  # skip 0.1 s at each end, where the filter sees the zero padding
     err = rel_rms(y[edge:-edge], ideal[edge:-edge])
     print(f"1 kHz sine from {sr} Hz: relative RMS error {err:.2e}")
-    assert err < 1e-3
+    # measured 3.98e-6, 4.18e-6, 2.74e-6, 4.08e-6 (44.1, 48, 8, 22.05 kHz); a Kaiser beta of 9
+    # instead of 10 gives 7e-6 to 1.2e-5, so the bound holds the filter to its design
+    assert err < 5e-6
 
 
 def test_resampling_removes_tones_above_new_nyquist(tmp_path):
-    """A 12 kHz tone at 48 kHz (above the 8 kHz output Nyquist; it would alias to 4 kHz) comes out >= 40 dB down."""
+    """A 12 kHz tone at 48 kHz (above the 8 kHz output Nyquist; it would alias to 4 kHz) comes out >= 110 dB down."""
     path = tmp_path / "tone12k.wav"
     sf.write(path, sine(12000, 48000), 48000, subtype="FLOAT")
     y = data.load_audio(path)
@@ -58,7 +60,7 @@ def test_resampling_removes_tones_above_new_nyquist(tmp_path):
     # output RMS over input RMS; the input is a 0.5-amplitude sine, RMS 0.5/sqrt(2)
     attenuation_db = 20 * np.log10(np.sqrt(np.mean(y[edge:-edge] ** 2)) / (0.5 / np.sqrt(2)))
     print(f"12 kHz tone from 48 kHz: {attenuation_db:.1f} dB")
-    assert attenuation_db <= -40
+    assert attenuation_db <= -110  # measured -114.4 dB; a Kaiser beta of 9 instead of 10 gives -105.9 dB
 
 
 def test_output_length_is_ceil_of_scaled_length():
@@ -164,12 +166,13 @@ PLAIN_RECORD = {"audio": "clips/dog.flac", "question": "Which animal?", "choices
 
 
 def test_avqa_reader(tmp_path):
-    """AVQA: index 1 -> second choice; "video"/"Video" become "audio"/"Audio"; paths relative to the file's folder."""
-    second = dict(AVQA_RECORD, question_text="Video shows what? The video is loud.", answer=0)
+    """AVQA: index 1 -> second choice; as R1-AQA's plain str.replace, only lowercase "video" becomes
+    "audio" (inside "videos" too) while "Video" and "VIDEO" stay; paths relative to the file's folder."""
+    second = dict(AVQA_RECORD, question_text="Video shows what? The video is loud. VIDEO; videos.", answer=0)
     path = write_jsonl(tmp_path / "train.jsonl", [AVQA_RECORD, second])
     a, b = data.read_samples(path)
     assert a.question == "What happened in the audio?"
-    assert b.question == "Audio shows what? The audio is loud."
+    assert b.question == "Video shows what? The audio is loud. VIDEO; audios."
     assert a.choices == AVQA_RECORD["multi_choice"]
     assert (a.answer, b.answer) == ("Yacht consignment", "motorboat")
     assert a.audio_path == str(tmp_path / "wavs" / "-HG3Omg_89c_30.wav")
@@ -396,3 +399,216 @@ def test_checker_passes_a_good_file(tmp_path, capsys):
     assert "durations (s): min 1.00, median 16.00, mean 16.00, max 31.00" in out
     assert "longer than 30 s (the model hears only the first 30 s): 1" in out
     assert out.rstrip().endswith("OK")
+
+
+# -----------------------------------------------------------------------------
+# files that cannot be used: one line naming the path, before any work
+
+def _no_file(tmp_path):
+    return tmp_path / "no" / "file.jsonl"
+
+
+def _latin1(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"question": "caf\xe9"}\n')  # 0xe9 is "e acute" in Latin-1, invalid alone in UTF-8
+    return path
+
+
+def _text(name, content):
+    def make(tmp_path):
+        (tmp_path / name).write_text(content)
+        return tmp_path / name
+    return make
+
+
+@pytest.mark.parametrize("make, problem", [
+    pytest.param(_no_file, "file not found", id="missing"),
+    pytest.param(lambda p: p, "is a folder", id="folder"),
+    pytest.param(_latin1, "not UTF-8 text (byte 0xe9 at offset 17)", id="not-utf8"),  # 17 = len('{"question": "caf')
+    pytest.param(_text("empty.jsonl", ""), "empty file, no records", id="empty"),
+    pytest.param(_text("blank.jsonl", "\n  \n\n"), "empty file, no records", id="blank-lines"),
+    pytest.param(_text("list.json", " [ ]\n"), "an empty JSON list, no records", id="empty-list"),
+    pytest.param(_text("train_qa.json", json.dumps([_drop(AVQA_RECORD, "audio_path")])),
+                 "AVQA's own QA file, which has no audio paths; convert it first with python data.py --from-avqa",
+                 id="raw-avqa"),
+])
+def test_unusable_file_is_one_line_error(tmp_path, capsys, make, problem):
+    """read_samples and scan_samples raise DataError "<path>: <problem>" (one line); the checker prints
+    "error: <path>: <problem>" as the only line on stderr, nothing on stdout, and exits 2."""
+    path = make(tmp_path)
+    for read in (data.read_samples, data.scan_samples):
+        with pytest.raises(DataError) as e:
+            read(path)
+        assert str(e.value).startswith(f"{path}: ") and problem in str(e.value) and "\n" not in str(e.value)
+    assert data.main([str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {e.value}\n"
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    """A UTF-8 file that starts with a byte-order mark (as some editors save it) reads like one without."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(PLAIN_RECORD).encode() + b"\n")
+    assert data.read_samples(path)[0].answer == "cat"
+
+
+@pytest.mark.parametrize("kind, problem", [("missing", "no such folder"), ("file", "not a folder")])
+def test_checker_refuses_bad_audio_dir(tmp_path, capsys, kind, problem):
+    """--audio-dir that is missing or a file: exit 2, "error: --audio-dir <dir>: <problem>" alone on stderr."""
+    path = write_jsonl(tmp_path / "mine.jsonl", [PLAIN_RECORD])
+    audio_dir = tmp_path / "clips"
+    if kind == "file":
+        audio_dir.write_text("")
+    assert data.main([str(path), "--audio-dir", str(audio_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: --audio-dir {audio_dir}: {problem}\n"
+
+
+def test_script_missing_file_exits_2_without_traceback(tmp_path):
+    """`python data.py /no/file.jsonl` as a script: exit 2 and one line on stderr, no traceback."""
+    path = _no_file(tmp_path)
+    run = subprocess.run([sys.executable, str(REPO / "data.py"), str(path)], capture_output=True, text=True)
+    assert (run.returncode, run.stdout, run.stderr) == (2, "", f"error: {path}: file not found\n")
+
+
+def test_usage_errors_exit_2(tmp_path):
+    """argparse refuses: nothing to do, --out without --from-avqa, --from-avqa without --out or --audio-dir."""
+    for argv in ([], ["f.jsonl", "--out", "o.jsonl"], ["f.jsonl", "--overwrite"],
+                 ["--from-avqa", "qa.json", "--out", "o.jsonl"], ["--from-avqa", "qa.json", "--audio-dir", "."]):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == 2, argv
+
+
+def test_audio_dir_dot_resolves_like_r1_aqa(tmp_path, monkeypatch):
+    """R1-AQA opens audio_path as written, so a relative path is relative to the working directory;
+    here it is relative to the data file's folder, and `--audio-dir .` gives R1-AQA's behaviour:
+    data/train.jsonl naming wavs/a.wav finds ./wavs/a.wav instead of data/wavs/a.wav."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wavs").mkdir()
+    sf.write(tmp_path / "wavs" / "a.wav", np.zeros(SAMPLE_RATE), SAMPLE_RATE)
+    (tmp_path / "data").mkdir()
+    absolute = str(tmp_path / "wavs" / "a.wav")
+    path = write_jsonl(tmp_path / "data" / "train.jsonl",
+                       [dict(AVQA_RECORD, audio_path="wavs/a.wav"), dict(AVQA_RECORD, audio_path=absolute)])
+    assert [s.audio_path for s in data.read_samples(path)] == [str(tmp_path / "data" / "wavs" / "a.wav"), absolute]
+    assert [s.audio_path for s in data.read_samples(path, audio_dir=".")] == ["wavs/a.wav", absolute]
+    assert data.main([str(path), "--audio-dir", "."]) == 0  # the clip is found and reads
+
+
+# -----------------------------------------------------------------------------
+# AVQA preparation: python data.py --from-avqa train_qa.json --audio-dir CLIPS --out avqa_train.jsonl
+
+AVQA_QA = {"id": 183, "video_name": "-HG3Omg_89c_000030", "video_id": 341, "question_text": "What happened in the video?",
+           "multi_choice": ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment car"], "answer": 1,
+           "question_relation": "View", "question_type": "Happening"}  # a record of AVQA's train_qa.json
+
+
+def test_avqa_clip_stems():
+    """A clip is looked for by its video_name and by YouTube id + start seconds without zero padding."""
+    assert data.avqa_clip_stems("-HG3Omg_89c_000030") == ["-HG3Omg_89c_000030", "-HG3Omg_89c_30"]
+    assert data.avqa_clip_stems("a_b-c_d_000000") == ["a_b-c_d_000000", "a_b-c_d_0"]  # ids may hold "_"
+    assert data.avqa_clip_stems("abc_30") == ["abc_30"]  # already unpadded: one name
+    assert data.avqa_clip_stems("nostart") == ["nostart"]
+
+
+@pytest.fixture
+def avqa_files(tmp_path):
+    """AVQA's format: 3 good records (2 on one wav named by video_name, 1 on a flac named id_start),
+    4 with no clip in the folder itself, 1 with an unreadable clip, 2 malformed: 10 records, 3 to keep."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    sf.write(clips / "-HG3Omg_89c_000030.wav", np.zeros(SAMPLE_RATE), SAMPLE_RATE)
+    sf.write(clips / "bbbbbbbbbbb_7.flac", np.zeros(2 * 8000), 8000)
+    (clips / "ccccccccccc_000000.wav").write_text("not audio")
+    (clips / "ddddddddddd_000001.mp4").write_bytes(b"")  # a video: not an audio extension, so not a clip
+    (clips / "sub").mkdir()
+    sf.write(clips / "sub" / "eeeeeeeeeee_000001.wav", np.zeros(8000), 8000)  # subfolders are not searched
+    good = [AVQA_QA, dict(AVQA_QA, id=184, question_text="Which video is it?", answer=3),
+            dict(AVQA_QA, id=5, video_name="bbbbbbbbbbb_000007", answer=0)]
+    missing = [dict(AVQA_QA, id=10 + i, video_name=f"{c * 11}_000001") for i, c in enumerate("defd")]
+    unreadable = [dict(AVQA_QA, id=20, video_name="ccccccccccc_000000")]
+    malformed = [_drop(AVQA_QA, "video_name"), dict(AVQA_QA, answer=4)]
+    records = [good[0], missing[0], malformed[0], good[1], unreadable[0], missing[1], good[2], malformed[1],
+               missing[2], missing[3]]
+    qa = tmp_path / "train_qa.json"
+    qa.write_text(json.dumps(records, indent=1))
+    return qa, clips, good
+
+
+def test_from_avqa_writes_r1_aqa_jsonl(tmp_path, capsys, avqa_files):
+    """The good records come out in order as AVQA's fields plus dataset_name and the clip's absolute
+    audio_path, answer still the index; read_samples reads them back; every drop is counted by reason."""
+    qa, clips, good = avqa_files
+    out = tmp_path / "avqa_train.jsonl"
+    assert data.main(["--from-avqa", str(qa), "--audio-dir", str(clips), "--out", str(out)]) == 0
+    wavs = [clips / "-HG3Omg_89c_000030.wav"] * 2 + [clips / "bbbbbbbbbbb_7.flac"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == [dict(r, dataset_name="AVQA", audio_path=str(w.resolve())) for r, w in zip(good, wavs)]
+    assert list(records[0]) == list(AVQA_QA) + ["dataset_name", "audio_path"]
+    samples = data.read_samples(out)
+    assert [(s.question, s.answer) for s in samples] == [
+        ("What happened in the audio?", "Yacht consignment"), ("Which audio is it?", "Consignment car"),
+        ("What happened in the audio?", "motorboat")]
+    assert len(data.load_audio(samples[2].audio_path)) == 2 * SAMPLE_RATE  # 2 s at 8 kHz, resampled
+    stdout = capsys.readouterr().out
+    assert f"{qa}: 10 records, 3 kept, 7 dropped" in stdout
+    assert f"dropped, malformed record: 2\n  {qa}: item 2: missing field 'video_name'\n" \
+           f"  {qa}: item 7: answer index 4 is out of range for 4 choices\n" in stdout
+    # 4 missing: the first 3 are shown
+    assert f"dropped, missing audio: 4\n  {qa}: item 1: no audio file ddddddddddd_000001.* or ddddddddddd_1.* " \
+           f"in {clips}\n" in stdout and "  ... and 1 more\n" in stdout
+    assert f"dropped, unreadable audio: 1\n  {qa}: item 4: {clips / 'ccccccccccc_000000.wav'}: not readable" in stdout
+    assert stdout.endswith(f"wrote {out} (3 records)\n")
+
+
+def test_from_avqa_never_overwrites_silently(tmp_path, capsys, avqa_files):
+    """An existing --out is refused before any work (exit 2, one line, file untouched); --overwrite
+    replaces it; no temporary file is left."""
+    qa, clips, _ = avqa_files
+    out = tmp_path / "avqa_train.jsonl"
+    out.write_text("finished work\n")
+    argv = ["--from-avqa", str(qa), "--audio-dir", str(clips), "--out", str(out)]
+    assert data.main(argv) == 2
+    assert capsys.readouterr() == ("", f"error: {out}: already exists; pass --overwrite to replace it\n")
+    assert out.read_text() == "finished work\n"
+    assert data.main(argv + ["--overwrite"]) == 0
+    assert len(data.read_samples(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avqa_train.jsonl", "clips", "train_qa.json"]
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    """A write that fails halfway (the second record is not JSON-serialisable) leaves the existing file
+    as it was and no temporary file."""
+    out = write_jsonl(tmp_path / "out.jsonl", ["finished work"])
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        data.write_jsonl(out, [{"a": 1}, {"b": object()}], overwrite=True)
+    assert out.read_text() == "finished work\n" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_from_avqa_with_no_readable_clip_writes_nothing(tmp_path, capsys, avqa_files):
+    """If no record has a readable clip: exit 1, the drops listed, and no --out file."""
+    qa, _, _ = avqa_files
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out.jsonl"
+    assert data.main(["--from-avqa", str(qa), "--audio-dir", str(empty), "--out", str(out)]) == 1
+    stdout = capsys.readouterr().out
+    assert "10 records, 0 kept, 10 dropped" in stdout and "dropped, missing audio: 8" in stdout
+    assert stdout.endswith(f"FAILED: no record has a readable clip in {empty}; {out} not written\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("make, problem", [
+    pytest.param(_no_file, "file not found", id="missing"),
+    pytest.param(_text("qa.jsonl", json.dumps(AVQA_QA) + "\n"), "not AVQA's QA format (a JSON list", id="jsonl"),
+    pytest.param(_text("qa.json", "[]"), "an empty JSON list, no records", id="empty-list"),
+    pytest.param(_text("qa.json", '[{"id": 1}\n{"id": 2}]'), ":2: bad JSON", id="bad-json"),
+])
+def test_from_avqa_unusable_qa_file(tmp_path, capsys, make, problem):
+    """A QA file that is missing, JSONL instead of AVQA's JSON list, empty, or broken JSON: exit 2 and one line."""
+    qa = make(tmp_path)
+    assert data.main(["--from-avqa", str(qa), "--audio-dir", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {qa}") and problem in err and err.count("\n") == 1
+    assert not (tmp_path / "o.jsonl").exists()
