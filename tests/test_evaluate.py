@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+from transformers import Qwen2AudioForConditionalGeneration
 
 import evaluate as E
+import model as M
 from conftest import ROOT
 from data import SAMPLE_RATE, make_synthetic
 from reward import extract_answer, mmau_correct
@@ -39,6 +42,57 @@ def item(prediction, answer="Man", choices=CHOICES, **fields):
 
 def correct(record) -> bool:
     return E.score([record]).total.correct == 1
+
+
+# ----------------------------------------------------------------------------- loading
+
+def test_load_equals_from_pretrained_in_the_asked_dtype(tiny_dir):
+    """M.load reads in the checkpoint's dtype and casts afterwards; the result is the same model as
+    from_pretrained(dtype=...): every parameter and buffer (the fp32 rotary frequencies too) with the
+    same dtype and value, the same config, and only the Whisper position table frozen."""
+    model, _ = M.load(tiny_dir, dtype=torch.bfloat16)
+    reference = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    ours, theirs = ({**dict(m.named_parameters()), **dict(m.named_buffers())} for m in (model, reference))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and ours[name].device.type == "cpu", name
+        assert torch.equal(ours[name], tensor), name
+    assert ours["model.language_model.rotary_emb.inv_freq"].dtype == torch.float32
+    assert model.config.to_dict() == reference.config.to_dict()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["model.audio_tower.embed_positions.weight"]
+
+
+def mapped_ranges(suffix):
+    """Address ranges of this process's memory maps of files ending in `suffix` (Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(suffix):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_load_reads_without_a_host_copy(tiny_dir, monkeypatch):
+    """M.load asks from_pretrained for the checkpoint's own dtype ("auto"), whatever dtype it returns:
+    read that way every weight is a view of the memory-mapped safetensors file (shown on the CPU with
+    the tiny model, saved in fp32), so no process holds its own copy of the checkpoint; the cast and
+    the move to the device then go one tensor at a time."""
+    calls = []
+    real = Qwen2AudioForConditionalGeneration.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        calls.append(kwargs)
+        return real(cls, path, **kwargs)
+
+    monkeypatch.setattr(Qwen2AudioForConditionalGeneration, "from_pretrained", classmethod(spy))
+    M.load(tiny_dir, dtype=torch.bfloat16)
+    assert calls == [{"dtype": "auto"}]  # not dtype=bfloat16, which would cast the whole model on the host
+    model, _ = M.load(tiny_dir, dtype=torch.float32)
+    ranges = mapped_ranges(".safetensors")
+    assert ranges and all(any(a <= p.data_ptr() < b for a, b in ranges) for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- the rule, on crafted cases
