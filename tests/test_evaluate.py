@@ -145,11 +145,16 @@ def test_case_and_punctuation_are_ignored():
     assert correct(item("(man)."))
 
 
-def test_items_without_the_field_are_skipped():
-    """Records without the scored field are not counted (as in the official script), only reported."""
+def test_items_without_the_field_are_skipped(capsys):
+    """Records without the scored field are not counted (as in the official script), only reported,
+    on a line of their own after the official ones."""
     records = [item("Man"), {"choices": CHOICES, "answer": "Man"}, item("Robot")]
     s = E.score(records)
     assert (s.total.correct, s.total.total, s.skipped) == (1, 2, 1)
+    E.print_score(s)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == ["No prediction count: 0",
+                          "1 items have no 'model_prediction' field: not scored, as in the official script"]
 
 
 def test_key_defaults_to_model_prediction_else_model_output():
@@ -172,28 +177,45 @@ def test_report_lines_match_the_official_script():
         item("Man", task="sound", difficulty="easy", **{"sub-category": "A"}),  # right
         item("Man", task="sound", difficulty="hard", **{"sub-category": "A"}),  # right
         {"choices": CHOICES, "answer": "Man", "task": "speech", "difficulty": "hard"},  # skipped
+        item("Man", task="speech", difficulty="medium", **{"sub-category": None}),  # right, in no sub-category
     ]
-    # sound 2/2, music 0/1; easy 1/2, hard 1/1; B 0/1, A 2/2; total 2/3 = 66.67%
+    # sound 2/2, music 0/1, speech 1/1; easy 1/2, hard 1/1, medium 1/1; B 0/1, A 2/2 (the null
+    # sub-category is left out of that section only, as the official script's `if subcat is not
+    # None` does); total 3/4 = 75.00%
     assert E.report_lines(E.score(records)) == [
         "******************************",
         "Task-wise Accuracy:",
         "sound : 100.00% over 2 samples",
         "music : 0.00% over 1 samples",
-        "speech : 0.00% over 0 samples",
+        "speech : 100.00% over 1 samples",
         "******************************",
         "Difficulty-wise Accuracy:",
         "easy : 50.00% over 2 samples",
         "hard : 100.00% over 1 samples",
-        "medium : 0.00% over 0 samples",
+        "medium : 100.00% over 1 samples",
         "******************************",
         "Sub-category-wise Accuracy:",
         "B : 0.00% over 1 samples",
         "A : 100.00% over 2 samples",
         "******************************",
-        "Total Accuracy: 66.67% over 3 samples",
+        "Total Accuracy: 75.00% over 4 samples",
         "******************************",
-        "No prediction count: 1",
+        # The official script `continue`s past an item without the key before the line that would
+        # count it, so it prints 0 whatever is skipped; print_score reports the skipped item apart.
+        "No prediction count: 0",
     ]
+
+
+def test_mmau_sections_are_always_printed():
+    """As the official script, MMAU data gets all three sections even when a field is absent: the
+    three tasks and difficulties at 0 samples, and a Sub-category header with no lines."""
+    lines = E.report_lines(E.score([item("Man", task="sound")]))
+    # sound 1/1; no difficulty, no sub-category: the item counts in the task section and the total only
+    assert lines[:9] == ["*" * 30, "Task-wise Accuracy:", "sound : 100.00% over 1 samples",
+                         "music : 0.00% over 0 samples", "speech : 0.00% over 0 samples",
+                         "*" * 30, "Difficulty-wise Accuracy:", "easy : 0.00% over 0 samples",
+                         "hard : 0.00% over 0 samples"]
+    assert lines[9:13] == ["medium : 0.00% over 0 samples", "*" * 30, "Sub-category-wise Accuracy:", "*" * 30]
 
 
 def test_report_lines_for_other_data():
@@ -219,6 +241,7 @@ def test_score_file_prints_the_key_and_writes_a_summary(tmp_path, capsys):
     assert E.main(["--score", str(preds)]) == 0
     out = capsys.readouterr().out
     assert "by 'model_output'" in out and "Total Accuracy: 100.00% over 1 samples" in out
+    assert "No prediction count: 0" in out and "not scored" not in out  # nothing skipped
     summary = json.loads((tmp_path / "preds.summary.json").read_text())
     assert (summary["key"], summary["correct"], summary["total"], summary["data_sha256"]) == ("model_output", 1, 1, None)
     assert summary["groups"]["task"]["sound"] == {"accuracy": 100.0, "correct": 1, "total": 1}
@@ -349,13 +372,40 @@ def test_failed_audio_is_retried(tiny_dir, audio_dir, full_run, tmp_path):
     assert again[:MISSING] + again[MISSING + 1:] == records[:MISSING] + records[MISSING + 1:]
 
 
+def usage_error(argv, capsys) -> str:
+    """Run main as `python evaluate.py` does; it must exit with 2 and print one line, no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        M.run_main(E.main, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
 @needs_mmau
-def test_other_settings_refuse_to_resume(tiny_dir, audio_dir, full_run, tmp_path):
-    """Predictions made with other settings are never mixed in: the run stops before loading anything."""
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "9"), ("--batch-size", "2"), ("--dtype", "bfloat16")])
+def test_other_settings_refuse_to_resume(tiny_dir, audio_dir, full_run, tmp_path, capsys, flag, value, monkeypatch):
+    """Predictions made with other settings are never mixed in: the run stops before loading anything,
+    saying what differs and what would work. The batch size counts: in bf16 it changes predictions."""
+    monkeypatch.setattr(M, "load", None)  # a call would fail
     out = tmp_path / "preds.json"
     shutil.copytree(E.parts_dir(full_run[0]), E.parts_dir(out))
-    with pytest.raises(ValueError, match="another run"):
-        E.main(eval_args(tiny_dir, audio_dir, out, "--max-new-tokens", "9"))
+    err = usage_error(eval_args(tiny_dir, audio_dir, out, flag, value), capsys)
+    setting = flag[2:].replace("-", "_")
+    assert f"{setting} " in err and str(E.parts_dir(out)) in err and "another --out" in err
+
+
+def test_batches_do_not_depend_on_the_rank_count():
+    """The items are run in fixed batches of the data file, dealt out to the ranks: 1, 2 or 3 ranks
+    hand generate() the same batches, so the rank count cannot change a prediction. After a kill,
+    the untouched batches are still the same; the cut one keeps its missing items only."""
+    one = E.batches(list(range(10)), 4)
+    assert one == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    for world in (2, 3):
+        dealt = [b for rank in range(world) for b in E.batches(list(range(10)), 4)[rank::world]]
+        assert sorted(dealt) == one
+    # done: 0-5 (batch 1 was cut after item 5), so 6 and 7 run together, and 8-9 as before
+    assert E.batches([6, 7, 8, 9], 4) == [[6, 7], [8, 9]]
 
 
 # ----------------------------------------------------------------------------- two ranks
@@ -363,7 +413,9 @@ def test_other_settings_refuse_to_resume(tiny_dir, audio_dir, full_run, tmp_path
 @needs_mmau
 def test_two_ranks_match_one(tiny_dir, audio_dir, full_run, tmp_path):
     """torchrun with 2 processes, resuming a 1-process run that finished items 0-4, writes the
-    same output as the uninterrupted 1-process run, with each item predicted once."""
+    same output as the uninterrupted 1-process run (fp32 on a CPU: the same batch sizes give the
+    same tokens), with each item predicted once. The rank count is not part of the run's key, so
+    resuming on another number of ranks is allowed."""
     out = tmp_path / "preds.json"
     parts = E.parts_dir(out)
     parts.mkdir()
@@ -385,11 +437,23 @@ def test_two_ranks_match_one(tiny_dir, audio_dir, full_run, tmp_path):
 
 # ----------------------------------------------------------------------------- the demo
 
+def checkpoint(run: Path, name: str, model_dir=None) -> Path:
+    """A folder as train.py leaves it: a copy of model_dir (or empty) with trainer_state.pt, which
+    train.py writes into every complete checkpoint."""
+    path = run / name
+    shutil.copytree(model_dir, path) if model_dir else path.mkdir(parents=True)
+    (path / "trainer_state.pt").write_bytes(b"")
+    return path
+
+
 def test_demo_picks_the_start_and_the_newest_checkpoint(tmp_path):
-    """checkpoint-0 and the largest step (by number, not by name); other names are ignored."""
-    for name in ["checkpoint-0", "checkpoint-20", "checkpoint-100", "checkpoint-100.tmp", "logs"]:
-        (tmp_path / name).mkdir()
+    """checkpoint-0 and the largest step (by number, not by name); other names, and a checkpoint-N
+    without trainer_state.pt (not complete), are ignored."""
+    for name in ["checkpoint-0", "checkpoint-20", "checkpoint-100", "checkpoint-100.tmp", "checkpoint-7.old", "logs"]:
+        checkpoint(tmp_path, name)
+    (tmp_path / "checkpoint-200").mkdir()  # no trainer_state.pt
     assert E.demo_checkpoints(tmp_path) == [tmp_path / "checkpoint-0", tmp_path / "checkpoint-100"]
+    assert E.run_checkpoints(tmp_path) == [tmp_path / f"checkpoint-{n}" for n in (0, 20, 100)]
 
 
 def test_demo_without_checkpoints_says_to_train_first(tmp_path, monkeypatch, capsys):
@@ -405,7 +469,7 @@ def test_demo_evaluates_before_and_after(tiny_dir, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     make_synthetic("runs/synthetic", n_train=4, n_test=8, seed=0)
     for name in ["checkpoint-0", "checkpoint-3"]:
-        shutil.copytree(tiny_dir, Path("runs/demo") / name)
+        checkpoint(Path("runs/demo"), name, tiny_dir)
     assert E.demo(batch_size=8, max_new_tokens=4, dtype="float32") == 0
     out = capsys.readouterr().out
     assert out.count("Total Accuracy:") == 2 and "Category-wise Accuracy:" in out
