@@ -11,20 +11,18 @@ and plain JSONL data each record also gets MMAU's `question`, `choices` and `ans
 choice string, not an index), so every output file is scored the same way.
 
 Finished work is never lost. Each rank appends its predictions to OUT.parts/rank{r}.jsonl and
-fsyncs after every batch. Re-running the same command reads all those files and evaluates only what
-is missing: items are keyed by their position in the data file, and a line cut short by a kill is
-dropped. Items whose audio failed are tried again. Items run in fixed batches (items 0..B-1,
-B..2B-1, ...) dealt out to the ranks, so generate() sees the same batches whatever the number of
-ranks: the rank count never changes a prediction, and a re-run may use another one. The batch size
-does change them (in bf16 the left padding changes the numerics), so OUT.parts/run.json records it
-with the model, the data file and the other settings that decide predictions; a re-run with other
-ones stops with a one-line error rather than mix them. Rank 0 writes OUT atomically.
+fsyncs after every batch. Re-running the same command evaluates only what is missing (items are
+keyed by their position in the data file; a line cut short by a kill is dropped), and items whose
+audio failed once it reads. Items run in fixed batches (items 0..B-1, B..2B-1, ...) dealt out to
+the ranks, so the number of ranks never changes a prediction and a re-run may use another one. The
+batch size does (in bf16 the left padding changes the numerics): OUT.parts/run.json records it with
+the model, the data and the other settings that decide predictions, and a re-run with other ones
+stops with a one-line error rather than mix them. Rank 0 writes OUT atomically.
 
-A run folder as --model (train.py's --out, holding checkpoint-N folders) evaluates every complete
-checkpoint in step order into OUT_DIR/checkpoint-N.json (OUT_DIR: --out, default
-RUN/eval/<data file stem>), each resumable as above, so a finished one costs nothing the second
-time. Then it prints one table, accuracy per step and per task (or the data's category), the best
-step marked, and writes it to OUT_DIR/table.json.
+With a run folder as --model (train.py's --out) it evaluates every complete checkpoint-N in step
+order into OUT_DIR/checkpoint-N.json (OUT_DIR: --out, default RUN/eval/<data file stem>), each
+resumable as above, so a finished one costs nothing the next time; then prints a table of accuracy
+per step and task (or the data's category), the best step marked, and writes OUT_DIR/table.json.
 
 An item whose audio is missing or unreadable is not skipped: its prediction is empty, it gets an
 `error` field naming the file and the reason, it counts as wrong, and the summary lists it. A wrong
@@ -59,7 +57,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from data import DOWNMIX, PROMPTS, AudioError, DataError, Sample, load_audio, read_samples
+from data import DOWNMIX, PROMPTS, AudioError, DataError, Sample, audio_duration, load_audio, read_samples
 from reward import extract_answer, mmau_correct
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -379,11 +377,10 @@ def read_predictions(path: Path) -> list[dict]:
     if not isinstance(records, list):
         raise M.UsageError(f"{what}: a JSON {type(records).__name__}, but a predictions file is a list of items")
     for i, r in enumerate(records):
-        if not (isinstance(r, dict) and isinstance(r.get("answer"), str) and isinstance(r.get("choices"), list)):
-            raise M.UsageError(f"{what}: item {i} is not a question record with an 'answer' string and a "
-                               f"'choices' list")
-        if any(k in r and not isinstance(r[k], str) for k in ("model_prediction", "model_output")):
-            raise M.UsageError(f"{what}: item {i} has a prediction that is not a string")
+        if not (isinstance(r, dict) and isinstance(r.get("answer"), str) and isinstance(r.get("choices"), list)
+                and all(isinstance(r[k], str) for k in ("model_prediction", "model_output") if k in r)):
+            raise M.UsageError(f"{what}: item {i} is not a question record (an 'answer' string, a 'choices' "
+                               f"list, predictions as strings)")
     return records
 
 
@@ -503,19 +500,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def on_all_ranks(make_plan, *args) -> Plan:
-    """make_plan(*args) on every rank. Each rank finds bad input by itself; they wait for each other
-    before raising it, so that rank 0 has printed it before torchrun, seeing a rank exit, stops it."""
+def run(make_plan, *args) -> tuple[Plan, list[Score | None]]:
+    """Join the process group, make_plan(*args) on every rank, then evaluate its checkpoints one after
+    another, each data parallel over all ranks. Each rank finds bad input by itself; they wait for
+    each other before raising it, so that rank 0 prints it before torchrun, seeing a rank exit, stops it."""
+    _, _, device = M.init_distributed()
     try:
-        return make_plan(*args)
+        p = make_plan(*args)
     except M.UsageError:
         barrier()
         raise
-
-
-def run_plan(p: Plan, device) -> list[Score | None]:
-    """Evaluate the plan's checkpoints one after another, each data parallel over all ranks."""
-    return [evaluate(cfg, p.samples, p.data_sha256, device) for cfg in p.jobs]
+    return p, [evaluate(cfg, p.samples, p.data_sha256, device) for cfg in p.jobs]
 
 
 def evaluate(cfg: EvalConfig, samples: list[Sample], data_sha256: str, device) -> Score | None:
@@ -523,7 +518,7 @@ def evaluate(cfg: EvalConfig, samples: list[Sample], data_sha256: str, device) -
     and scores (and returns the score; the other ranks return None)."""
     rank, world = this_rank(), dist.get_world_size() if dist.is_initialized() else 1
     out = Path(cfg.out)
-    todo = pending(parts_dir(out), run_key(cfg, data_sha256), len(samples))
+    todo = pending(parts_dir(out), run_key(cfg, data_sha256), samples)
     M.print0(f"{cfg.model} on {cfg.data}: {len(samples)} items, {len(samples) - len(todo)} already done in "
              f"{parts_dir(out)}, {len(todo)} to evaluate on {world} rank(s)")
     seconds = predict_share(cfg, samples, batches(todo, cfg.batch_size)[rank::world], device)
@@ -535,14 +530,22 @@ def evaluate(cfg: EvalConfig, samples: list[Sample], data_sha256: str, device) -
     return s
 
 
-def pending(parts: Path, key: dict, n: int) -> list[int]:
-    """The items (of the first n) without a good prediction in the part files, the same on every rank."""
+def pending(parts: Path, key: dict, samples: list[Sample]) -> list[int]:
+    """The items without a prediction in the part files, and those whose audio failed but now reads
+    (so a finished evaluation with a missing clip loads no model again), the same on every rank."""
     done = read_parts(parts)
     barrier()  # every rank has read the same part files before any rank writes to them
     parts.mkdir(parents=True, exist_ok=True)
     if this_rank() == 0 and not (parts / "run.json").exists():
         write_json(parts / "run.json", key)
-    return [i for i in range(n) if i not in done or done[i].error]
+    return [i for i, s in enumerate(samples) if i not in done or (done[i].error and readable(s.audio_path))]
+
+
+def readable(path: str) -> bool:
+    try:
+        return audio_duration(path) > 0  # reads the header only
+    except AudioError:
+        return False
 
 
 def predict_share(cfg: EvalConfig, samples: list[Sample], mine: list[list[int]], device) -> float:
@@ -581,13 +584,14 @@ def step_of(checkpoint: str) -> int:
 
 
 def step_table(p: Plan, scores: list[Score]) -> dict:
-    """Accuracy per checkpoint in the first report group (MMAU: task; else category) and in total.
-    The best row is the highest total accuracy (the earliest step of a tie)."""
+    """Accuracy per checkpoint in the first report group (MMAU: task; else category; None where a
+    column has no item) and in total. The best row has the highest total (the earliest of a tie)."""
     field = next(iter(scores[0].groups), None)
     columns = list(dict.fromkeys(v for s in scores for v in s.groups.get(field, {})))
     rows = [{"step": step_of(cfg.model), "checkpoint": cfg.model, "predictions": cfg.out,
-             "accuracy": {c: round(s.groups[field][c].accuracy, 4) for c in columns if c in s.groups[field]}
-             | {"total": round(s.total.accuracy, 4)}, "correct": s.total.correct, "total": s.total.total}
+             "accuracy": {c: round(t.accuracy, 4) if (t := s.groups[field].get(c, Tally())).total else None
+                          for c in columns} | {"total": round(s.total.accuracy, 4)},
+             "correct": s.total.correct, "total": s.total.total}
             for cfg, s in zip(p.jobs, scores)]
     best = max(rows, key=lambda r: (r["accuracy"]["total"], -r["step"]))
     version = KNOWN_DATA.get(p.data_sha256)
@@ -600,7 +604,7 @@ def table_lines(table: dict) -> list[str]:
     widths = [max(8, len(c) + 2) for c in table["columns"]]
     lines = ["step".rjust(8) + "".join(c.rjust(w) for c, w in zip(table["columns"], widths))]
     for row in table["rows"]:
-        cells = "".join((f"{row['accuracy'][c]:.2f}" if c in row["accuracy"] else "-").rjust(w)
+        cells = "".join(("-" if row["accuracy"][c] is None else f"{row['accuracy'][c]:.2f}").rjust(w)
                         for c, w in zip(table["columns"], widths))
         lines.append(f"{row['step']:>8}{cells}" + ("  <- best" if row["step"] == table["best_step"] else ""))
     return lines
@@ -609,7 +613,8 @@ def table_lines(table: dict) -> list[str]:
 def report_table(p: Plan, scores: list[Score]) -> dict:
     """Rank 0: print the run's table and write it next to the predictions."""
     table = step_table(p, scores)
-    M.print0(f"\nAccuracy (%) per checkpoint on {table['data']} ({table['data_version'] or 'sha256 ' + p.data_sha256}):")
+    source = table["data_version"] or "sha256 " + p.data_sha256[:12]
+    M.print0(f"\nAccuracy (%) per checkpoint on {table['data']} ({source}):")
     for line in table_lines(table):
         M.print0(line)
     write_json(p.table, table)
@@ -634,9 +639,7 @@ def demo(batch_size: int, max_new_tokens: int, dtype: str) -> int:
         return 1
     jobs = [EvalConfig(model=str(c), data=str(DEMO_TEST), out=str(DEMO_RUNS / "eval" / f"{c.name}.json"),
                        batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype) for c in checkpoints]
-    _, _, device = M.init_distributed()
-    p = on_all_ranks(lambda: checked(Plan(jobs, read_data(str(DEMO_TEST), None), sha256(DEMO_TEST))))
-    scores = run_plan(p, device)
+    _, scores = run(lambda: checked(Plan(jobs, read_data(str(DEMO_TEST), None), sha256(DEMO_TEST))))
     if this_rank() == 0:
         M.print0(f"\nGreedy accuracy on {DEMO_TEST}: "
                  + " -> ".join(f"{c.name} {s.total.accuracy:.2f}%" for c, s in zip(checkpoints, scores)))
@@ -664,10 +667,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive, default=8, help="items per generate() call; part of "
                         "what decides the predictions, so a resumed run must keep it")
     parser.add_argument("--max-new-tokens", type=positive, default=256)
-    parser.add_argument("--dtype", choices=list(DTYPES),
-                        help="default bfloat16 (the 7B on a GPU); the demo uses float32, several times faster on a CPU")
-    parser.add_argument("--prompt", choices=PROMPTS, default="answer",
-                        help="the paper's prompt the model was trained with: direct (<1>), answer (<2>, R1-AQA), think (<3>)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default bfloat16 (the 7B on a GPU); the demo "
+                        "uses float32, several times faster on a CPU")
+    parser.add_argument("--prompt", choices=PROMPTS, default="answer", help="the paper's prompt the model was "
+                        "trained with: direct (<1>), answer (<2>, R1-AQA), think (<3>)")
     parser.add_argument("--downmix", choices=DOWNMIX, default="first",
                         help="multi-channel audio: keep channel 0 (R1-AQA) or average the channels")
     parser.add_argument("--limit", type=positive, help="evaluate the first N items only")
@@ -688,9 +691,7 @@ def main(argv=None) -> int:
     if args.model is None:
         status = demo(args.batch_size, args.max_new_tokens, args.dtype or "float32")
     else:
-        _, _, device = M.init_distributed()
-        p = on_all_ranks(plan, args)
-        scores = run_plan(p, device)
+        p, scores = run(plan, args)
         if p.table and this_rank() == 0:
             report_table(p, scores)
         status = 0
