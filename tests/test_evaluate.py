@@ -116,6 +116,16 @@ def test_generate_on_a_sharded_policy_matches_the_plain_model(tiny, tiny_dir):
         dist.destroy_process_group()
 
 
+def test_batch_mates_change_the_numerics(tiny_dir):
+    """Why the batch size is part of a run's key: an item's bf16 logits change with the other items
+    of its batch (they set its left padding), while the same batch gives the same logits again."""
+    model, processor = M.load(tiny_dir, dtype=torch.bfloat16)
+    samples, audios = pitch_samples(3)
+    with torch.no_grad():
+        alone, *again = (model(**M.collate(processor, samples[:k], audios[:k])).logits[0, -1] for k in (1, 3, 3))
+    assert torch.equal(again[0], again[1]) and not torch.equal(alone, again[0])
+
+
 # ----------------------------------------------------------------------------- the rule, on crafted cases
 
 def test_exact_choice_is_correct():
