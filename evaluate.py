@@ -197,10 +197,7 @@ def run_key(cfg: EvalConfig, data_sha256: str) -> dict:
 def check_run_key(parts: Path, key: dict) -> None:
     """Refuse to continue predictions made with another model, data file or settings: one line
     naming what differs and what would work."""
-    path = parts / "run.json"
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
+    old = json.loads(path.read_text()) if (path := parts / "run.json").exists() else key
     changed = [k for k in key if old.get(k) != key[k]]
     if changed:
         was = ", ".join(f"{k} {old.get(k)!r}" for k in changed)
@@ -579,7 +576,7 @@ def finish(cfg: EvalConfig, samples: list[Sample], out: Path, data_sha256: str, 
 # -----------------------------------------------------------------------------
 # A run folder's table: accuracy per step
 
-def step_of(checkpoint: str) -> int:
+def step_of(checkpoint) -> int:
     return int(CHECKPOINT.fullmatch(Path(checkpoint).name).group(1))
 
 
@@ -628,7 +625,7 @@ def report_table(p: Plan, scores: list[Score]) -> dict:
 def demo_checkpoints(runs: Path = DEMO_RUNS) -> list[Path]:
     """checkpoint-0 (the starting policy, if present) and the newest complete checkpoint."""
     found = run_checkpoints(runs)
-    return list(dict.fromkeys([p for p in found[:1] if step_of(str(p)) == 0] + found[-1:]))
+    return list(dict.fromkeys([p for p in found[:1] if step_of(p) == 0] + found[-1:]))
 
 
 def demo(batch_size: int, max_new_tokens: int, dtype: str) -> int:
