@@ -1,5 +1,6 @@
 """
-Evaluate a Qwen2-Audio checkpoint on MMAU (or any question file) and score it with MMAU's rule.
+Evaluate a Qwen2-Audio checkpoint, or every checkpoint of a training run, on MMAU (or any question
+file) and score it with MMAU's rule.
 
 Inference is R1-AQA's: the training prompt, greedy decoding, left-padded batches, up to 256 new
 tokens, stopping at <|im_end|> or <|endoftext|>. Every item keeps its original record and gains
@@ -10,14 +11,22 @@ and plain JSONL data each record also gets MMAU's `question`, `choices` and `ans
 choice string, not an index), so every output file is scored the same way.
 
 Finished work is never lost. Each rank appends its predictions to OUT.parts/rank{r}.jsonl and
-fsyncs after every batch. Re-running the same command, with any number of ranks, reads all those
-files and evaluates only what is missing: items are keyed by their position in the data file, and
-a line cut short by a kill is dropped. Items whose audio failed are tried again. OUT.parts/run.json
-records the model and the settings that change predictions; a re-run with different ones stops
-rather than mix them. Rank 0 writes OUT atomically (temp file + rename).
+fsyncs after every batch. Re-running the same command evaluates only what is missing (items are
+keyed by their position in the data file; a line cut short by a kill is dropped), and items whose
+audio failed once it reads. Items run in fixed batches (items 0..B-1, B..2B-1, ...) dealt out to
+the ranks, so the number of ranks never changes a prediction and a re-run may use another one. The
+batch size does (in bf16 the left padding changes the numerics): OUT.parts/run.json records it with
+the model, the data and the other settings that decide predictions, and a re-run with other ones
+stops with a one-line error rather than mix them. Rank 0 writes OUT atomically.
+
+With a run folder as --model (train.py's --out) it evaluates every complete checkpoint-N in step
+order into OUT_DIR/checkpoint-N.json (OUT_DIR: --out, default RUN/eval/<data file stem>), each
+resumable as above, so a finished one costs nothing the next time; then prints a table of accuracy
+per step and task (or the data's category), the best step marked, and writes OUT_DIR/table.json.
 
 An item whose audio is missing or unreadable is not skipped: its prediction is empty, it gets an
-`error` field naming the file and the reason, it counts as wrong, and the summary lists it.
+`error` field naming the file and the reason, it counts as wrong, and the summary lists it. A wrong
+--model, --data, --audio-dir or --score stops every rank before any model is loaded, with one line.
 
 Scoring is MMAU's official string match (reward.mmau_correct) and prints the official script's
 lines: per task, per difficulty, per sub-category, then `Total Accuracy: 64.50% over 1000 samples`.
@@ -27,6 +36,7 @@ data file's path and sha256: the two MMAU test-mini versions (2025-03-25, which 
 the revised 2025-05-15) give scores that cannot be compared.
 
     python evaluate.py --model CKPT --data mmau-test-mini.json --audio-dir test-mini-audios --out preds.json
+    python evaluate.py --model runs/r1-aqa --data mmau-test-mini.json --audio-dir test-mini-audios  # all checkpoints
     torchrun --nproc_per_node 8 evaluate.py --model CKPT ...   # data parallel, one model copy per rank
     python evaluate.py --score preds.json [--key model_output]  # score an existing predictions file
     python evaluate.py                                          # the demo: checkpoint-0 vs the newest
@@ -47,7 +57,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from data import DOWNMIX, PROMPTS, AudioError, Sample, load_audio, read_samples
+from data import DOWNMIX, PROMPTS, AudioError, DataError, Sample, audio_duration, load_audio, read_samples
 from reward import extract_answer, mmau_correct
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -90,10 +100,15 @@ class Prediction:
 
 def generate(model, processor, samples: list[Sample], audios, prompt: str, max_new_tokens: int) -> list[str]:
     """Greedy completions for one batch, decoded with special tokens skipped. Other generation
-    settings (e.g. a repetition penalty) come from the checkpoint, as in R1-AQA's test script."""
+    settings (e.g. a repetition penalty) come from the checkpoint, as in R1-AQA's test script.
+
+    `model` is a plain model, or an FSDP2-sharded policy inside `M.unsharded(model)` (training's
+    held-out score). There the weights stay gathered after each unit's first forward, so each rank
+    decodes alone, without a collective per token (synced_gpus=False), and ranks may make different
+    numbers of calls; but every rank must make at least one, since that first forward gathers."""
     tokenizer = processor.tokenizer
     batch = M.collate(processor, samples, audios, prompt).to(model.device)
-    out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+    out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=False,
                          eos_token_id=M.end_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          suppress_tokens=M.suppressed_token_ids(tokenizer, model.config.text_config.vocab_size))
     completions = out[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
@@ -115,11 +130,20 @@ def predict_batch(model, processor, samples: list[Sample], indices: list[int], c
     return predictions
 
 
-def predict(model, processor, samples: list[Sample], indices: list[int], cfg: EvalConfig, part) -> None:
-    """Evaluate this rank's items batch by batch, appending each batch to its part file on disk."""
-    bar = tqdm(total=len(indices), unit="item", desc="evaluate", disable=this_rank() != 0, dynamic_ncols=True)
-    for start in range(0, len(indices), cfg.batch_size):
-        batch = indices[start:start + cfg.batch_size]
+def batches(todo: list[int], batch_size: int) -> list[list[int]]:
+    """The items to do, grouped by their fixed batch of the data file (items kB .. kB+B-1), in order.
+    An uninterrupted run hands generate() the same batches whatever the number of ranks (rank r runs
+    batches[r::world]); a batch left half-written by a kill keeps only its missing items."""
+    groups: dict[int, list[int]] = {}
+    for i in todo:
+        groups.setdefault(i // batch_size, []).append(i)
+    return list(groups.values())
+
+
+def predict(model, processor, samples: list[Sample], mine: list[list[int]], cfg: EvalConfig, part) -> None:
+    """Evaluate this rank's batches, appending each batch to its part file on disk."""
+    bar = tqdm(total=sum(map(len, mine)), unit="item", desc="evaluate", disable=this_rank() != 0, dynamic_ncols=True)
+    for batch in mine:
         append(part, predict_batch(model, processor, samples, batch, cfg))
         bar.update(len(batch))
     bar.close()
@@ -162,18 +186,24 @@ def append(part, predictions: list[Prediction]) -> None:
 
 
 def run_key(cfg: EvalConfig, data_sha256: str) -> dict:
-    """What decides the predictions. The batch size, --limit, the audio folder and the rank count do not."""
+    """What decides the predictions, the batch size included (see batches()). --limit, the audio
+    folder and the rank count do not."""
     weights = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in Path(cfg.model).glob("*.safetensors"))
     return {"model": str(Path(cfg.model).resolve()), "weights": weights, "data_sha256": data_sha256,
-            "prompt": cfg.prompt, "downmix": cfg.downmix, "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype}
+            "prompt": cfg.prompt, "downmix": cfg.downmix, "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype,
+            "batch_size": cfg.batch_size}
 
 
 def check_run_key(parts: Path, key: dict) -> None:
-    """Refuse to continue a run made with another model, data file or settings."""
-    path = parts / "run.json"
-    if path.exists() and (old := json.loads(path.read_text())) != key:
-        raise ValueError(f"{parts} holds predictions from another run:\n  {old}\nthis run:\n  {key}\n"
-                         f"delete {parts} or choose another --out")
+    """Refuse to continue predictions made with another model, data file or settings: one line
+    naming what differs and what would work."""
+    old = json.loads(path.read_text()) if (path := parts / "run.json").exists() else key
+    changed = [k for k in key if old.get(k) != key[k]]
+    if changed:
+        was = ", ".join(f"{k} {old.get(k)!r}" for k in changed)
+        now = ", ".join(f"{k} {key[k]!r}" for k in changed)
+        raise M.UsageError(f"{parts} holds predictions made with {was}, but this run has {now}: re-run with "
+                           f"the earlier settings to continue them, or give another --out (or delete {parts})")
 
 
 # -----------------------------------------------------------------------------
@@ -233,10 +263,10 @@ class Score:
 
 
 def group_fields(records: list[dict]) -> list[str]:
-    """MMAU's report groups that the records have; else `category` (e.g. the synthetic task's band) if they have it."""
-    fields = [f for f in GROUP_FIELDS if any(f in r for r in records)]
-    if fields:
-        return fields
+    """MMAU data (any record with task, difficulty or sub-category): all three, as the official
+    script always prints the three; else `category` (e.g. the synthetic task's band) if records have it."""
+    if any(f in r for r in records for f in GROUP_FIELDS):
+        return GROUP_FIELDS
     return ["category"] if any("category" in r for r in records) else []
 
 
@@ -246,17 +276,26 @@ def group_order(name: str, values: list[str]) -> list[str]:
     return known if set(values) <= set(known) else list(dict.fromkeys(values))
 
 
+def group_of(record: dict, field: str) -> str | None:
+    """The record's group for a field; a missing or null value is in no group of that field (the
+    official script's rule for sub-category), while the record still counts in the other groups and
+    the total."""
+    value = record.get(field)
+    return None if value is None else str(value)
+
+
 def score(records: list[dict], key: str | None = None) -> Score:
     """Score records by MMAU's string match on `key` (default: model_prediction if any record has it)."""
     if key is None:
         key = "model_prediction" if any("model_prediction" in r for r in records) else "model_output"
     scored = [r for r in records if key in r]
     fields = group_fields(scored)
-    groups = {f: {v: Tally() for v in group_order(f, [str(r[f]) for r in scored if f in r])} for f in fields}
+    values = {f: [g for r in scored if (g := group_of(r, f)) is not None] for f in fields}
+    groups = {f: {v: Tally() for v in group_order(f, values[f])} for f in fields}
     total = Tally()
     for r in scored:
         correct = mmau_correct(r[key], r["answer"], r["choices"])
-        for tally in [total] + [groups[f][str(r[f])] for f in fields if f in r]:
+        for tally in [total] + [groups[f][g] for f in fields if (g := group_of(r, f)) is not None]:
             tally.correct += correct
             tally.total += 1
     errors = [{"index": i, "id": r.get("id"), "error": r["error"]} for i, r in enumerate(records) if "error" in r]
@@ -264,20 +303,24 @@ def score(records: list[dict], key: str | None = None) -> Score:
 
 
 def report_lines(s: Score) -> list[str]:
-    """The official script's printout (its header and separator lines included)."""
+    """The official script's printout, line for line. Where it would divide by zero (no item
+    scored) this prints 0.00%."""
     lines = []
     for name, tallies in s.groups.items():
         lines += ["*" * 30, f"{name.capitalize()}-wise Accuracy:"]
         lines += [f"{value} : {t.accuracy:.2f}% over {t.total} samples" for value, t in tallies.items()]
     lines += ["*" * 30, f"Total Accuracy: {s.total.accuracy:.2f}% over {s.total.total} samples", "*" * 30]
-    # The official script prints 0 here: it skips items without the key before counting them.
-    lines.append(f"No prediction count: {s.skipped}")
+    # The official script skips an item without the key before the line that would count it, so
+    # this is always 0 there. print_score says how many were skipped, on a line of its own.
+    lines.append("No prediction count: 0")
     return lines
 
 
 def print_score(s: Score) -> None:
     for line in report_lines(s):
         M.print0(line)
+    if s.skipped:
+        M.print0(f"{s.skipped} items have no '{s.key}' field: not scored, as in the official script")
     if s.errors:
         M.print0(f"{len(s.errors)} items had no usable audio (empty prediction, counted wrong):")
         for e in s.errors[:10]:
@@ -316,9 +359,31 @@ def known_provenance(predictions: Path) -> Provenance:
     return Provenance(note="source data unknown: no summary of this exact predictions file was found")
 
 
+def read_predictions(path: Path) -> list[dict]:
+    """--score's file: a JSON list of question records (answer, choices), as evaluate.py and MMAU
+    write them. Anything else is a UsageError naming the file and, for a bad record, its index."""
+    what = f"--score {path}"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise M.UsageError(f"{what}: no such file (give a predictions JSON that evaluate.py wrote)") from None
+    except OSError as e:
+        raise M.UsageError(f"{what}: cannot read it ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise M.UsageError(f"{what}: not a JSON file ({e})") from None
+    if not isinstance(records, list):
+        raise M.UsageError(f"{what}: a JSON {type(records).__name__}, but a predictions file is a list of items")
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("answer"), str) and isinstance(r.get("choices"), list)
+                and all(isinstance(r[k], str) for k in ("model_prediction", "model_output") if k in r)):
+            raise M.UsageError(f"{what}: item {i} is not a question record (an 'answer' string, a 'choices' "
+                               f"list, predictions as strings)")
+    return records
+
+
 def score_file(path: Path, key: str | None) -> Score:
     """--score: score an existing predictions file, print the official lines, write its summary."""
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = read_predictions(path)
     s = score(records, key)
     source = known_provenance(path)
     M.print0(f"scoring {path} by '{s.key}': {len(records) - s.skipped} items, {s.skipped} without it skipped")
@@ -327,6 +392,97 @@ def score_file(path: Path, key: str | None) -> Score:
     print_score(s)
     write_json(summary_path(path), summary(s, path, source))
     return s
+
+
+# -----------------------------------------------------------------------------
+# Checking the command line before any work: models, run folders, data
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """The complete checkpoint-N folders of a training run, in step order. train.py marks a complete
+    one with trainer_state.pt; checkpoint-N.tmp (being written) and checkpoint-N.old are not checkpoints."""
+    found = [(int(m.group(1)), p) for p in run.glob("checkpoint-*")
+             if (m := CHECKPOINT.fullmatch(p.name)) and (p / "trainer_state.pt").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder of checkpoint-N folders (train.py's --out) rather than a model folder."""
+    return path.is_dir() and not (path / "config.json").exists() and any(
+        CHECKPOINT.fullmatch(p.name) for p in path.glob("checkpoint-*"))
+
+
+def model_folders(path: Path) -> list[Path]:
+    """--model: one model folder, or every complete checkpoint of a run folder; UsageError otherwise.
+    Loading them is M.load's alone (a checkpoint format of its own, e.g. adapters, belongs there)."""
+    if not is_run_folder(path):
+        return [M.check_model_dir(path)]
+    checkpoints = run_checkpoints(path)
+    if not checkpoints:
+        raise M.UsageError(f"--model {path}: a run folder without a complete checkpoint-N (one with "
+                           f"trainer_state.pt) yet; wait for train.py's first checkpoint")
+    return [M.check_model_dir(p) for p in checkpoints]
+
+
+def read_data(data: str, audio_dir: str | None) -> list[Sample]:
+    """--data's questions (and --audio-dir checked), or a UsageError naming the flag and the problem."""
+    if audio_dir is not None and not Path(audio_dir).is_dir():
+        raise M.UsageError(f"--audio-dir {audio_dir}: no such folder (give the folder the audio paths of "
+                           f"--data are relative to, or leave it out for the data file's own folder)")
+    try:
+        samples = read_samples(data, audio_dir)
+    except FileNotFoundError:
+        raise M.UsageError(f"--data {data}: no such file") from None
+    except OSError as e:
+        raise M.UsageError(f"--data {data}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise M.UsageError(f"--data {data}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except DataError as e:  # names the file and the line or item
+        raise M.UsageError(f"--data: {e} (python data.py {data} lists every bad record)") from None
+    if not samples:
+        raise M.UsageError(f"--data {data}: no questions in this file")
+    return samples
+
+
+@dataclass
+class Plan:
+    """What one command evaluates, checked: one EvalConfig per checkpoint, on the same questions."""
+    jobs: list[EvalConfig]
+    samples: list[Sample]
+    data_sha256: str
+    table: Path | None = None  # a run folder: where the table of accuracy per step goes
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Every check that bad input can fail, before any model is loaded or any collective, so that
+    under torchrun all ranks stop at the same place: the model or run folder, the data, the audio
+    folder, --out, and the settings of earlier predictions in the same place."""
+    model = Path(args.model)
+    folders = model_folders(model)
+    samples = read_data(args.data, args.audio_dir)[:args.limit]
+    settings = dict(audio_dir=args.audio_dir, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                    dtype=args.dtype or "bfloat16", prompt=args.prompt, downmix=args.downmix, limit=args.limit)
+    if is_run_folder(model):
+        out_dir = Path(args.out) if args.out else model / "eval" / Path(args.data).stem
+        if out_dir.exists() and not out_dir.is_dir():
+            raise M.UsageError(f"--out {out_dir}: a file, but with a run folder --out is a folder for the predictions")
+        jobs = [EvalConfig(str(f), args.data, str(out_dir / f"{f.name}.json"), **settings) for f in folders]
+        table = out_dir / "table.json"
+    elif args.out is None:
+        raise M.UsageError(f"--model {model} is one model folder: give --out PREDICTIONS.json (only a run "
+                           f"folder of checkpoint-N folders has a default)")
+    else:
+        jobs, table = [EvalConfig(str(model), args.data, args.out, **settings)], None
+    return checked(Plan(jobs, samples, sha256(args.data), table))
+
+
+def checked(p: Plan) -> Plan:
+    """The plan, after refusing any job whose earlier predictions were made with other settings."""
+    for cfg in p.jobs:
+        check_run_key(parts_dir(Path(cfg.out)), run_key(cfg, p.data_sha256))
+    return p
 
 
 # -----------------------------------------------------------------------------
@@ -341,17 +497,28 @@ def barrier() -> None:
         dist.barrier()
 
 
-def evaluate(cfg: EvalConfig) -> Score | None:
-    """Predict every item not done yet, split over the ranks; then rank 0 merges, writes and scores
-    (and returns the score; the other ranks return None)."""
-    rank, world, device = M.init_distributed()
-    samples = read_samples(cfg.data, cfg.audio_dir)[:cfg.limit]
-    data_sha256 = sha256(cfg.data)
+def run(make_plan, *args) -> tuple[Plan, list[Score | None]]:
+    """Join the process group, make_plan(*args) on every rank, then evaluate its checkpoints one after
+    another, each data parallel over all ranks. Each rank finds bad input by itself; they wait for
+    each other before raising it, so that rank 0 prints it before torchrun, seeing a rank exit, stops it."""
+    _, _, device = M.init_distributed()
+    try:
+        p = make_plan(*args)
+    except M.UsageError:
+        barrier()
+        raise
+    return p, [evaluate(cfg, p.samples, p.data_sha256, device) for cfg in p.jobs]
+
+
+def evaluate(cfg: EvalConfig, samples: list[Sample], data_sha256: str, device) -> Score | None:
+    """Predict every item not done yet, its batches dealt out to the ranks; then rank 0 merges, writes
+    and scores (and returns the score; the other ranks return None)."""
+    rank, world = this_rank(), dist.get_world_size() if dist.is_initialized() else 1
     out = Path(cfg.out)
-    todo = pending(parts_dir(out), run_key(cfg, data_sha256), len(samples))
-    M.print0(f"{cfg.data}: {len(samples)} items, {len(samples) - len(todo)} already done in {parts_dir(out)}, "
-             f"{len(todo)} to evaluate on {world} rank(s)")
-    seconds = predict_share(cfg, samples, todo[rank::world], device)
+    todo = pending(parts_dir(out), run_key(cfg, data_sha256), samples)
+    M.print0(f"{cfg.model} on {cfg.data}: {len(samples)} items, {len(samples) - len(todo)} already done in "
+             f"{parts_dir(out)}, {len(todo)} to evaluate on {world} rank(s)")
+    seconds = predict_share(cfg, samples, batches(todo, cfg.batch_size)[rank::world], device)
     barrier()
     if todo:
         M.print0(f"{len(todo)} items in {seconds:.1f} s: {len(todo) / seconds:.2f} items/s on {world} rank(s)")
@@ -360,19 +527,26 @@ def evaluate(cfg: EvalConfig) -> Score | None:
     return s
 
 
-def pending(parts: Path, key: dict, n: int) -> list[int]:
-    """The items (of the first n) without a good prediction in the part files, the same on every rank."""
-    check_run_key(parts, key)
+def pending(parts: Path, key: dict, samples: list[Sample]) -> list[int]:
+    """The items without a prediction in the part files, and those whose audio failed but now reads
+    (so a finished evaluation with a missing clip loads no model again), the same on every rank."""
     done = read_parts(parts)
     barrier()  # every rank has read the same part files before any rank writes to them
     parts.mkdir(parents=True, exist_ok=True)
     if this_rank() == 0 and not (parts / "run.json").exists():
         write_json(parts / "run.json", key)
-    return [i for i in range(n) if i not in done or done[i].error]
+    return [i for i, s in enumerate(samples) if i not in done or (done[i].error and readable(s.audio_path))]
 
 
-def predict_share(cfg: EvalConfig, samples: list[Sample], mine: list[int], device) -> float:
-    """Load the model and predict this rank's items into its part file; seconds spent predicting."""
+def readable(path: str) -> bool:
+    try:
+        return audio_duration(path) > 0  # reads the header only
+    except AudioError:
+        return False
+
+
+def predict_share(cfg: EvalConfig, samples: list[Sample], mine: list[list[int]], device) -> float:
+    """Load the model and predict this rank's batches into its part file; seconds spent predicting."""
     if not mine:
         return 0.0
     model, processor = M.load(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
@@ -400,14 +574,58 @@ def finish(cfg: EvalConfig, samples: list[Sample], out: Path, data_sha256: str, 
 
 
 # -----------------------------------------------------------------------------
+# A run folder's table: accuracy per step
+
+def step_of(checkpoint) -> int:
+    return int(CHECKPOINT.fullmatch(Path(checkpoint).name).group(1))
+
+
+def step_table(p: Plan, scores: list[Score]) -> dict:
+    """Accuracy per checkpoint in the first report group (MMAU: task; else category; None where a
+    column has no item) and in total. The best row has the highest total (the earliest of a tie)."""
+    field = next(iter(scores[0].groups), None)
+    columns = list(dict.fromkeys(v for s in scores for v in s.groups.get(field, {})))
+    rows = [{"step": step_of(cfg.model), "checkpoint": cfg.model, "predictions": cfg.out,
+             "accuracy": {c: round(t.accuracy, 4) if (t := s.groups[field].get(c, Tally())).total else None
+                          for c in columns} | {"total": round(s.total.accuracy, 4)},
+             "correct": s.total.correct, "total": s.total.total}
+            for cfg, s in zip(p.jobs, scores)]
+    best = max(rows, key=lambda r: (r["accuracy"]["total"], -r["step"]))
+    version = KNOWN_DATA.get(p.data_sha256)
+    return {"data": p.jobs[0].data, "data_sha256": p.data_sha256, "data_version": version, "key": scores[0].key,
+            "group": field, "columns": columns + ["total"], "best_step": best["step"], "rows": rows}
+
+
+def table_lines(table: dict) -> list[str]:
+    """The table as text: one row per step, accuracy in %, the best step marked."""
+    widths = [max(8, len(c) + 2) for c in table["columns"]]
+    lines = ["step".rjust(8) + "".join(c.rjust(w) for c, w in zip(table["columns"], widths))]
+    for row in table["rows"]:
+        cells = "".join(("-" if row["accuracy"][c] is None else f"{row['accuracy'][c]:.2f}").rjust(w)
+                        for c, w in zip(table["columns"], widths))
+        lines.append(f"{row['step']:>8}{cells}" + ("  <- best" if row["step"] == table["best_step"] else ""))
+    return lines
+
+
+def report_table(p: Plan, scores: list[Score]) -> dict:
+    """Rank 0: print the run's table and write it next to the predictions."""
+    table = step_table(p, scores)
+    source = table["data_version"] or "sha256 " + p.data_sha256[:12]
+    M.print0(f"\nAccuracy (%) per checkpoint on {table['data']} ({source}):")
+    for line in table_lines(table):
+        M.print0(line)
+    write_json(p.table, table)
+    M.print0(f"table: {p.table}")
+    return table
+
+
+# -----------------------------------------------------------------------------
 # The demo: the starting policy and the newest checkpoint on the synthetic test split
 
 def demo_checkpoints(runs: Path = DEMO_RUNS) -> list[Path]:
-    """checkpoint-0 (the starting policy, if present) and the newest checkpoint-{step}."""
-    steps = {int(m.group(1)): p for p in runs.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
-    if not steps:
-        return []
-    return list(dict.fromkeys([steps[s] for s in (0, max(steps)) if s in steps]))
+    """checkpoint-0 (the starting policy, if present) and the newest complete checkpoint."""
+    found = run_checkpoints(runs)
+    return list(dict.fromkeys([p for p in found[:1] if step_of(p) == 0] + found[-1:]))
 
 
 def demo(batch_size: int, max_new_tokens: int, dtype: str) -> int:
@@ -416,42 +634,49 @@ def demo(batch_size: int, max_new_tokens: int, dtype: str) -> int:
     if not checkpoints or not DEMO_TEST.exists():
         M.print0(f"No demo checkpoints in {DEMO_RUNS}/ or no test split {DEMO_TEST}: run `python train.py` first.")
         return 1
-    accuracy = {}
-    for ckpt in checkpoints:
-        M.print0(f"\n=== {ckpt} ===")
-        cfg = EvalConfig(model=str(ckpt), data=str(DEMO_TEST), out=str(DEMO_RUNS / "eval" / f"{ckpt.name}.json"),
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype)
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        s = evaluate(cfg)
-        accuracy[ckpt.name] = s.total.accuracy if s else 0.0
-    M.print0(f"\nGreedy accuracy on {DEMO_TEST}: " + " -> ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
+    jobs = [EvalConfig(model=str(c), data=str(DEMO_TEST), out=str(DEMO_RUNS / "eval" / f"{c.name}.json"),
+                       batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype) for c in checkpoints]
+    _, scores = run(lambda: checked(Plan(jobs, read_data(str(DEMO_TEST), None), sha256(DEMO_TEST))))
+    if this_rank() == 0:
+        M.print0(f"\nGreedy accuracy on {DEMO_TEST}: "
+                 + " -> ".join(f"{c.name} {s.total.accuracy:.2f}%" for c, s in zip(checkpoints, scores)))
     return 0
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate a Qwen2-Audio checkpoint on MMAU-style questions.")
-    parser.add_argument("--model", help="checkpoint directory (with its processor)")
+    parser = argparse.ArgumentParser(description="Evaluate a Qwen2-Audio checkpoint, or every checkpoint of a "
+                                                 "training run, on MMAU-style questions.")
+    parser.add_argument("--model", help="model folder (with its processor), or a run folder of checkpoint-N folders")
     parser.add_argument("--data", help="MMAU JSON, R1-AQA JSONL or plain JSONL question file")
     parser.add_argument("--audio-dir", help="folder the audio paths are relative to (default: the data file's)")
-    parser.add_argument("--out", help="predictions JSON to write")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--dtype", choices=list(DTYPES),
-                        help="default bfloat16 (the 7B on a GPU); the demo uses float32, several times faster on a CPU")
-    parser.add_argument("--prompt", choices=PROMPTS, default="answer",
-                        help="the paper's prompt the model was trained with: direct (<1>), answer (<2>, R1-AQA), think (<3>)")
+    parser.add_argument("--out", help="predictions JSON to write; with a run folder, a folder for one per "
+                                      "checkpoint and the table (default: RUN/eval/<data file stem>)")
+    parser.add_argument("--batch-size", type=positive, default=8, help="items per generate() call; part of "
+                        "what decides the predictions, so a resumed run must keep it")
+    parser.add_argument("--max-new-tokens", type=positive, default=256)
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default bfloat16 (the 7B on a GPU); the demo "
+                        "uses float32, several times faster on a CPU")
+    parser.add_argument("--prompt", choices=PROMPTS, default="answer", help="the paper's prompt the model was "
+                        "trained with: direct (<1>), answer (<2>, R1-AQA), think (<3>)")
     parser.add_argument("--downmix", choices=DOWNMIX, default="first",
                         help="multi-channel audio: keep channel 0 (R1-AQA) or average the channels")
-    parser.add_argument("--limit", type=int, help="evaluate the first N items only")
+    parser.add_argument("--limit", type=positive, help="evaluate the first N items only")
     parser.add_argument("--score", metavar="PREDICTIONS", help="only score an existing predictions JSON")
     parser.add_argument("--key", choices=["model_prediction", "model_output"],
                         help="field to score (default: model_prediction if present, else model_output)")
     args = parser.parse_args(argv)
-    if not args.score and (args.model or args.data or args.out) and not (args.model and args.data and args.out):
-        parser.error("--model, --data and --out go together (or give none of them for the demo)")
+    if not args.score and (args.model or args.data or args.out) and not (args.model and args.data):
+        parser.error("--model and --data go together (or give none of them for the demo)")
     return args
 
 
@@ -463,9 +688,9 @@ def main(argv=None) -> int:
     if args.model is None:
         status = demo(args.batch_size, args.max_new_tokens, args.dtype or "float32")
     else:
-        cfg = EvalConfig(args.model, args.data, args.out, args.audio_dir, args.batch_size, args.max_new_tokens,
-                         args.dtype or "bfloat16", args.prompt, args.downmix, args.limit)
-        evaluate(cfg)
+        p, scores = run(plan, args)
+        if p.table and this_rank() == 0:
+            report_table(p, scores)
         status = 0
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -473,4 +698,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(M.run_main(main))

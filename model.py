@@ -119,8 +119,16 @@ def check_model_dir(path, flag="--model"):
     return path
 
 def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False):
-    """Open a local Qwen2-Audio directory. Returns (model, processor); the tokenizer pads on the left."""
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    """Open a local Qwen2-Audio directory on `device` in `dtype`. Returns (model, processor); the
+    tokenizer pads on the left. The weights are read in the checkpoint's own dtype, which leaves them
+    views of the memory-mapped file (no copy; processes on one machine share the OS page cache), then
+    moved and cast one tensor at a time: no process ever holds a full copy in host memory unless
+    `device` is the CPU. The result equals from_pretrained(path, dtype=dtype) moved to `device`."""
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype="auto")
+    model.to(device=device, dtype=dtype)
+    reset_rotary(model, device)  # from_pretrained keeps the rotary frequencies in fp32; .to(dtype) rounded them
+    for config in (model.config, model.config.audio_config, model.config.text_config):
+        config.dtype = dtype  # as from_pretrained(dtype=...) records it
     # The Whisper position table is a fixed sinusoid the class freezes; from_pretrained unfreezes it.
     model.model.audio_tower.embed_positions.requires_grad_(False)
     if gradient_checkpointing:

@@ -18,9 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+import torch.distributed as dist
+from transformers import Qwen2AudioForConditionalGeneration
 
 import evaluate as E
-from conftest import ROOT
+import model as M
+from conftest import ROOT, pitch_samples
 from data import SAMPLE_RATE, make_synthetic
 from reward import extract_answer, mmau_correct
 
@@ -39,6 +43,87 @@ def item(prediction, answer="Man", choices=CHOICES, **fields):
 
 def correct(record) -> bool:
     return E.score([record]).total.correct == 1
+
+
+# ----------------------------------------------------------------------------- loading
+
+def test_load_equals_from_pretrained_in_the_asked_dtype(tiny_dir):
+    """M.load reads in the checkpoint's dtype and casts afterwards; the result is the same model as
+    from_pretrained(dtype=...): every parameter and buffer (the fp32 rotary frequencies too) with the
+    same dtype and value, the same config, and only the Whisper position table frozen."""
+    model, _ = M.load(tiny_dir, dtype=torch.bfloat16)
+    reference = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    ours, theirs = ({**dict(m.named_parameters()), **dict(m.named_buffers())} for m in (model, reference))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and ours[name].device.type == "cpu", name
+        assert torch.equal(ours[name], tensor), name
+    assert ours["model.language_model.rotary_emb.inv_freq"].dtype == torch.float32
+    assert model.config.to_dict() == reference.config.to_dict()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["model.audio_tower.embed_positions.weight"]
+
+
+def mapped_ranges(suffix):
+    """Address ranges of this process's memory maps of files ending in `suffix` (Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(suffix):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_load_reads_without_a_host_copy(tiny_dir, monkeypatch):
+    """M.load asks from_pretrained for the checkpoint's own dtype ("auto"), whatever dtype it returns:
+    read that way every weight is a view of the memory-mapped safetensors file (shown on the CPU with
+    the tiny model, saved in fp32), so no process holds its own copy of the checkpoint; the cast and
+    the move to the device then go one tensor at a time."""
+    calls = []
+    real = Qwen2AudioForConditionalGeneration.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        calls.append(kwargs)
+        return real(cls, path, **kwargs)
+
+    monkeypatch.setattr(Qwen2AudioForConditionalGeneration, "from_pretrained", classmethod(spy))
+    M.load(tiny_dir, dtype=torch.bfloat16)
+    assert calls == [{"dtype": "auto"}]  # not dtype=bfloat16, which would cast the whole model on the host
+    model, _ = M.load(tiny_dir, dtype=torch.float32)
+    ranges = mapped_ranges(".safetensors")
+    assert ranges and all(any(a <= p.data_ptr() < b for a, b in ranges) for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_generate_on_a_sharded_policy_matches_the_plain_model(tiny, tiny_dir):
+    """generate() is what training's held-out score can call: on the FSDP2-sharded policy inside
+    M.unsharded (one process, a one-process gloo group, fp32) it gives exactly the plain model's
+    completions for a left-padded batch of clips of different lengths."""
+    model, processor = tiny
+    samples, audios = pitch_samples(4)
+    # 12 new tokens: the random tiny model rarely stops early, so the texts are long enough to differ
+    expected = E.generate(model, processor, samples, audios, "answer", 12)
+    assert len(set(expected)) > 1 and all(expected)
+    M.init_distributed(always=True)
+    try:
+        policy = M.sharded_load(tiny_dir, param_dtype=torch.float32).eval()
+        with M.unsharded(policy):
+            assert E.generate(policy, processor, samples, audios, "answer", 12) == expected
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_mates_change_the_numerics(tiny_dir):
+    """Why the batch size is part of a run's key: an item's bf16 logits change with the other items
+    of its batch (they set its left padding), while the same batch gives the same logits again."""
+    model, processor = M.load(tiny_dir, dtype=torch.bfloat16)
+    samples, audios = pitch_samples(3)
+    with torch.no_grad():
+        alone, *again = (model(**M.collate(processor, samples[:k], audios[:k])).logits[0, -1] for k in (1, 3, 3))
+    assert torch.equal(again[0], again[1]) and not torch.equal(alone, again[0])
 
 
 # ----------------------------------------------------------------------------- the rule, on crafted cases
@@ -91,11 +176,16 @@ def test_case_and_punctuation_are_ignored():
     assert correct(item("(man)."))
 
 
-def test_items_without_the_field_are_skipped():
-    """Records without the scored field are not counted (as in the official script), only reported."""
+def test_items_without_the_field_are_skipped(capsys):
+    """Records without the scored field are not counted (as in the official script), only reported,
+    on a line of their own after the official ones."""
     records = [item("Man"), {"choices": CHOICES, "answer": "Man"}, item("Robot")]
     s = E.score(records)
     assert (s.total.correct, s.total.total, s.skipped) == (1, 2, 1)
+    E.print_score(s)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == ["No prediction count: 0",
+                          "1 items have no 'model_prediction' field: not scored, as in the official script"]
 
 
 def test_key_defaults_to_model_prediction_else_model_output():
@@ -118,28 +208,45 @@ def test_report_lines_match_the_official_script():
         item("Man", task="sound", difficulty="easy", **{"sub-category": "A"}),  # right
         item("Man", task="sound", difficulty="hard", **{"sub-category": "A"}),  # right
         {"choices": CHOICES, "answer": "Man", "task": "speech", "difficulty": "hard"},  # skipped
+        item("Man", task="speech", difficulty="medium", **{"sub-category": None}),  # right, in no sub-category
     ]
-    # sound 2/2, music 0/1; easy 1/2, hard 1/1; B 0/1, A 2/2; total 2/3 = 66.67%
+    # sound 2/2, music 0/1, speech 1/1; easy 1/2, hard 1/1, medium 1/1; B 0/1, A 2/2 (the null
+    # sub-category is left out of that section only, as the official script's `if subcat is not
+    # None` does); total 3/4 = 75.00%
     assert E.report_lines(E.score(records)) == [
         "******************************",
         "Task-wise Accuracy:",
         "sound : 100.00% over 2 samples",
         "music : 0.00% over 1 samples",
-        "speech : 0.00% over 0 samples",
+        "speech : 100.00% over 1 samples",
         "******************************",
         "Difficulty-wise Accuracy:",
         "easy : 50.00% over 2 samples",
         "hard : 100.00% over 1 samples",
-        "medium : 0.00% over 0 samples",
+        "medium : 100.00% over 1 samples",
         "******************************",
         "Sub-category-wise Accuracy:",
         "B : 0.00% over 1 samples",
         "A : 100.00% over 2 samples",
         "******************************",
-        "Total Accuracy: 66.67% over 3 samples",
+        "Total Accuracy: 75.00% over 4 samples",
         "******************************",
-        "No prediction count: 1",
+        # The official script `continue`s past an item without the key before the line that would
+        # count it, so it prints 0 whatever is skipped; print_score reports the skipped item apart.
+        "No prediction count: 0",
     ]
+
+
+def test_mmau_sections_are_always_printed():
+    """As the official script, MMAU data gets all three sections even when a field is absent: the
+    three tasks and difficulties at 0 samples, and a Sub-category header with no lines."""
+    lines = E.report_lines(E.score([item("Man", task="sound")]))
+    # sound 1/1; no difficulty, no sub-category: the item counts in the task section and the total only
+    assert lines[:9] == ["*" * 30, "Task-wise Accuracy:", "sound : 100.00% over 1 samples",
+                         "music : 0.00% over 0 samples", "speech : 0.00% over 0 samples",
+                         "*" * 30, "Difficulty-wise Accuracy:", "easy : 0.00% over 0 samples",
+                         "hard : 0.00% over 0 samples"]
+    assert lines[9:13] == ["medium : 0.00% over 0 samples", "*" * 30, "Sub-category-wise Accuracy:", "*" * 30]
 
 
 def test_report_lines_for_other_data():
@@ -165,6 +272,7 @@ def test_score_file_prints_the_key_and_writes_a_summary(tmp_path, capsys):
     assert E.main(["--score", str(preds)]) == 0
     out = capsys.readouterr().out
     assert "by 'model_output'" in out and "Total Accuracy: 100.00% over 1 samples" in out
+    assert "No prediction count: 0" in out and "not scored" not in out  # nothing skipped
     summary = json.loads((tmp_path / "preds.summary.json").read_text())
     assert (summary["key"], summary["correct"], summary["total"], summary["data_sha256"]) == ("model_output", 1, 1, None)
     assert summary["groups"]["task"]["sound"] == {"accuracy": 100.0, "correct": 1, "total": 1}
@@ -265,8 +373,8 @@ def test_rescoring_keeps_the_provenance(full_run, tmp_path, capsys):
 @needs_mmau
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_dir, audio_dir, full_run, tmp_path):
     """A run stopped after 7 items with its last line torn, then re-run, gives the uninterrupted
-    output. Each item's prediction is in the part file once; the item without audio was tried by
-    both runs, so its error is there twice."""
+    output. Each item's prediction is in the part file once, the errored item's too: its clip is
+    still missing, so the second run does not try it again."""
     out = tmp_path / "preds.json"
     E.main(eval_args(tiny_dir, audio_dir, out, "--limit", "7"))  # batches 0-3 and 4-6: 7 lines
     part = E.parts_dir(out) / "rank0.jsonl"
@@ -277,7 +385,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_dir, audio_dir, f
     assert out.read_text() == full_run[0].read_text()
     lines = [json.loads(line) for line in part.read_text().splitlines()]
     assert sorted(p["index"] for p in lines if not p["error"]) == [i for i in range(N) if i != MISSING]
-    assert [p["index"] for p in lines if p["error"]] == [MISSING, MISSING]
+    assert [p["index"] for p in lines if p["error"]] == [MISSING]
 
 
 @needs_mmau
@@ -295,13 +403,111 @@ def test_failed_audio_is_retried(tiny_dir, audio_dir, full_run, tmp_path):
     assert again[:MISSING] + again[MISSING + 1:] == records[:MISSING] + records[MISSING + 1:]
 
 
+def usage_error(argv, capsys) -> str:
+    """Run main as `python evaluate.py` does; it must exit with 2 and print one line, no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        M.run_main(E.main, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
 @needs_mmau
-def test_other_settings_refuse_to_resume(tiny_dir, audio_dir, full_run, tmp_path):
-    """Predictions made with other settings are never mixed in: the run stops before loading anything."""
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "9"), ("--batch-size", "2"), ("--dtype", "bfloat16")])
+def test_other_settings_refuse_to_resume(tiny_dir, audio_dir, full_run, tmp_path, capsys, flag, value, monkeypatch):
+    """Predictions made with other settings are never mixed in: the run stops before loading anything,
+    saying what differs and what would work. The batch size counts: in bf16 it changes predictions."""
+    monkeypatch.setattr(M, "load", None)  # a call would fail
     out = tmp_path / "preds.json"
     shutil.copytree(E.parts_dir(full_run[0]), E.parts_dir(out))
-    with pytest.raises(ValueError, match="another run"):
-        E.main(eval_args(tiny_dir, audio_dir, out, "--max-new-tokens", "9"))
+    err = usage_error(eval_args(tiny_dir, audio_dir, out, flag, value), capsys)
+    setting = flag[2:].replace("-", "_")
+    assert f"{setting} " in err and str(E.parts_dir(out)) in err and "another --out" in err
+
+
+def test_batches_do_not_depend_on_the_rank_count():
+    """The items are run in fixed batches of the data file, dealt out to the ranks: 1, 2 or 3 ranks
+    hand generate() the same batches, so the rank count cannot change a prediction. After a kill,
+    the untouched batches are still the same; the cut one keeps its missing items only."""
+    one = E.batches(list(range(10)), 4)
+    assert one == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    for world in (2, 3):
+        dealt = [b for rank in range(world) for b in E.batches(list(range(10)), 4)[rank::world]]
+        assert sorted(dealt) == one
+    # done: 0-5 (batch 1 was cut after item 5), so 6 and 7 run together, and 8-9 as before
+    assert E.batches([6, 7, 8, 9], 4) == [[6, 7], [8, 9]]
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+def questions(tmp_path) -> Path:
+    """A well-formed plain JSONL question file (its audio need not exist for these tests)."""
+    path = tmp_path / "questions.jsonl"
+    path.write_text(json.dumps({"audio": "a.wav", "question": "Who?", "choices": CHOICES, "answer": "Man"}) + "\n")
+    return path
+
+
+def bad_model(kind, tmp_path):
+    folder = tmp_path / "model"
+    if kind != "missing":
+        folder.mkdir()
+    if kind == "other-type":
+        (folder / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    return ["--model", str(folder), "--data", str(questions(tmp_path)), "--out", str(tmp_path / "p.json")], folder
+
+
+@pytest.mark.parametrize("kind, says", [("missing", "no such folder"), ("no-config", "no config.json"),
+                                        ("other-type", "model_type 'whisper'")])
+def test_bad_model_folder_is_one_line(kind, says, tmp_path, capsys):
+    """--model: a missing folder, a folder without config.json, another model type."""
+    argv, folder = bad_model(kind, tmp_path)
+    err = usage_error(argv, capsys)
+    assert f"--model {folder}" in err and says in err
+
+
+@pytest.mark.parametrize("content, says", [(None, None), ("{not json\n", ":1: bad JSON"),
+                                           ('{"audio": "a.wav", "question": "Who?"}\n', ":1: missing field")])
+def test_bad_data_is_one_line(content, says, tiny_dir, tmp_path, capsys):
+    """--data: a missing file, a line that is not JSON, a record without its fields."""
+    data = tmp_path / "questions.jsonl"
+    if content is not None:
+        data.write_text(content)
+    err = usage_error(["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "p.json")], capsys)
+    # a missing file is worded by evaluate.py (FileNotFoundError) or by data.py (DataError)
+    assert "--data" in err and str(data) in err and (says is None or says in err)
+
+
+def test_missing_audio_dir_is_one_line(tiny_dir, tmp_path, capsys):
+    """--audio-dir that does not exist."""
+    audio = tmp_path / "no-audio"
+    err = usage_error(["--model", str(tiny_dir), "--data", str(questions(tmp_path)), "--audio-dir", str(audio),
+                       "--out", str(tmp_path / "p.json")], capsys)
+    assert f"--audio-dir {audio}: no such folder" in err
+
+
+@pytest.mark.parametrize("content, says", [(None, "no such file"), ("[{oops", "not a JSON file"),
+                                           ('{"answer": "Man"}', "a JSON dict"), ("[1, 2]", "item 0"),
+                                           ('[{"answer": "Man", "choices": ["Man"], "model_output": null}]', "item 0")])
+def test_bad_predictions_file_is_one_line(content, says, tmp_path, capsys):
+    """--score: a missing file, a file that is not JSON, JSON that is not a list of question records."""
+    preds = tmp_path / "preds.json"
+    if content is not None:
+        preds.write_text(content)
+    err = usage_error(["--score", str(preds)], capsys)
+    assert f"--score {preds}" in err and says in err
+
+
+def test_bad_input_under_torchrun_stops_every_rank(tiny_dir, tmp_path):
+    """Two ranks given a missing --data: both stop (no hang), and the message is printed once."""
+    data = tmp_path / "missing.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
+           "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "p.json")]
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --data") == 1 and str(data) in result.stderr, result.stderr[-3000:]
+    assert 'evaluate.py", line' not in result.stderr  # torchrun reports the exit; no rank printed a traceback
 
 
 # ----------------------------------------------------------------------------- two ranks
@@ -309,7 +515,9 @@ def test_other_settings_refuse_to_resume(tiny_dir, audio_dir, full_run, tmp_path
 @needs_mmau
 def test_two_ranks_match_one(tiny_dir, audio_dir, full_run, tmp_path):
     """torchrun with 2 processes, resuming a 1-process run that finished items 0-4, writes the
-    same output as the uninterrupted 1-process run, with each item predicted once."""
+    same output as the uninterrupted 1-process run (fp32 on a CPU: the same batch sizes give the
+    same tokens), with each item predicted once. The rank count is not part of the run's key, so
+    resuming on another number of ranks is allowed."""
     out = tmp_path / "preds.json"
     parts = E.parts_dir(out)
     parts.mkdir()
@@ -329,13 +537,69 @@ def test_two_ranks_match_one(tiny_dir, audio_dir, full_run, tmp_path):
     assert sorted(indices) == list(range(N))
 
 
+# ----------------------------------------------------------------------------- a run folder
+
+@needs_mmau
+def test_run_folder_evaluates_every_checkpoint_once(tiny2_dir, audio_dir, tmp_path, capsys, monkeypatch):
+    """--model RUN evaluates every complete checkpoint-N in step order (not checkpoint-N.tmp), into
+    RUN/eval/<data stem>/, and prints and writes a table whose numbers are score()'s of each
+    predictions file, the best total marked. A second run loads no model: every checkpoint is done,
+    and the item whose clip is still missing is not retried."""
+    run = tmp_path / "run"
+    checkpoint(run, "checkpoint-2", M.build_tiny(tmp_path / "other", seed=1, window_seconds=2))
+    checkpoint(run, "checkpoint-0", tiny2_dir)
+    checkpoint(run, "checkpoint-4.tmp", tiny2_dir)  # still being written
+    argv = ["--model", str(run), "--data", str(MMAU), "--audio-dir", str(audio_dir), "--limit", "8",
+            "--batch-size", "4", "--max-new-tokens", "4", "--dtype", "float32"]
+    assert E.main(argv) == 0
+    first = capsys.readouterr().out
+    out_dir = run / "eval" / MMAU.stem
+    table = json.loads((out_dir / "table.json").read_text())
+    assert [r["step"] for r in table["rows"]] == [0, 2] and table["columns"] == ["sound", "music", "speech", "total"]
+    for row in table["rows"]:
+        s = E.score(json.loads((out_dir / f"checkpoint-{row['step']}.json").read_text()))
+        assert s.total.total == 8 and row["accuracy"]["total"] == round(s.total.accuracy, 4)
+        for task, t in s.groups["task"].items():
+            assert row["accuracy"][task] == (round(t.accuracy, 4) if t.total else None)
+    best = max(table["rows"], key=lambda r: (r["accuracy"]["total"], -r["step"]))
+    assert table["best_step"] == best["step"]
+    printed = first[first.index("    step"):].splitlines()
+    assert printed[0] == "    step   sound   music  speech   total"
+    assert printed[1 + [0, 2].index(best["step"])].endswith(f"{best['accuracy']['total']:.2f}  <- best")
+    monkeypatch.setattr(M, "load", None)  # a call would fail
+    assert E.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("8 already done") == 2 and again.count("0 to evaluate") == 2
+    assert json.loads((out_dir / "table.json").read_text()) == table
+
+
+def test_run_folder_without_a_complete_checkpoint_is_one_line(tmp_path, capsys):
+    """A run folder whose only checkpoint is still being written: one line, exit 2."""
+    checkpoint(tmp_path / "run", "checkpoint-0.tmp")
+    (tmp_path / "run" / "checkpoint-0").mkdir()  # no trainer_state.pt
+    err = usage_error(["--model", str(tmp_path / "run"), "--data", str(questions(tmp_path))], capsys)
+    assert f"--model {tmp_path / 'run'}: a run folder without a complete checkpoint-N" in err
+
+
 # ----------------------------------------------------------------------------- the demo
 
+def checkpoint(run: Path, name: str, model_dir=None) -> Path:
+    """A folder as train.py leaves it: a copy of model_dir (or empty) with trainer_state.pt, which
+    train.py writes into every complete checkpoint."""
+    path = run / name
+    shutil.copytree(model_dir, path) if model_dir else path.mkdir(parents=True)
+    (path / "trainer_state.pt").write_bytes(b"")
+    return path
+
+
 def test_demo_picks_the_start_and_the_newest_checkpoint(tmp_path):
-    """checkpoint-0 and the largest step (by number, not by name); other names are ignored."""
-    for name in ["checkpoint-0", "checkpoint-20", "checkpoint-100", "checkpoint-100.tmp", "logs"]:
-        (tmp_path / name).mkdir()
+    """checkpoint-0 and the largest step (by number, not by name); other names, and a checkpoint-N
+    without trainer_state.pt (not complete), are ignored."""
+    for name in ["checkpoint-0", "checkpoint-20", "checkpoint-100", "checkpoint-100.tmp", "checkpoint-7.old", "logs"]:
+        checkpoint(tmp_path, name)
+    (tmp_path / "checkpoint-200").mkdir()  # no trainer_state.pt
     assert E.demo_checkpoints(tmp_path) == [tmp_path / "checkpoint-0", tmp_path / "checkpoint-100"]
+    assert E.run_checkpoints(tmp_path) == [tmp_path / f"checkpoint-{n}" for n in (0, 20, 100)]
 
 
 def test_demo_without_checkpoints_says_to_train_first(tmp_path, monkeypatch, capsys):
@@ -351,7 +615,7 @@ def test_demo_evaluates_before_and_after(tiny_dir, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     make_synthetic("runs/synthetic", n_train=4, n_test=8, seed=0)
     for name in ["checkpoint-0", "checkpoint-3"]:
-        shutil.copytree(tiny_dir, Path("runs/demo") / name)
+        checkpoint(Path("runs/demo"), name, tiny_dir)
     assert E.demo(batch_size=8, max_new_tokens=4, dtype="float32") == 0
     out = capsys.readouterr().out
     assert out.count("Total Accuracy:") == 2 and "Category-wise Accuracy:" in out
