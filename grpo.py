@@ -286,9 +286,9 @@ def aggregate(per_token, m, aggregation="sequence_mean", denominator=None):
         long completions are not diluted.
       token_sum: sum over all tokens / (N * max_new_tokens) (Dr. GRPO): a constant, so neither short
         right nor long wrong completions are favoured. denominator is required.
-    denominator replaces the count when a global batch is split over micro-batches and ranks (FSDP
-    averages gradients over ranks): pass global sequences, global tokens, or global sequences *
-    max_new_tokens (counting only sequences with a token in the mask), each divided by world size."""
+    denominator replaces the count when one batch is split over micro-batches and ranks (FSDP
+    averages gradients over ranks): the batch's sequences, tokens, or sequences * max_new_tokens,
+    summed over all ranks and divided by the world size."""
     assert aggregation in AGGREGATIONS, f"aggregation {aggregation!r}: use one of {AGGREGATIONS}"
     assert aggregation != "token_sum" or denominator is not None, "token_sum needs a denominator"
     if aggregation == "sequence_mean":
