@@ -9,8 +9,9 @@ One GRPO step, read top to bottom:
      the packed sequence [prompt, c_1, ..., c_G]. The same function serves the policy (with grad)
      and the frozen reference (no grad).
   5. grpo_loss: the clipped surrogate plus beta * KL(policy || reference), k3 estimator.
-     Variants sit beside the step they change, R1-AQA's the default: which std (3), clip-higher,
-     a per-sequence ratio, three aggregations, overlong filtering, dynamic sampling's test (5, 3).
+     Variants sit beside the step they change, R1-AQA's choices the defaults: in 3, which std
+     (group, batch, none) and which groups are informative (dynamic sampling); in 5, clip-higher,
+     a per-sequence ratio (GSPO), three aggregations and overlong filtering.
 
 Mask convention, used everywhere: True = this completion token is trained on, i.e. every token up
 to and including the first end token (see completion_mask). Shapes: B prompts, G completions per
