@@ -9,6 +9,9 @@ One GRPO step, read top to bottom:
      the packed sequence [prompt, c_1, ..., c_G]. The same function serves the policy (with grad)
      and the frozen reference (no grad).
   5. grpo_loss: the clipped surrogate plus beta * KL(policy || reference), k3 estimator.
+     Variants sit beside the step they change, R1-AQA's choices the defaults: in 3, which std
+     (group, batch, none) and which groups are informative (dynamic sampling); in 5, clip-higher,
+     a per-sequence ratio (GSPO), three aggregations and overlong filtering.
 
 Mask convention, used everywhere: True = this completion token is trained on, i.e. every token up
 to and including the first end token (see completion_mask). Shapes: B prompts, G completions per
@@ -118,12 +121,46 @@ def prompt_generators(seed, step, prompt_indices, device="cpu"):
 # -----------------------------------------------------------------------------
 # 3. Advantages
 
-def group_advantages(rewards, group_size, eps=1e-4):
-    """(r - mean) / (std + eps) within each group, unbiased std. Equal rewards give exactly 0."""
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards, group_size, scale="group", batch_std=None, eps=1e-4):
+    """(r - group mean) / (std + eps), unbiased std. Equal rewards in a group give exactly 0.
+    scale "group": the group's std (R1-AQA). "batch": the std of all the batch's rewards (Lite PPO,
+    "Tricks or Traps?", arXiv 2508.08221), so a group whose rewards barely differ is not blown up.
+    "none": no division (Dr. GRPO, Liu et al., arXiv 2503.20783), so too easy or too hard prompts
+    (tiny std) are not over-weighted. batch_std: the global std, reward_std of reward_sums summed
+    over ranks; None = these rewards are the whole batch."""
     assert group_size >= 2, "GRPO needs at least 2 completions per group"
+    assert scale in ADVANTAGE_SCALES, f"advantage scale {scale!r}: use one of {ADVANTAGE_SCALES}"
     r = rewards.view(-1, group_size)                                       # [B, G]
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)   # [B, G]
-    return adv.flatten()                                                   # [N]
+    centred = r - r.mean(1, keepdim=True)                                  # [B, G]
+    if scale == "group":
+        std = r.std(1, keepdim=True)                                       # [B, 1]
+    elif scale == "batch":
+        std = reward_std(reward_sums(rewards)) if batch_std is None else batch_std  # []
+    else:
+        return centred.flatten()                                           # [N] "none"
+    return (centred / (std + eps)).flatten()                               # [N]
+
+
+def reward_sums(rewards):
+    """[count, sum, sum of squares] of the rewards, fp64: what ranks all-reduce for the batch std."""
+    r = rewards.double()                                                   # [N]
+    return torch.stack([r.new_tensor(r.numel()), r.sum(), (r * r).sum()])  # [3]
+
+
+def reward_std(sums):
+    """Unbiased std of all the rewards behind sums (reward_sums, summed over ranks) as fp32."""
+    n, s, sq = sums.unbind()
+    return ((sq - s * s / n) / (n - 1)).clamp(min=0).sqrt().float()        # []
+
+
+def informative_groups(rewards, group_size):
+    """Groups whose rewards are not all equal [B]; the others have advantage 0 and give no policy
+    gradient (DAPO's dynamic sampling, Yu et al., arXiv 2503.14476, trains only on these)."""
+    r = rewards.view(-1, group_size)                                       # [B, G]
+    return (r != r[:, :1]).any(1)                                          # [B]
 
 
 # -----------------------------------------------------------------------------
@@ -190,38 +227,81 @@ def completion_logprobs(model, rollout, pad_id, temperature=1.0):
 # -----------------------------------------------------------------------------
 # 5. The loss
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.2,
-              token_mean=False, denominator=None):
+AGGREGATIONS = ("sequence_mean", "token_mean", "token_sum")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_low=0.2, clip_high=0.2,
+              aggregation="sequence_mean", denominator=None, ratio_level="token"):
     """Clipped surrogate + beta * KL, per token, aggregated over the mask.
 
     logp/old_logp/ref_logp: [N, T] log-probs of the sampled tokens (policy with grad, policy at
     sampling time, frozen reference; ref_logp may be None when beta == 0). advantages: [N].
     KL uses the k3 estimator, exp(ref - logp) - (ref - logp) - 1, which is unbiased and always >= 0
     (J. Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html).
-    Aggregation: per-sequence mean then mean over sequences (R1-AQA, default), or token_mean
-    (sum over all tokens / number of tokens). `denominator` replaces the number of sequences
-    (or tokens) when a global batch is split into micro-batches. Returns (loss, metrics)."""
+    The ratio is clipped to [1 - clip_low, 1 + clip_high]; clip-higher (DAPO, Yu et al., arXiv
+    2503.14476: 0.2 and 0.28) lets unlikely tokens with A > 0 grow further, against entropy collapse.
+    ratio_level and aggregation: see importance_ratio and aggregate. Returns (loss, metrics)."""
     m = mask.float()                                                       # [N, T]
-    ratio = torch.exp(logp - old_logp)                                     # [N, T] exactly 1 when old = logp.detach()
+    ratio = importance_ratio(logp, old_logp, m, ratio_level)               # [N, T] exactly 1 when old = logp.detach()
     adv = advantages[:, None]                                              # [N, 1]
     unclipped = ratio * adv                                                # [N, T]
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv                # [N, T]
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv               # [N, T]
     per_token = -torch.min(unclipped, clipped)                             # [N, T]
     kl = torch.zeros_like(logp)
     if beta != 0:
         delta = ref_logp - logp                                            # [N, T]
         kl = torch.exp(delta) - delta - 1                                  # [N, T] k3
         per_token = per_token + beta * kl
-    if token_mean:
-        total, count = (per_token * m).sum(), m.sum()
-    else:
-        total, count = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum(), m.new_tensor(m.size(0))
-    loss = total / (count if denominator is None else denominator)
+    loss = aggregate(per_token, m, aggregation, denominator)
     tokens = m.sum().clamp(min=1)
+    binds = (clipped < unclipped).float() * m                              # [N, T] where the clip binds
     metrics = {
         "kl": (kl * m).sum() / tokens,                                      # token mean
-        "clip_frac": ((clipped < unclipped).float() * m).sum() / tokens,   # where the clip binds
+        "clip_frac": binds.sum() / tokens,                                 # at either bound
+        "clip_frac_low": (binds * (ratio < 1)).sum() / tokens,             # at 1 - clip_low (A < 0)
+        "clip_frac_high": (binds * (ratio > 1)).sum() / tokens,            # at 1 + clip_high (A > 0)
         "ratio": (ratio * m).sum() / tokens,
         "tokens": m.sum(),
     }
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def importance_ratio(logp, old_logp, m, level="token"):
+    """pi / pi_old per token, or per sequence (GSPO, Zheng et al., arXiv 2507.18071): exp of the mean
+    token log-ratio, one weight per completion like its reward, clipped as one, so per-token noise
+    does not pile up over long completions. GSPO clips far tighter: clip_low 3e-4, clip_high 4e-4,
+    beta 0. Every token carries its sequence's ratio, so sequence_mean gives GSPO's loss and the
+    other aggregations weigh sequences by length; the KL term stays per token."""
+    assert level in RATIO_LEVELS, f"ratio level {level!r}: use one of {RATIO_LEVELS}"
+    if level == "token":
+        return torch.exp(logp - old_logp)                                  # [N, T]
+    log_ratio = ((logp - old_logp) * m).sum(1) / m.sum(1).clamp(min=1)    # [N] mean over the mask
+    return torch.exp(log_ratio)[:, None].expand_as(logp)                   # [N, T] equal along a row
+
+
+def aggregate(per_token, m, aggregation="sequence_mean", denominator=None):
+    """One loss from per-token losses [N, T] over the mask m, divided by a count:
+      sequence_mean: sum of each completion's token mean / N sequences (R1-AQA, TRL 0.15).
+      token_mean: sum over all tokens / number of tokens (DAPO): every token weighs the same, so
+        long completions are not diluted.
+      token_sum: sum over all tokens / (N * max_new_tokens) (Dr. GRPO): a constant, so neither short
+        right nor long wrong completions are favoured. denominator is required.
+    denominator replaces the count when one batch is split over micro-batches and ranks (FSDP
+    averages gradients over ranks): the batch's sequences, tokens, or sequences * max_new_tokens,
+    summed over all ranks and divided by the world size."""
+    assert aggregation in AGGREGATIONS, f"aggregation {aggregation!r}: use one of {AGGREGATIONS}"
+    assert aggregation != "token_sum" or denominator is not None, "token_sum needs a denominator"
+    if aggregation == "sequence_mean":
+        total, count = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum(), m.new_tensor(m.size(0))
+    else:
+        total, count = (per_token * m).sum(), m.sum()
+    return total / (count if denominator is None else denominator)
+
+
+def mask_truncated(mask, completion_ids, end_ids):
+    """The mask without the completions that never ended within the length limit (DAPO's overlong
+    filtering, arXiv 2503.14476): a cut-off answer is left out instead of being scored as wrong."""
+    is_end = torch.isin(completion_ids, torch.as_tensor(end_ids, device=completion_ids.device))  # [N, T]
+    ended = (is_end & mask).any(1, keepdim=True)                           # [N, 1]
+    return mask & ended                                                    # [N, T]

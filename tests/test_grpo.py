@@ -142,7 +142,7 @@ def test_loss_and_kl_by_hand():
     loss.backward()
     assert abs(logp.grad[0, 0].item() + 0.26) < 1e-6
     assert logp.grad[0, 2].item() == 0 and logp.grad[1, 1].item() == 0  # masked tokens get no gradient
-    token_loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.04, token_mean=True)
+    token_loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.04, aggregation="token_mean")
     assert abs(token_loss.item() - 0.004091) < 1e-5
     half, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.04, denominator=4)
     assert abs(half.item() - 0.503069 / 2) < 1e-5  # a global denominator of 4 sequences
