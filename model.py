@@ -208,11 +208,10 @@ def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_c
     frozen base is kept whole on every rank in the compute dtype (param_dtype, else storage_dtype),
     the adapters are sharded in fp32 and start from lora.init_adapters(model, lora.seed)."""
     device = torch.device(_device_type(), torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    base_dtype = (param_dtype or storage_dtype) if lora else storage_dtype  # a frozen base needs no fp32 master
+    model = meta_model(AutoConfig.from_pretrained(path)).to(base_dtype)
     if lora:
-        model = meta_model(AutoConfig.from_pretrained(path)).to(param_dtype or storage_dtype)
-        L.apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.audio)
-    else:
-        model = meta_model(AutoConfig.from_pretrained(path)).to(storage_dtype)
+        L.apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.audio)  # fp32 adapters
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard(model, param_dtype, lora=bool(lora))
