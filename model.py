@@ -38,6 +38,7 @@ from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # one line per checkpoint load is noise in a training log
 
+import lora as L
 from data import SAMPLE_RATE, Sample, build_prompt
 
 # Both end a completion: <|im_end|> closes the assistant turn, <|endoftext|> is also the pad token.
@@ -160,18 +161,27 @@ def suppressed_token_ids(tokenizer, vocab_size):
 # -----------------------------------------------------------------------------
 # Sharding (FSDP2)
 
-def shard(model, param_dtype=None):
+def shard(model, param_dtype=None, lora=False):
     """Shard with FSDP2 over all processes: each audio-encoder layer, each decoder layer, the lm_head,
     then `model.model` (embeddings, conv stem, projector, norms). grpo.py calls `model.model` and
     `model.lm_head` directly, so those two are the units that run the root's hooks. Parameters stay
     in their own dtype (fp32 master weights for the policy); param_dtype is the compute dtype, and
-    gradients are reduced in fp32."""
+    gradients are reduced in fp32.
+    With `lora` (the model went through lora.apply_lora) FSDP manages only what trains: every frozen
+    parameter is an ignored param, so each rank keeps the whole frozen base as it is (no sharding, no
+    all-gather, no fp32 master, gradient or optimizer state). A layer with nothing to train (lm_head,
+    or the encoder layers without audio adapters) stays a plain module; `model.model` is sharded even
+    with nothing of its own to train, as the root whose hooks run around every layer inside it."""
     mesh = init_device_mesh(_device_type(), (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    frozen = {p for p in model.parameters() if not p.requires_grad} if lora else None
+    trains = lambda unit: frozen is None or any(p.requires_grad for p in unit.parameters())
     for layer in [*model.model.audio_tower.layers, *model.model.language_model.layers]:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model.lm_head, mesh=mesh, mp_policy=mp)
-    fully_shard(model.model, mesh=mesh, mp_policy=mp)
+        if trains(layer):
+            fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=frozen)
+    if trains(model.lm_head):
+        fully_shard(model.lm_head, mesh=mesh, mp_policy=mp, ignored_params=frozen)
+    fully_shard(model.model, mesh=mesh, mp_policy=mp, ignored_params=frozen)
     return model
 
 
@@ -209,23 +219,46 @@ class unsharded:
                 unit.set_reshard_after_forward(True, recurse=False)
 
 
-def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_checkpointing=False):
+def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_checkpointing=False, lora=None):
     """Build the model on the meta device on every rank, shard it, and fill the shards from rank 0,
-    which alone reads the checkpoint: host memory holds one full copy, not one per rank."""
+    which alone reads the checkpoint: host memory holds one full copy, not one per rank.
+    With `lora` (a lora.LoRASettings) the adapters are added before sharding and only they train: the
+    frozen base is kept whole on every rank in the compute dtype (param_dtype, else storage_dtype),
+    the adapters are sharded in fp32 and start from lora.init_adapters(model, lora.seed)."""
     device = torch.device(_device_type(), torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    model = meta_model(AutoConfig.from_pretrained(path)).to(storage_dtype)
+    base_dtype = (param_dtype or storage_dtype) if lora else storage_dtype  # a frozen base needs no fp32 master
+    model = meta_model(AutoConfig.from_pretrained(path)).to(base_dtype)
+    if lora:
+        L.apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.audio)  # fp32 adapters
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    shard(model, param_dtype)
+    shard(model, param_dtype, lora=bool(lora))
     model.to_empty(device=device)
     full = {}
     if dist.get_rank() == 0:
         full = Qwen2AudioForConditionalGeneration.from_pretrained(path).state_dict()
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if lora:
+        full = broadcast_frozen(model, full) | (L.init_adapters(model, lora.seed) if dist.get_rank() == 0 else {})
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               strict=not lora))
     reset_rotary(model, device)
     if Path(path, "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
+
+
+@torch.no_grad()
+def broadcast_frozen(model, full):
+    """Fill every frozen (FSDP-ignored) parameter from rank 0's full state dict, broadcasting straight
+    into each rank's own tensor, one at a time. set_model_state_dict would fill them too, but it first
+    receives every replicated tensor into a new buffer and copies them in only at the end: a second
+    whole base per rank. Returns what is left for set_model_state_dict: rank 0's trainable entries."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            if dist.get_rank() == 0:
+                p.copy_(full.pop(name))  # cast to the compute dtype before it travels
+            dist.broadcast(p, src=0)
+    return full
 
 
 def reset_rotary(model, device):
