@@ -3,9 +3,14 @@
 OUT/checkpoint-{step}/ is a Hugging Face model folder in the compute dtype (from_pretrained,
 model.load and evaluate.py open it) plus the exact training state:
   train_state/        fp32 weight shards and the optimizer, written by torch.distributed.checkpoint
+                      (with LoRA: the adapters and their optimizer only; the base never changes)
   trainer_state.pt    the step, the lr scheduler, the RNG, the run's sample counters and the config
   train_config.json   the config, readable
 Nothing else is needed to continue bit for bit: the data order is a pure function of (seed, step).
+With LoRA a checkpoint holds the adapters in PEFT's layout (adapter_model.safetensors and an
+adapter_config.json naming the base model), which model.load merges onto the base; the last one also
+holds the merged weights, so from_pretrained opens it as a plain model. Beside the checkpoints,
+metrics.jsonl and samples.jsonl log the run, one JSON record a step.
 
 Finished work is never lost:
 - A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced, then it
@@ -28,15 +33,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
+import lora as L
 import model as M
 
-# Config fields a resumed run may change: where and how often it logs and saves, how long it runs, and
-# how it splits the batch in memory. Any other difference (model, data, group size, lr, seed, ...)
-# would silently make the second half of the run another experiment, so --resume refuses it.
-MAY_CHANGE_ON_RESUME = {"max_steps", "save_every", "keep_last", "resume", "overwrite", "log_samples",
-                        "max_bad_fraction", "eval_samples", "micro_batch", "gradient_checkpointing",
+# Config fields a resumed run may change: where the run folder is, where and how often it logs and
+# saves, how long it runs, how it splits the batch in memory, and what it is evaluated on. Any other
+# difference (model, data, group size, lr, seed, ...) would silently make the second half of the run
+# another experiment, so --resume refuses it.
+MAY_CHANGE_ON_RESUME = {"out", "max_steps", "save_every", "keep_last", "resume", "overwrite", "log_samples",
+                        "max_bad_fraction", "test_data", "eval_samples", "micro_batch", "gradient_checkpointing",
                         "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem"}
 RUN_FILES = ("metrics.jsonl", "samples.jsonl")  # what a run writes besides its checkpoints
 
@@ -126,9 +133,13 @@ def save(run, step):
     cfg, rank = run.cfg, dist.get_rank()
     out = Path(cfg.out)
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-    weights = M.gathered_state_dict(run.policy, getattr(torch, cfg.dtype))
+    weights = hf_weights(run, step)
+    adapters = L.adapter_state_dict(run.policy) if run.lora else None  # a collective: every rank calls it
     if rank == 0:
-        run.policy.save_pretrained(tmp, state_dict=weights)
+        if weights is not None:
+            run.policy.save_pretrained(tmp, state_dict=weights)
+        if adapters is not None:
+            L.save_adapters(tmp, adapters, run.lora, base_model=str(run.base))
         run.processor.save_pretrained(tmp)
     dcp.save(training_state(run), checkpoint_id=tmp / "train_state")
     counts = torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)
@@ -143,11 +154,26 @@ def save(run, step):
     dist.barrier()  # a later resume or save on any rank must see the renamed folder
 
 
+def hf_weights(run, step):
+    """The weights in the compute dtype with Hugging Face names (rank 0; {} elsewhere), or None where a
+    LoRA checkpoint before the last step holds only its adapters."""
+    if run.lora and step != run.cfg.max_steps:
+        return None
+    weights = M.gathered_state_dict(run.policy, getattr(torch, run.cfg.dtype))
+    return L.merged_state_dict(weights, run.lora) if run.lora and weights else weights
+
+
+def model_state(run):
+    """The weights train_state/ holds: all of them, or with LoRA the adapters alone (the base is frozen)."""
+    state = get_model_state_dict(run.policy)
+    return {k: v for k, v in state.items() if L.is_adapter_key(k)} if run.lora else state
+
+
 def training_state(run):
     """What train_state/ holds: the weights and, once it has any, the optimizer's state. A state dict of
     an optimizer that has not stepped yet would be made by taking a zero-gradient step, which starts
     AdamW's step count at 1 and puts its bias correction off by one for the whole run."""
-    state = {"model": get_model_state_dict(run.policy)}
+    state = {"model": model_state(run)}
     if run.optimizer.state:
         state["optim"] = get_optimizer_state_dict(run.policy, run.optimizer)
     return state
@@ -185,11 +211,11 @@ def load(run, path):
     """Restore weights, optimizer (if the checkpoint has its state), scheduler and RNG; return the step."""
     trainer = torch.load(path / "trainer_state.pt", weights_only=False)
     has_optim = holds_optimizer(path / "train_state")
-    state = {"model": get_model_state_dict(run.policy)}
+    state = {"model": model_state(run)}
     if has_optim:
         state["optim"] = get_optimizer_state_dict(run.policy, run.optimizer)
     dcp.load(state, checkpoint_id=path / "train_state")
-    set_model_state_dict(run.policy, state["model"])
+    set_model_state_dict(run.policy, state["model"], options=StateDictOptions(strict=not run.lora))
     if has_optim:
         set_optimizer_state_dict(run.policy, run.optimizer, state["optim"])
     run.scheduler.load_state_dict(trainer["scheduler"])
@@ -203,3 +229,19 @@ def holds_optimizer(train_state):
     """Whether a train_state/ written by save() holds optimizer state (checkpoint-0 does not)."""
     metadata = dcp.FileSystemReader(train_state).read_metadata()
     return any(key.startswith("optim") for key in metadata.state_dict_metadata)
+
+
+# -----------------------------------------------------------------------------
+# The run's logs
+
+def truncate_log(path, step):
+    """Drop records past `step`: a resumed run rewrites what the interrupted one logged after its checkpoint."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def append_jsonl(path, records):
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")

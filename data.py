@@ -325,6 +325,15 @@ def build_prompt(question: str, choices: list[str], prompt: str = "answer") -> s
     return f"{question} Please choose the answer from the following options: {choices}.{_ASK[prompt]}"
 
 
+def target_text(answer: str, prompt: str = "answer") -> str:
+    """What supervised fine-tuning teaches the model to reply: the choice itself (direct, the paper's
+    SFT rows) or in answer tags (answer, the form GRPO rewards). The think prompt would need a reasoning
+    to imitate, which question files do not have."""
+    if prompt == "think":
+        raise ValueError("the think prompt has no supervised target: the data holds answers, not reasoning")
+    return answer if prompt == "direct" else f"<answer>{answer}</answer>"
+
+
 # -----------------------------------------------------------------------------
 # synthetic task: which pitch band is this tone in?
 

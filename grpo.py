@@ -305,3 +305,22 @@ def mask_truncated(mask, completion_ids, end_ids):
     is_end = torch.isin(completion_ids, torch.as_tensor(end_ids, device=completion_ids.device))  # [N, T]
     ended = (is_end & mask).any(1, keepdim=True)                           # [N, 1]
     return mask & ended                                                    # [N, T]
+
+
+# -----------------------------------------------------------------------------
+# 6. The supervised baseline, on the same log-probs
+
+def sft_loss(logp, mask, denominator=None):
+    """Cross-entropy of given target tokens (teacher forcing, the paper's SFT rows): the sum of -log p
+    over the mask divided by the number of its tokens, or by denominator (the global batch's tokens /
+    world size, when a batch is split over micro-batches and ranks, as in grpo_loss). The prompt is never
+    in the mask, so only the answer is learned. Returns (loss, metrics); answer_prob is the mean
+    probability of a whole target."""
+    m = mask.float()                                                       # [B, T]
+    nll = -(logp * m).sum()                                                # []
+    tokens, rows = m.sum(), mask.any(1)                                    # [], [B]
+    loss = nll / (tokens.clamp(min=1) if denominator is None else denominator)
+    answer_prob = ((logp * m).sum(1).exp() * rows).sum() / rows.sum().clamp(min=1)  # []
+    metrics = {"nll": nll / tokens.clamp(min=1), "answer_prob": answer_prob, "tokens": tokens,
+               "sequences": rows.sum().float()}
+    return loss, {k: v.detach() for k, v in metrics.items()}

@@ -39,6 +39,10 @@ ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 PEFT_PREFIX = "base_model.model."  # PEFT's LoraModel wraps the Hugging Face model as base_model.model
 
 
+class LoRAError(ValueError):
+    """LoRA settings that cannot apply to the model (a target that matches nothing, a rank <= 0, ...)."""
+
+
 @dataclass
 class LoRASettings:
     """What apply_lora was given, plus the seed of init_adapters: enough to rebuild, merge and save."""
@@ -100,7 +104,7 @@ def find_targets(model, targets, audio):
     for t in targets:
         if not any(leaf(n) == t for n in linears):
             names = sorted({leaf(n) for n in linears}, key=lambda n: (n == "lm_head", n))
-            raise ValueError(f"LoRA target {t!r} matches no linear layer of the language model "
+            raise LoRAError(f"LoRA target {t!r} matches no linear layer of the language model "
                              f"(its linear layers are named: {', '.join(names)})")
     found = {n: m for n, m in linears.items() if leaf(n) in targets}
     if audio:
@@ -115,12 +119,12 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=LM_TARGETS, audio=False)
     Adapters start as PEFT's do (global RNG); load init_adapters(model, seed) for values that depend on
     nothing else."""
     if not (isinstance(rank, int) and rank > 0):
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
     if not 0 <= dropout < 1:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     found = find_targets(model, tuple(targets), audio)
     if any(isinstance(m, LoRALinear) for m in found.values()):
-        raise ValueError("this model already has LoRA adapters")
+        raise LoRAError("this model already has LoRA adapters")
     for name, module in found.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, LoRALinear(module, rank, alpha, dropout))
@@ -221,12 +225,12 @@ def load_adapters(folder):
     folder = Path(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA" or config.get("use_rslora") or config.get("use_dora"):
-        raise ValueError(f"{folder / 'adapter_config.json'}: not a plain LoRA adapter "
+        raise LoRAError(f"{folder / 'adapter_config.json'}: not a plain LoRA adapter "
                          f"(peft_type {config.get('peft_type')!r}); this project reads only those")
     tensors = {}
     for key, value in load_file(folder / "adapter_model.safetensors").items():
         if not (key.startswith(PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise ValueError(f"{folder / 'adapter_model.safetensors'}: {key!r} is not a LoRA A or B weight")
+            raise LoRAError(f"{folder / 'adapter_model.safetensors'}: {key!r} is not a LoRA A or B weight")
         tensors[key.removeprefix(PEFT_PREFIX).removesuffix(".weight")] = value
     modules = [k.rsplit(".", 1)[0] for k in tensors if k.endswith(".lora_A")]
     leaves = {m.rsplit(".", 1)[-1] for m in modules if ".audio_tower." not in m}

@@ -105,6 +105,9 @@ def check_model_dir(path, flag="--model"):
     path, what = Path(path), "give a local Qwen2-Audio folder, a checkpoint-N that train.py wrote, or `tiny`"
     if not path.is_dir():
         raise UsageError(f"{flag} {path}: {'not a folder' if path.exists() else 'no such folder'} ({what})")
+    if adapter_base(path) is not None:  # a LoRA checkpoint: its adapters, and the model they adapt
+        check_model_dir(adapter_base(path), f"{flag} {path}: its adapter_config.json names a base model, but")
+        return path
     config = path / "config.json"
     if not config.is_file():
         raise UsageError(f"{flag} {path}: no config.json in this folder, so it is not a model folder ({what})")
@@ -125,7 +128,9 @@ def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False)
     views of the memory-mapped file (no copy; processes on one machine share the OS page cache), then
     moved and cast one tensor at a time: no process ever holds a full copy in host memory unless
     `device` is the CPU. The result equals from_pretrained(path, dtype=dtype) moved to `device`."""
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype="auto")
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(adapter_base(path) or path, dtype="auto")
+    if adapter_base(path) is not None:
+        merge_adapters(model, path)
     model.to(device=device, dtype=dtype)
     reset_rotary(model, device)  # from_pretrained keeps the rotary frequencies in fp32; .to(dtype) rounded them
     for config in (model.config, model.config.audio_config, model.config.text_config):
@@ -135,6 +140,21 @@ def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, load_processor(path)
+
+
+def adapter_base(path):
+    """The base model folder of a LoRA checkpoint that holds only adapters (train.py writes those before
+    the last step), else None."""
+    path = Path(path)
+    if (path / "config.json").exists() or not (path / "adapter_config.json").exists():
+        return None
+    return Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
+def merge_adapters(model, folder):
+    """Fold the LoRA adapters saved in folder into the model's weights: W + alpha / r * B A."""
+    adapters, settings = L.load_adapters(folder)
+    model.load_state_dict(L.merged_state_dict({**model.state_dict(), **adapters}, settings))
 
 
 def load_processor(path):
@@ -201,7 +221,8 @@ def reshard(model):
 class unsharded:
     """Context: gather every FSDP unit once, keep it gathered for the whole rollout, then reshard.
     Otherwise each decoded token would all-gather the whole model, and ranks whose decode loops stop
-    at different steps would wait on each other forever."""
+    at different steps would wait on each other forever. The gathers happen on entering, on every rank
+    in the same order, so a rank with nothing to generate cannot leave the others waiting either."""
 
     def __init__(self, model):
         self.model = model
@@ -209,6 +230,7 @@ class unsharded:
     def __enter__(self):
         for unit in fsdp_units(self.model):
             unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
         return self.model
 
     def __exit__(self, *exc):
@@ -282,7 +304,7 @@ def gathered_state_dict(model, dtype):
     `dtype` (16.8 GB in bf16 at 7B) instead of an fp32 copy plus its cast (about 50 GB at the peak)."""
     out = {}
     for name, tensor in get_model_state_dict(model).items():
-        whole = tensor.to(dtype)
+        whole = tensor if L.is_adapter_key(name) else tensor.to(dtype)  # adapters stay fp32, to be merged
         whole = whole.full_tensor() if isinstance(whole, DTensor) else whole  # a collective: every rank calls it
         if dist.get_rank() == 0:
             out[name] = whole.cpu()

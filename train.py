@@ -1,9 +1,11 @@
-"""Train Qwen2-Audio with GRPO, the R1-AQA recipe, on one process or many.
+"""Train Qwen2-Audio with GRPO, the R1-AQA recipe, or with supervised fine-tuning, on one process or many.
 
-Each step: take prompts_per_step questions, sample group_size answers to each, score them with the
-R1-AQA rewards, turn the rewards into group-relative advantages, and take an AdamW step on the
-clipped-surrogate + KL loss (all the math is in grpo.py). The model is always sharded with FSDP2:
-fp32 master weights, bf16 compute, and a process group of one when not launched by torchrun.
+GRPO (the default), each step: take prompts_per_step questions, sample group_size answers to each,
+score them with the R1-AQA rewards, turn the rewards into group-relative advantages, and take an
+AdamW step on the clipped-surrogate + KL loss (all the math is in grpo.py). SFT (--algo sft, the
+paper's baseline): the same questions, cross-entropy on the correct answer. The model is always
+sharded with FSDP2: fp32 master weights (or, with --lora-rank, a frozen base and fp32 adapters),
+bf16 compute, and a process group of one when not launched by torchrun.
 
     python train.py                      # the CPU workshop demo: tiny model, synthetic pitch task
     torchrun --nproc_per_node 8 train.py --model /path/Qwen2-Audio-7B-Instruct --data train.jsonl
@@ -27,7 +29,9 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import evaluate
 import grpo
+import lora as L
 import model as M
 import plan
 import reward
@@ -43,16 +47,22 @@ class Config:
     test_data: str = ""  # held-out data scored before and after training ("" = none; synthetic: its test split)
     out: str = "runs/demo"  # run folder: metrics.jsonl, samples.jsonl, checkpoint-{step}/
     cache_dir: str = "runs"  # where the tiny model and the synthetic task are built
-    max_steps: int = 1000  # GRPO steps; each samples one batch of groups
+    algo: str = "grpo"  # grpo, or sft: supervised fine-tuning on the correct answer (the paper's baseline)
+    max_steps: int = 1000  # optimizer steps; each takes one global batch of questions
     prompts_per_step: int = 16  # global batch in prompts (all processes together)
     micro_batch: int = 1  # prompts per forward on each process, for sampling and for training
     group_size: int = 8  # G: completions sampled per prompt
-    lr: float = 1e-6  # AdamW learning rate
+    lr: float = 1e-6  # AdamW learning rate (when not given: 1e-6 GRPO, 1e-5 GRPO+LoRA and SFT, 1e-4 SFT+LoRA)
     lr_decay: bool = True  # decay the learning rate linearly to 0 over the run (R1-AQA); off = constant
     beta: float = 0.04  # KL weight; 0 drops the reference model entirely
-    clip_eps: float = 0.2  # PPO clip range of the ratio
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high] (PPO; R1-AQA 0.2)
+    clip_high: float = 0.2  # upper clip range; DAPO's clip-higher uses 0.28
     num_iterations: int = 1  # optimizer steps per rollout batch (mu); > 1 makes the clip act
-    token_mean: bool = False  # loss = sum over tokens / tokens, instead of R1-AQA's mean of sequence means
+    loss_aggregation: str = "sequence_mean"  # sequence_mean (R1-AQA), token_mean (DAPO), token_sum (Dr. GRPO)
+    advantage_scale: str = "group"  # divide advantages by the group's std (R1-AQA), the batch's, or none (Dr. GRPO)
+    ratio_level: str = "token"  # importance ratio per token (R1-AQA), or per sequence (GSPO)
+    mask_truncated: bool = False  # leave completions cut off at --max-new-tokens out of the loss (DAPO)
+    dynamic_sampling: int = 0  # extra rounds of prompts to replace groups with equal rewards (DAPO; 0 = off)
     temperature: float = 1.0  # sampling temperature (also divides the logits in the loss)
     top_k: int = 50  # sample among the k likeliest tokens (0 = all)
     top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
@@ -63,6 +73,11 @@ class Config:
     prompt: str = "answer"  # the paper's prompt: direct (<1>), answer (<2>, R1-AQA), think (<3>); sets the format reward
     dtype: str = "bfloat16"  # compute dtype (bfloat16 or float32); weights and optimizer stay fp32
     gradient_checkpointing: bool = True  # recompute layer activations in backward to save memory
+    lora_rank: int = 0  # LoRA adapters of this rank on a frozen base (0 = train every weight)
+    lora_alpha: float = 16.0  # LoRA scaling is alpha / rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input (> 0: 1 and 2 processes no longer agree)
+    lora_targets: str = ",".join(L.LM_TARGETS)  # language-model linears that get adapters (lm_head too if named)
+    lora_audio: bool = False  # also put adapters on every linear of the audio encoder
     balance_answers: bool = False  # order the data so every batch has each answer equally often
     warm_start_steps: int = 0  # supervised steps on the answer FORMAT only (random answers), before GRPO
     warm_start_lr: float = 3e-3  # learning rate of the warm start
@@ -87,6 +102,11 @@ class Config:
 DEMO = dict(max_steps=600, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=False, beta=0.1,
             max_new_tokens=16, dtype="float32", gradient_checkpointing=False, balance_answers=True,
             warm_start_steps=60, save_every=50, seed=0)
+# The learning rate when none is given, by (algo, LoRA). GRPO: R1-AQA's 1e-6. The paper does not give its
+# SFT settings; these are the common choices for a 7B model, ten times higher for LoRA's few weights
+# than for all of them: 1e-5 for full SFT, 1e-4 for LoRA SFT (as in the LoRA and QLoRA papers' 7B
+# runs), and 1e-5 for GRPO with LoRA. A choice, not the paper's values.
+DEFAULT_LR = {("grpo", False): 1e-6, ("grpo", True): 1e-5, ("sft", False): 1e-5, ("sft", True): 1e-4}
 
 
 def parse_args(argv=None):
@@ -99,7 +119,10 @@ def parse_args(argv=None):
         parser.add_argument(flag, action=action, default=None, help=f"{helps[f.name]} (default {f.default})", **kind)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     demo = given.get("model", "tiny") == "tiny" and given.get("data", "synthetic") == "synthetic" and not given.get("plan")
-    return replace(Config(), **{**(DEMO if demo else {}), **given}), demo
+    cfg = replace(Config(), **{**(DEMO if demo else {}), **given})
+    if "lr" not in given and not demo:
+        cfg.lr = DEFAULT_LR.get((cfg.algo, cfg.lora_rank > 0), cfg.lr)
+    return cfg, demo
 
 
 WARM_START_BATCH = 16  # questions per warm-start step, all processes together
@@ -107,20 +130,39 @@ WARM_START_BATCH = 16  # questions per warm-start step, all processes together
 
 def validate(cfg, world):
     """Flags that make no sense stop the run before anything is built, each named with the reason."""
-    share = cfg.prompts_per_step // world
-    rules = [
+    problems = [f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}"
+                for ok, flag, why in sampling_rules(cfg) + batch_rules(cfg, world) + mode_rules(cfg) if not ok]
+    if problems:
+        raise M.UsageError("; ".join(problems))
+
+
+def sampling_rules(cfg):
+    return [
+        (cfg.algo in ("grpo", "sft"), "algo", "must be grpo or sft"),
         (cfg.temperature > 0, "temperature", "must be > 0: it divides the logits"),
-        (cfg.group_size >= 2, "group_size", "GRPO compares completions: at least 2 per prompt"),
+        (cfg.group_size >= 2 or cfg.algo == "sft", "group_size", "GRPO compares completions: at least 2 per prompt"),
         (0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]"),
         (cfg.top_k >= 0, "top_k", "must be >= 0 (0 = no limit)"),
         (cfg.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
         (cfg.beta >= 0, "beta", "must be >= 0 (0 = no KL term and no reference model)"),
         (cfg.lr >= 0, "lr", "must be >= 0"),
         (cfg.warm_start_lr >= 0, "warm_start_lr", "must be >= 0"),
-        (cfg.clip_eps > 0, "clip_eps", "must be > 0"),
+        (0 < cfg.clip_low < 1, "clip_low", "must be in (0, 1)"),
+        (cfg.clip_high > 0, "clip_high", "must be > 0"),
         (cfg.num_iterations >= 1, "num_iterations", "must be >= 1"),
         (cfg.grad_clip > 0, "grad_clip", "must be > 0"),
         (cfg.weight_decay >= 0, "weight_decay", "must be >= 0"),
+        (cfg.loss_aggregation in grpo.AGGREGATIONS, "loss_aggregation", f"must be one of {', '.join(grpo.AGGREGATIONS)}"),
+        (cfg.advantage_scale in grpo.ADVANTAGE_SCALES, "advantage_scale",
+         f"must be one of {', '.join(grpo.ADVANTAGE_SCALES)}"),
+        (cfg.ratio_level in grpo.RATIO_LEVELS, "ratio_level", f"must be one of {', '.join(grpo.RATIO_LEVELS)}"),
+        (cfg.dynamic_sampling >= 0, "dynamic_sampling", "must be >= 0 (extra rounds; 0 = off)"),
+    ]
+
+
+def batch_rules(cfg, world):
+    share = cfg.prompts_per_step // world
+    return [
         (cfg.max_steps >= 0, "max_steps", "must be >= 0"),
         (cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world == 0, "prompts_per_step",
          f"the global batch must split evenly over the {world} process(es)"),
@@ -133,13 +175,25 @@ def validate(cfg, world):
         (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]"),
         (cfg.eval_samples >= 0, "eval_samples", "must be >= 0"),
         (cfg.log_samples >= 0, "log_samples", "must be >= 0"),
+    ]
+
+
+def mode_rules(cfg):
+    lora_given = (cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.lora_audio) != (
+        Config.lora_alpha, Config.lora_dropout, Config.lora_targets, Config.lora_audio)
+    return [
         (cfg.dtype in ("bfloat16", "float32"), "dtype", "must be bfloat16 or float32"),
         (cfg.prompt in data.PROMPTS, "prompt", f"must be one of {', '.join(data.PROMPTS)}"),
         (cfg.downmix in data.DOWNMIX, "downmix", f"must be one of {', '.join(data.DOWNMIX)}"),
+        (cfg.prompt != "think" or (cfg.algo == "grpo" and not cfg.warm_start_steps), "prompt",
+         "has no supervised target for --algo sft or --warm-start-steps: the data holds answers, not reasoning"),
+        (cfg.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = no LoRA)"),
+        (cfg.lora_rank > 0 or not lora_given, "lora_rank",
+         "is 0, so --lora-alpha/--lora-dropout/--lora-targets/--lora-audio would do nothing: give a rank"),
+        (cfg.lora_rank == 0 or not cfg.warm_start_steps, "lora_rank",
+         "with --warm-start-steps: warm start a full model first, then start LoRA from its checkpoint-0"),
+        (0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
     ]
-    problems = [f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}" for ok, flag, why in rules if not ok]
-    if problems:
-        raise M.UsageError("; ".join(problems))
 
 
 def check_paths(cfg):
@@ -151,9 +205,12 @@ def check_paths(cfg):
             what = "is a folder, not a question file" if Path(path).is_dir() else "no such file"
             raise M.UsageError(f"{flag} {path}: {what} (give an R1-AQA/AVQA JSONL, MMAU JSON or plain JSONL file"
                                + (", or `synthetic`)" if flag == "--data" else ")"))
-    if cfg.audio_dir and not Path(cfg.audio_dir).is_dir():
-        raise M.UsageError(f"--audio-dir {cfg.audio_dir}: no such folder (it is where relative audio paths "
-                           f"in the data are looked up; leave it out to use the data file's folder)")
+    if cfg.audio_dir:
+        try:
+            data.check_audio_dir(cfg.audio_dir)
+        except data.DataError as e:
+            raise M.UsageError(f"{e} (it is where relative audio paths in the data are looked up; leave it "
+                               f"out to use the data file's folder)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -173,10 +230,8 @@ def read_questions(flag, path, cfg):
         return []
     try:
         samples = data.read_samples(path, cfg.audio_dir or None)
-    except (data.DataError, OSError) as e:
+    except data.DataError as e:
         raise M.UsageError(f"{flag}: {e}") from None
-    if not samples:
-        raise M.UsageError(f"{flag} {path}: no questions in the file")
     return samples
 
 
@@ -203,9 +258,13 @@ def epoch_order(answers, epoch, seed, balance):
     return [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
 
 
-def step_indices(cfg, answers, step):
+def step_indices(cfg, answers, step, extra_round=0):
     """Dataset indices of the global batch of `step`: a slice of an endless run of epochs. Depends on
-    nothing but (seed, step), so a resumed run sees exactly the data the interrupted one would have."""
+    nothing but (seed, step), so a resumed run sees exactly the data the interrupted one would have.
+    An extra round of dynamic sampling draws its prompts from (seed, step, round) alone."""
+    if extra_round:
+        rng = np.random.default_rng([cfg.seed, step, extra_round])
+        return rng.choice(len(answers), cfg.prompts_per_step, replace=cfg.prompts_per_step > len(answers)).tolist()
     n, start = len(answers), step * cfg.prompts_per_step
     out = []
     while len(out) < cfg.prompts_per_step:
@@ -241,7 +300,7 @@ class Run:
     """Everything a step needs, built once."""
     cfg: Config
     policy: torch.nn.Module
-    ref: torch.nn.Module | None
+    ref: torch.nn.Module | None  # a frozen copy; None with beta 0, or with LoRA (the adapters are switched off)
     processor: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -251,6 +310,8 @@ class Run:
     pad_id: int
     suppress_ids: list
     counts: dict  # samples seen and unreadable, on this rank
+    base: Path  # the model folder the policy was loaded from
+    lora: L.LoRASettings | None = None
 
 
 @dataclass
@@ -262,7 +323,9 @@ class Group:
     rewards: torch.Tensor      # [N]
     accuracy: torch.Tensor     # [N]
     format: torch.Tensor       # [N]
-    advantages: torch.Tensor   # [N]
+    valid: torch.Tensor        # [N] bool, False = unreadable audio (never trained on)
+    lengths: torch.Tensor      # [N] completion tokens, up to and including the first end token
+    advantages: torch.Tensor | None = None  # [N]
     ref_logp: torch.Tensor | None = None  # [N, T]
     old_logp: torch.Tensor | None = None  # [N, T]
 
@@ -288,67 +351,139 @@ def rollout(run, step, positions, samples):
             r = grpo.generate_groups(run.policy, inputs, gens, cfg.group_size,
                                      cfg.max_new_tokens, run.end_ids, run.pad_id, run.suppress_ids,
                                      cfg.temperature, cfg.top_k, cfg.top_p)
-            r.mask &= torch.tensor(ok, device=run.device).repeat_interleave(cfg.group_size)[:, None]
             groups.append(score(run, r, batch, ok))
     return groups
 
 
 def score(run, r, samples, ok):
+    """Rewards of every completion. Unreadable audio, and with --mask-truncated completions cut off at
+    the length limit, are masked out of the loss."""
     texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
     answers = [s.answer for s in samples for _ in range(r.group_size)]
     scores = [reward.score(t, a, run.cfg.prompt) for t, a in zip(texts, answers)]
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=run.device)
-    rewards = as_tensor([s.total for s in scores])                       # [N]
-    valid = as_tensor(ok).repeat_interleave(r.group_size)                # [N] 0 = unreadable audio
-    advantages = grpo.group_advantages(rewards, r.group_size) * valid   # [N]
-    return Group(r, samples, texts, rewards, as_tensor([s.accuracy for s in scores]),
-                 as_tensor([s.format for s in scores]), advantages)
+    valid = torch.tensor(ok, device=run.device).repeat_interleave(r.group_size)  # [N]
+    lengths = r.mask.sum(1)                                                  # [N]
+    r.mask &= valid[:, None]                                                 # [N, T]
+    if run.cfg.mask_truncated:
+        r.mask = grpo.mask_truncated(r.mask, r.completion_ids, run.end_ids)  # [N, T]
+    return Group(r, samples, texts, as_tensor([s.total for s in scores]), as_tensor([s.accuracy for s in scores]),
+                 as_tensor([s.format for s in scores]), valid, lengths)
+
+
+def sample_groups(run, step):
+    """This rank's groups for the step, and (prompts sampled, groups dropped) over all ranks. With
+    --dynamic-sampling R, groups whose rewards are all equal (no policy gradient) are dropped and up to
+    R extra rounds of prompts are sampled, until the global batch holds prompts_per_step informative
+    groups (DAPO's dynamic sampling, Yu et al., arXiv 2503.14476). Every rank decides from all-reduced
+    flags, so all stop together; every round's prompts are a pure function of (seed, step, round)."""
+    cfg, P, answers = run.cfg, run.cfg.prompts_per_step, [s.answer for s in run.train]
+    positions = my_share(list(range(P)), dist.get_rank(), dist.get_world_size())
+    groups, informative = [], []
+    for extra in range(cfg.dynamic_sampling + 1):
+        indices = step_indices(cfg, answers, step, extra)
+        new = rollout(run, step, [extra * P + p for p in positions], [run.train[indices[p]] for p in positions])
+        flags = torch.zeros(P, device=run.device)                             # [P] over all ranks
+        flags[positions] = torch.cat([grpo.informative_groups(g.rewards, cfg.group_size).float() for g in new])
+        groups, informative = groups + new, informative + [all_sum(flags)]
+        if not cfg.dynamic_sampling or torch.cat(informative).sum() >= P:
+            break
+    if not cfg.dynamic_sampling:
+        return groups, P, 0
+    keep = torch.cat(informative).bool()                                      # [rounds * P]
+    keep &= keep.cumsum(0) <= P                                               # the first P informative groups
+    mine = torch.cat([keep[r * P:(r + 1) * P][positions] for r in range(len(informative))])  # this rank's prompts
+    for g, kept in zip(groups, chunks(mine, cfg.micro_batch)):
+        g.rollout.mask &= kept.repeat_interleave(cfg.group_size)[:, None]
+    return groups, len(informative) * P, len(informative) * P - int(keep.sum())
 
 
 def train_step(run, step):
-    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
+    cfg, world = run.cfg, dist.get_world_size()
     t0 = time.time()
-    indices = step_indices(cfg, [s.answer for s in run.train], step)
-    positions = my_share(list(range(cfg.prompts_per_step)), rank, world)
-    groups = rollout(run, step, positions, [run.train[indices[p]] for p in positions])
+    sampled_groups, sampled, dropped = sample_groups(run, step)
+    per_round = len(chunks(my_share(range(cfg.prompts_per_step), 0, world), cfg.micro_batch))
+    stats = rollout_stats(run, sampled_groups[:per_round])  # the step's own prompts, before any is dropped
+    groups = trained_groups(run, sampled_groups)
+    set_advantages(run, groups)
     with torch.no_grad():
         for g in groups:
-            if run.ref is not None:
-                g.ref_logp = grpo.completion_logprobs(run.ref, g.rollout, run.pad_id, cfg.temperature)
+            if cfg.beta:
+                g.ref_logp = reference_logprobs(run, g.rollout)
             if cfg.num_iterations > 1:  # the policy as it sampled; with mu = 1 it is logp.detach()
                 g.old_logp = grpo.completion_logprobs(run.policy, g.rollout, run.pad_id, cfg.temperature)
     if run.ref is not None:
         M.reshard(run.ref)  # it never runs backward, which is where FSDP would free its root units
-    # Normalise by the whole global batch, not per micro-batch or per rank. FSDP averages gradients
-    # over ranks, so each rank divides by (global count / world size).
-    local = sum((g.rollout.mask.sum() if cfg.token_mean else g.rollout.mask.any(1).sum()) for g in groups)
-    denominator = all_sum(torch.stack([local.float()]))[0].clamp(min=1) / world
+    denominator = loss_denominator(run, groups)
     run.policy.train()
     skipped = 0
     for _ in range(cfg.num_iterations):
-        stats = optimizer_step(run, groups, denominator)  # the metrics of the last pass are logged
-        skipped += stats["skipped"]
-    stats.update(rollout_stats(run, groups), skipped=skipped)
+        losses = optimizer_step(run, groups, denominator)  # the metrics of the last pass are logged
+        skipped += losses["skipped"]
+    stats.update(losses, skipped=skipped, prompts_sampled=sampled, groups_dropped=dropped)
     metrics = {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}
-    return metrics, sample_records(run, groups, step + 1)
+    return metrics, sample_records(run, sampled_groups, step + 1)
+
+
+def trained_groups(run, groups):
+    """The micro-batches that go through the policy pass: all of them, but with dynamic sampling only
+    those in which some rank kept a group. Every rank keeps the same micro-batch slots, so each runs
+    the same number of forwards and backwards (FSDP's collectives line up)."""
+    if not run.cfg.dynamic_sampling:
+        return groups
+    used = all_sum(torch.stack([g.rollout.mask.any().float() for g in groups]))  # [micro-batches] over ranks
+    return [g for g, n in zip(groups, used.tolist()) if n > 0]
+
+
+def set_advantages(run, groups):
+    """Group-relative advantages; with --advantage-scale batch, the std of every trained reward of the
+    global batch (summed over ranks, so one process equals two). Masked samples get 0."""
+    cfg, batch_std = run.cfg, None
+    trained = [g.rollout.mask.any(1) for g in groups]                                  # [N] each
+    if cfg.advantage_scale == "batch":
+        sums = sum(grpo.reward_sums(g.rewards[t]) for g, t in zip(groups, trained))    # [3]
+        batch_std = grpo.reward_std(all_sum(sums))
+    for g, t in zip(groups, trained):
+        g.advantages = grpo.group_advantages(g.rewards, cfg.group_size, cfg.advantage_scale, batch_std) * t
+
+
+def reference_logprobs(run, rollout):
+    """Log-probs under the frozen reference: its own sharded copy, or with LoRA the policy itself with
+    its adapters switched off (the base model, with no second copy of the weights)."""
+    if run.ref is not None:
+        return grpo.completion_logprobs(run.ref, rollout, run.pad_id, run.cfg.temperature)
+    with L.adapters_disabled(run.policy):
+        return grpo.completion_logprobs(run.policy, rollout, run.pad_id, run.cfg.temperature)
+
+
+def loss_denominator(run, groups):
+    """Normalise by the whole global batch, not per micro-batch or per rank: its trained sequences, its
+    trained tokens, or sequences x max_new_tokens (grpo.aggregate). FSDP averages gradients over ranks,
+    so each rank divides by (global count / world size)."""
+    cfg = run.cfg
+    rows = sum(g.rollout.mask.any(1).sum() for g in groups)
+    local = {"sequence_mean": rows, "token_mean": sum(g.rollout.mask.sum() for g in groups),
+             "token_sum": rows * cfg.max_new_tokens}[cfg.loss_aggregation]
+    return all_sum(torch.stack([torch.as_tensor(local, device=run.device).float()]))[0].clamp(min=1) / dist.get_world_size()
 
 
 def optimizer_step(run, groups, denominator):
-    """Accumulate the loss over micro-batches, clip, and step. A non-finite gradient norm (the norm is
-    global, so every rank sees the same value) skips the update on all ranks."""
-    cfg, sums = run.cfg, torch.zeros(3, device=run.device)
+    """Accumulate the loss over micro-batches, clip, and step (or skip on a non-finite norm)."""
+    cfg, sums = run.cfg, torch.zeros(5, device=run.device)
     for g in groups:
         logp = grpo.completion_logprobs(run.policy, g.rollout, run.pad_id, cfg.temperature)  # [N, T]
         old = logp.detach() if g.old_logp is None else g.old_logp
-        loss, m = grpo.grpo_loss(logp, old, g.ref_logp, g.advantages, g.rollout.mask, cfg.beta, cfg.clip_eps,
-                                 cfg.token_mean, denominator)
+        loss, m = grpo.grpo_loss(logp, old, g.ref_logp, g.advantages, g.rollout.mask, cfg.beta, cfg.clip_low,
+                                 cfg.clip_high, cfg.loss_aggregation, denominator, cfg.ratio_level)
         loss.backward()
-        sums += torch.stack([m["kl"] * m["tokens"], m["clip_frac"] * m["tokens"], m["tokens"]])
+        sums += torch.stack([m[k] * m["tokens"] for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high")]
+                            + [m["tokens"]])
     grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
     run.scheduler.step()
-    kl, clip, tokens = all_sum(sums).tolist()
-    return {"kl": kl / max(tokens, 1), "clip_frac": clip / max(tokens, 1), "grad_norm": grad_norm,
-            "skipped": int(not finite)}
+    kl, clip, low, high, tokens = all_sum(sums).tolist()
+    tokens = max(tokens, 1)
+    return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
+            "clip_frac_high": high / tokens, "grad_norm": grad_norm, "skipped": int(not finite)}
 
 
 def clip_and_step(model, optimizer, max_norm):
@@ -364,15 +499,14 @@ def clip_and_step(model, optimizer, max_norm):
 
 
 def rollout_stats(run, groups):
-    """Means over the global batch of valid (readable) samples."""
+    """Means over the global batch of readable samples: what the policy does, before any is dropped."""
     G = run.cfg.group_size
     rows = []
     for g in groups:
-        valid = g.rollout.mask.any(1).float()                           # [N]
-        r = g.rewards.view(-1, G)                                       # [B, G]
-        zero_std = (r.std(1) == 0).float().repeat_interleave(G)          # [N]
+        valid = g.valid.float()                                         # [N]
+        zero_std = (g.rewards.view(-1, G).std(1) == 0).float().repeat_interleave(G)  # [N]
         rows.append(torch.stack([valid, g.rewards * valid, g.accuracy * valid, g.format * valid,
-                                 g.rollout.mask.sum(1) * valid, zero_std * valid]).sum(1))
+                                 g.lengths * valid, zero_std * valid]).sum(1))
     n, rew, acc, fmt, length, zero = all_sum(torch.stack(rows).sum(0)).tolist()
     n = max(n, 1)
     return {"reward": rew / n, "accuracy": acc / n, "format": fmt / n, "completion_len": length / n,
@@ -389,7 +523,53 @@ def trainable(model):
 
 
 # -----------------------------------------------------------------------------
-# Warm start and held-out accuracy (both on the same packed forward as GRPO)
+# Supervised steps: SFT (--algo sft) and the format warm start, on the same packed forward as GRPO
+
+def sft_step(run, step):
+    """Supervised fine-tuning on the questions GRPO would see at this step: the target is the correct
+    choice in the prompt's format (data.target_text), then the end token."""
+    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
+    t0 = time.time()
+    indices = step_indices(cfg, [s.answer for s in run.train], step)
+    batch = my_share([run.train[i] for i in indices], rank, world)
+    targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
+    run.policy.train()
+    stats = supervised_step(run, run.optimizer, batch, targets, run.counts)
+    run.scheduler.step()
+    return {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}, []
+
+
+def supervised_step(run, optimizer, samples, targets, counts=None):
+    """One optimizer step of cross-entropy on the target texts of this rank's share of a global batch,
+    micro-batch by micro-batch (as GRPO's steps, so the forwards are the same on 1 process as on 2).
+    The loss is the sum of -log p over the global batch's target tokens over their number (grpo.sft_loss).
+    Logged: that loss, and p(answer), the mean probability of a whole target."""
+    batches = [teacher_forced(run, s, t, counts) for s, t in zip(chunks(samples, run.cfg.micro_batch),
+                                                                 chunks(targets, run.cfg.micro_batch))]
+    tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
+    sums = torch.zeros(3, device=run.device)
+    for r in batches:
+        logp = grpo.completion_logprobs(run.policy, r, run.pad_id)                 # [B, T]
+        loss, m = grpo.sft_loss(logp, r.mask, tokens)
+        loss.backward()
+        sums += torch.stack([m["nll"] * m["tokens"], m["answer_prob"] * m["sequences"], m["sequences"]])
+    grad_norm, finite = clip_and_step(run.policy, optimizer, run.cfg.grad_clip)
+    nll, prob, n = all_sum(sums).tolist()
+    return {"loss": nll / max(float(tokens) * dist.get_world_size(), 1), "answer_prob": prob / max(n, 1),
+            "grad_norm": grad_norm, "skipped": int(not finite)}
+
+
+def teacher_forced(run, samples, targets, counts=None):
+    """A Rollout whose completions are given texts (group size 1), for supervised log-probs. A sample
+    with unreadable audio keeps its place with silence and an empty mask."""
+    audios, ok = read_audio(samples, run.cfg.downmix, counts)
+    inputs = M.collate(run.processor, samples, audios, run.cfg.prompt).to(run.device)
+    ids = run.processor.tokenizer(targets, add_special_tokens=False, padding="longest", padding_side="right",
+                                  return_tensors="pt")["input_ids"].to(run.device)
+    prompts = [row[m.bool()] for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+    mask = grpo.completion_mask(ids, run.end_ids) & torch.tensor(ok, device=run.device)[:, None]
+    return grpo.Rollout(prompts, inputs["input_features"], inputs["feature_attention_mask"], ids, mask, group_size=1)
+
 
 def warm_start(run, steps, lr):
     """Teach a random model the answer FORMAT only: `<answer>{a random choice}</answer>`. It then
@@ -402,46 +582,20 @@ def warm_start(run, steps, lr):
     run.policy.train()
     for _ in tqdm(range(steps), desc="warm start (format only)", disable=rank != 0):
         batch = [run.train[i] for i in rng.choice(len(run.train), WARM_START_BATCH)]
-        targets = [f"<answer>{rng.choice(s.choices)}</answer><|im_end|>" for s in batch]
+        targets = [data.target_text(rng.choice(s.choices), cfg.prompt) + M.END_TOKENS[0] for s in batch]
         supervised_step(run, opt, my_share(batch, rank, world), my_share(targets, rank, world))
-
-
-def supervised_step(run, optimizer, samples, targets):
-    """One optimizer step of cross-entropy on the target texts of this rank's share of a global batch,
-    micro-batch by micro-batch (as GRPO's steps, so the forwards are the same on 1 process as on 2).
-    The loss is the sum of -log p over the global batch's target tokens over their number."""
-    batches = [teacher_forced(run, s, t) for s, t in zip(chunks(samples, run.cfg.micro_batch),
-                                                         chunks(targets, run.cfg.micro_batch))]
-    tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
-    for r in batches:
-        logp = grpo.completion_logprobs(run.policy, r, run.pad_id)                 # [B, T]
-        (-(logp * r.mask).sum() / tokens).backward()
-    return clip_and_step(run.policy, optimizer, run.cfg.grad_clip)
-
-
-def teacher_forced(run, samples, targets):
-    """A Rollout whose completions are given texts (group size 1), for supervised log-probs."""
-    audios, _ = read_audio(samples, run.cfg.downmix)
-    inputs = M.collate(run.processor, samples, audios, run.cfg.prompt).to(run.device)
-    ids = run.processor.tokenizer(targets, add_special_tokens=False, padding="longest", padding_side="right",
-                                  return_tensors="pt")["input_ids"].to(run.device)
-    prompts = [row[m.bool()] for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
-    return grpo.Rollout(prompts, inputs["input_features"], inputs["feature_attention_mask"], ids,
-                        grpo.completion_mask(ids, run.end_ids), group_size=1)
 
 
 @torch.no_grad()
 def heldout_accuracy(run, samples):
-    """Greedy accuracy and format rate on held-out questions, all ranks together."""
+    """Greedy accuracy and format rate on held-out questions, all ranks together, decoded by evaluate.py's
+    generate (the checkpoint's generation settings, as evaluate.py scores a checkpoint)."""
     cfg, sums = run.cfg, torch.zeros(3, device=run.device)
     run.policy.eval()
     with M.unsharded(run.policy):
         for batch in chunks(my_share(samples, dist.get_rank(), dist.get_world_size()), cfg.micro_batch):
             audios, _ = read_audio(batch, cfg.downmix)
-            inputs = M.collate(run.processor, batch, audios, cfg.prompt).to(run.device)
-            r = grpo.generate_groups(run.policy, inputs, [], 1, cfg.max_new_tokens, run.end_ids, run.pad_id,
-                                     run.suppress_ids, top_k=1)
-            texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
+            texts = evaluate.generate(run.policy, run.processor, batch, audios, cfg.prompt, cfg.max_new_tokens)
             scores = [reward.score(t, s.answer, cfg.prompt) for t, s in zip(texts, batch)]
             sums += torch.tensor([sum(s.accuracy for s in scores), sum(s.format for s in scores), len(batch)],
                                  device=run.device)
@@ -451,19 +605,6 @@ def heldout_accuracy(run, samples):
 
 # -----------------------------------------------------------------------------
 # Logs
-
-def truncate_log(path, step):
-    """Drop records past `step`: a resumed run rewrites what the interrupted one logged after its checkpoint."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def append_jsonl(path, records):
-    with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
 
 def sample_records(run, groups, step):
     g = groups[0]
@@ -483,28 +624,48 @@ def text_chart(values, height=8, width=60, label=""):
     return "\n".join(rows)
 
 
+def progress(cfg, m):
+    """The progress line's numbers for one step."""
+    if cfg.algo == "sft":
+        return f"loss {m['loss']:.3f} p(answer) {m['answer_prob']:.2f} {cfg.prompts_per_step / m['seconds']:.0f} q/s"
+    return (f"reward {m['reward']:.2f} acc {m['accuracy']:.2f} fmt {m['format']:.2f} kl {m['kl']:.4f} "
+            f"{m['prompts_sampled'] * cfg.group_size / m['seconds']:.0f} c/s")
+
+
 # -----------------------------------------------------------------------------
 # Setup and the loop
 
 def build_run(cfg, model_dir, train, device):
     compute = getattr(torch, cfg.dtype)
-    policy = M.sharded_load(model_dir, param_dtype=compute, storage_dtype=torch.float32,
-                            gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = lora_settings(cfg)
+    try:
+        policy = M.sharded_load(model_dir, param_dtype=compute, storage_dtype=torch.float32,
+                                gradient_checkpointing=cfg.gradient_checkpointing, lora=lora)
+    except L.LoRAError as e:
+        raise M.UsageError(f"--lora-targets/--lora-rank: {e}") from None
     processor = M.load_processor(model_dir)
     optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
-    updates = max(cfg.max_steps * cfg.num_iterations, 1)
+    updates = max(cfg.max_steps * (cfg.num_iterations if cfg.algo == "grpo" else 1), 1)
     decay = (lambda u: max(0.0, 1 - u / updates)) if cfg.lr_decay else (lambda u: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     tok = processor.tokenizer
     return Run(cfg, policy, None, processor, optimizer, scheduler, train, device, M.end_token_ids(tok),
                tok.pad_token_id, M.suppressed_token_ids(tok, policy.config.text_config.vocab_size),
-               {"seen": 0, "bad": 0})
+               {"seen": 0, "bad": 0}, Path(model_dir).resolve(), lora)
+
+
+def lora_settings(cfg):
+    if not cfg.lora_rank:
+        return None
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    return L.LoRASettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.lora_audio, cfg.seed)
 
 
 def reference(cfg, path):
-    """The frozen reference: the policy at step 0, in the compute dtype, sharded, without grads."""
-    if cfg.beta == 0:
+    """The frozen reference: the policy at step 0, in the compute dtype, sharded, without grads. None with
+    beta 0 or SFT (no KL term), and with LoRA (the policy with its adapters off is the reference)."""
+    if cfg.beta == 0 or cfg.algo == "sft" or cfg.lora_rank:
         return None
     ref = M.sharded_load(path, storage_dtype=getattr(torch, cfg.dtype))
     return ref.requires_grad_(False).eval()
@@ -540,14 +701,15 @@ def main(argv=None):
     run, held_out, start = setup(cfg, device)
     before = heldout_accuracy(run, held_out) if held_out and start == 0 else None
     if before:
-        print0(f"held-out before GRPO: accuracy {before[0]:.1%}, format {before[1]:.1%} ({len(held_out)} questions)")
+        print0(f"held-out before: accuracy {before[0]:.1%}, format {before[1]:.1%} ({len(held_out)} questions)")
     history = loop(run, start)
     if held_out:
         after = heldout_accuracy(run, held_out)
-        print0(f"held-out after GRPO: accuracy {after[0]:.1%}, format {after[1]:.1%}"
+        print0(f"held-out after: accuracy {after[0]:.1%}, format {after[1]:.1%}"
                + (f" (before: {before[0]:.1%})" if before else ""))
     if history:
-        print0(text_chart([h["accuracy"] for h in history], label="train accuracy"))
+        key, label = ("answer_prob", "p(answer)") if cfg.algo == "sft" else ("accuracy", "train accuracy")
+        print0(text_chart([h[key] for h in history], label=label))
     dist.destroy_process_group()
 
 
@@ -581,23 +743,23 @@ def setup(cfg, device):
     start = checkpoint.load(run, resume_from)
     print0(f"resumed from {resume_from} at step {start}")
     if rank == 0:
-        truncate_log(out / "metrics.jsonl", start)
-        truncate_log(out / "samples.jsonl", start)
+        checkpoint.truncate_log(out / "metrics.jsonl", start)
+        checkpoint.truncate_log(out / "samples.jsonl", start)
     return run, held_out, start
 
 
 def loop(run, start):
     cfg, out, history = run.cfg, Path(run.cfg.out), []
+    step_fn = sft_step if cfg.algo == "sft" else train_step
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=dist.get_rank() != 0)
     for step in bar:
-        metrics, samples = train_step(run, step)
+        metrics, samples = step_fn(run, step)
         metrics["bad_samples"] = check_bad_fraction(run)
         history.append(metrics)
-        bar.set_postfix_str(f"reward {metrics['reward']:.2f} acc {metrics['accuracy']:.2f} fmt {metrics['format']:.2f} "
-                            f"kl {metrics['kl']:.4f} {cfg.prompts_per_step * cfg.group_size / metrics['seconds']:.0f} c/s")
+        bar.set_postfix_str(progress(cfg, metrics))
         if dist.get_rank() == 0:
-            append_jsonl(out / "metrics.jsonl", [metrics])
-            append_jsonl(out / "samples.jsonl", samples)
+            checkpoint.append_jsonl(out / "metrics.jsonl", [metrics])
+            checkpoint.append_jsonl(out / "samples.jsonl", samples)
         if metrics["step"] % cfg.save_every == 0 or metrics["step"] == cfg.max_steps:
             checkpoint.save(run, metrics["step"])
             if dist.get_rank() == 0 and samples:  # read completions, not only rewards: that is where hacks show

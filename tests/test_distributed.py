@@ -3,6 +3,7 @@ size-independent training, and exact kill-and-resume."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,14 +80,18 @@ def two_processes(args):
 
 
 def assert_same_run(one, two, steps, weights_tolerance=1e-5):
-    """The same completions (rewards, lengths, logged samples), the same KL and grad norm per step, and
-    final weights within the tolerance (None: checked by the caller)."""
+    """The same completions (rewards, lengths, logged samples), the same KL and grad norm per step (for
+    SFT: the same loss and p(answer)), and final weights within the tolerance (None: checked by the
+    caller)."""
     a_all, b_all = metrics(one), metrics(two)
     assert len(a_all) == len(b_all) == steps
     for a, b in zip(a_all, b_all):
-        for key in ["reward", "accuracy", "format", "completion_len", "frac_zero_std"]:
+        sft = "loss" in a
+        exact = [] if sft else ["reward", "accuracy", "format", "completion_len", "frac_zero_std", "prompts_sampled",
+                                "groups_dropped"]
+        for key in exact:
             assert a[key] == b[key], (a["step"], key)
-        for key in ["kl", "grad_norm"]:
+        for key in ["loss", "answer_prob", "grad_norm"] if sft else ["kl", "grad_norm"]:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
     assert (Path(one) / "samples.jsonl").read_text() == (Path(two) / "samples.jsonl").read_text()
     if weights_tolerance is not None:
@@ -151,7 +156,8 @@ def test_the_whole_run_from_nothing_is_independent_of_the_world_size(tiny2_dir, 
     assert (diffs > 1e-5).sum() <= 25 and diffs.max() < 1e-3  # <= 1e-4 of the weights; < one step of lr 1e-3
 
 
-@pytest.mark.parametrize("variant", [["--token-mean"], ["--num-iterations", "2"]], ids=lambda v: v[0])
+@pytest.mark.parametrize("variant", [["--loss-aggregation", "token_mean"], ["--num-iterations", "2"]],
+                         ids=lambda v: v[-1])
 def test_loss_variants_on_two_processes_match_one(variant, warm_dir, pitch_task, tmp_path):
     """The token mean (a global token count) and two optimizer steps per rollout (old log-probs, the clip)
     normalise and step the same on 2 processes as on 1."""
@@ -159,6 +165,37 @@ def test_loss_variants_on_two_processes_match_one(variant, warm_dir, pitch_task,
     one_process(args(tmp_path / "one"))
     two_processes(args(tmp_path / "two"))
     assert_same_run(tmp_path / "one", tmp_path / "two", steps=2)
+
+
+def resume_a_copy(done, out, step, args):
+    """What a run stopped after checkpoint-{step} leaves: a copy of the finished run without the later
+    checkpoints; --resume continues it in this process."""
+    shutil.copytree(done, out)
+    for path in checkpoint.complete(out):
+        if checkpoint.step_of(path) > step:
+            shutil.rmtree(path)
+    one_process(args + ["--resume"])
+
+
+MODES = {"sft": ["--algo", "sft"], "lora-grpo": ["--lora-rank", "4"],
+         "dynamic-sampling": ["--dynamic-sampling", "2", "--advantage-scale", "batch"]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_on_two_processes_and_resumed(mode, warm_dir, pitch_task, tmp_path):
+    """SFT, GRPO with LoRA, and dynamic sampling (with batch-std advantages): 2 processes equal 1 (the same
+    metrics and completions, weights within 1e-5), and a run resumed from its checkpoint-2 ends bit for
+    bit as the uninterrupted run (metrics and weights)."""
+    args = lambda out: quick_args(warm_dir, pitch_task, out, "--max-steps", "4", "--save-every", "2", *MODES[mode])
+    one_process(args(tmp_path / "one"))
+    two_processes(args(tmp_path / "two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two", steps=4)
+    resume_a_copy(tmp_path / "one", tmp_path / "resumed", 2, args(tmp_path / "resumed"))
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "one"))
+    assert max_weight_diff(tmp_path / "one" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4") == 0.0
+    if mode == "dynamic-sampling":  # the extra rounds did happen
+        assert max(r["prompts_sampled"] for r in metrics(tmp_path / "one")) > 4
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -1,6 +1,7 @@
 """train.py in one process: flags, data order, the loop end to end, checkpoints, and faults."""
 
 import json
+import types
 from dataclasses import fields
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from transformers import Qwen2AudioForConditionalGeneration
 
+import data
 import grpo
 import model as M
 import checkpoint
@@ -51,8 +53,11 @@ def test_r1_aqa_defaults():
     """Without the demo preset the defaults are R1-AQA's."""
     c = T.Config()
     assert (c.group_size, c.lr, c.beta, c.temperature, c.top_k, c.max_new_tokens) == (8, 1e-6, 0.04, 1.0, 50, 256)
-    assert (c.weight_decay, c.grad_clip, c.seed, c.save_every, c.clip_eps, c.num_iterations) == (0, 1.0, 42, 100, 0.2, 1)
-    assert c.lr_decay and not c.token_mean and c.dtype == "bfloat16"
+    assert (c.weight_decay, c.grad_clip, c.seed, c.save_every, c.clip_low, c.clip_high, c.num_iterations) == (
+        0, 1.0, 42, 100, 0.2, 0.2, 1)
+    assert (c.loss_aggregation, c.advantage_scale, c.ratio_level, c.mask_truncated, c.dynamic_sampling) == (
+        "sequence_mean", "group", "token", False, 0)
+    assert c.lr_decay and c.dtype == "bfloat16" and c.algo == "grpo" and c.lora_rank == 0
 
 
 def test_balanced_order_interleaves_answers():
@@ -239,9 +244,10 @@ def test_too_many_unreadable_clips_stop_the_run(tiny2_dir, pitch_task, tmp_path)
 
 
 def test_token_mean_changes_the_update(warm_dir, pitch_task, tmp_path):
-    """--token-mean weights long completions more than the per-sequence mean: another gradient."""
+    """--loss-aggregation token_mean weights long completions more than the per-sequence mean: another
+    gradient."""
     T.main(quick_args(warm_dir, pitch_task, tmp_path / "seq", "--max-steps", "1", "--beta", "0"))
-    T.main(quick_args(warm_dir, pitch_task, tmp_path / "tok", "--max-steps", "1", "--beta", "0", "--token-mean"))
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "tok", "--max-steps", "1", "--beta", "0", "--loss-aggregation", "token_mean"))
     seq, tok = metrics(tmp_path / "seq")[0], metrics(tmp_path / "tok")[0]
     assert seq["reward"] == tok["reward"]  # same rollout
     assert seq["grad_norm"] != pytest.approx(tok["grad_norm"], rel=1e-4)
@@ -279,3 +285,95 @@ def test_plan_prints_the_7b_table_for_this_runs_batch():
             T.main(["--plan", "--gpu-mem", gpu_mem, "--group-size", "4", "--max-new-tokens", "128"])
         text = buf.getvalue()
         assert verdict in text and "G=4" in text and "+ 128 new" in text
+
+
+def test_mask_truncated_leaves_cut_off_completions_out(warm_dir, pitch_task, tmp_path, monkeypatch):
+    """With 6 new tokens some completions reach their end token and some are cut off. --mask-truncated
+    trains on exactly the rows that ended; without it every row is trained on. Lengths and rewards are
+    logged the same way either way."""
+    groups, real_score = [], T.score
+    monkeypatch.setattr(T, "score", lambda *a: groups.append(real_score(*a)) or groups[-1])
+    args = lambda out, *extra: quick_args(warm_dir, pitch_task, out, "--max-steps", "1", "--max-new-tokens", "6",
+                                          *extra)
+    T.main(args(tmp_path / "kept"))
+    T.main(args(tmp_path / "masked", "--mask-truncated"))
+    tok = M.load_processor(warm_dir).tokenizer
+    ends = torch.tensor(M.end_token_ids(tok))
+    ended = [torch.isin(g.rollout.completion_ids, ends).any(1) for g in groups]
+    trained = [g.rollout.mask.any(1) for g in groups]
+    assert all(t.all() for t in trained[:2])                                   # the first run: every row
+    assert all(torch.equal(t, e) for t, e in zip(trained[2:], ended[2:]))      # the second: rows that ended
+    assert 0 < int(sum(e.sum() for e in ended[2:])) < 16
+    kept, masked = metrics(tmp_path / "kept")[0], metrics(tmp_path / "masked")[0]
+    assert kept["completion_len"] == masked["completion_len"] and kept["reward"] == masked["reward"]
+
+
+def fake_rollouts(informative_by_round, G=2):
+    """A stand-in for train.rollout: round r's prompt p gets rewards [1, 0] (informative) or [1, 1];
+    it records which global positions and samples each call was given."""
+    calls = []
+
+    def rollout(run, step, positions, samples):
+        calls.append((list(positions), [s.question for s in samples]))
+        groups = []
+        for pos in T.chunks(list(positions), run.cfg.micro_batch):
+            flags = [informative_by_round[p // run.cfg.prompts_per_step][p % run.cfg.prompts_per_step] for p in pos]
+            rewards = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags]).flatten()
+            r = grpo.Rollout([], None, None, torch.zeros(len(rewards), 3, dtype=torch.long),
+                             torch.ones(len(rewards), 3, dtype=torch.bool), G)
+            groups.append(T.Group(r, [], [""] * len(rewards), rewards, rewards, rewards,
+                                  torch.ones(len(rewards), dtype=torch.bool), torch.full((len(rewards),), 3)))
+        return groups
+    return rollout, calls
+
+
+def test_dynamic_sampling_keeps_the_first_informative_groups(monkeypatch):
+    """4 prompts a step. Round 0 has 2 informative groups (positions 0, 2); round 1 adds 3 (1, 2, 3), so
+    the step is full after round 1 and keeps round 1's first two: 8 prompts sampled, 4 groups dropped,
+    kept = [1, 0, 1, 0] then [0, 1, 1, 0]. Round 1's questions come from (seed, step, round) alone, and its
+    generator indices (4..7) differ from round 0's (0..3)."""
+    M.init_distributed(always=True)
+    cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=3, seed=5)
+    train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
+    run = types.SimpleNamespace(cfg=cfg, train=train, device=torch.device("cpu"))
+    fake, calls = fake_rollouts([[1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
+    monkeypatch.setattr(T, "rollout", fake)
+    groups, sampled, dropped = T.sample_groups(run, step=3)
+    assert (sampled, dropped) == (8, 4) and len(calls) == 2 and len(groups) == 4
+    kept = [g.rollout.mask.view(-1, 2, 3).any(2).all(1).tolist() for g in groups]  # per prompt
+    assert sum(kept, []) == [True, False, True, False, False, True, True, False]
+    assert calls[0][0] == [0, 1, 2, 3] and calls[1][0] == [4, 5, 6, 7]
+    expected = [f"q{i}" for i in T.step_indices(cfg, ["a"] * 10, 3, extra_round=1)]
+    assert calls[1][1] == expected and T.step_indices(cfg, ["a"] * 10, 3, 1) != T.step_indices(cfg, ["a"] * 10, 4, 1)
+
+
+def test_dynamic_sampling_stops_at_its_cap(monkeypatch):
+    """With 1 extra round allowed and only 1 informative group in 2 rounds, the step trains on that one:
+    8 sampled, 7 dropped; without dynamic sampling nothing is masked or dropped."""
+    M.init_distributed(always=True)
+    train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
+    fake, calls = fake_rollouts([[0, 0, 1, 0], [0, 0, 0, 0]])
+    monkeypatch.setattr(T, "rollout", fake)
+    for rounds, expected in ((1, (8, 7)), (0, (4, 0))):
+        cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=rounds)
+        groups, sampled, dropped = T.sample_groups(types.SimpleNamespace(cfg=cfg, train=train, device="cpu"), 0)
+        assert (sampled, dropped) == expected
+        assert sum(int(g.rollout.mask.any(1).sum()) for g in groups) == (2 if rounds else 8)
+
+
+def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
+    """--advantage-scale batch over two micro-batches equals grpo.group_advantages on their concatenation
+    (one std for the batch); masked samples get 0."""
+    M.init_distributed(always=True)
+    fake, _ = fake_rollouts([[1, 1, 0, 1]])
+    cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, advantage_scale="batch")
+    run = types.SimpleNamespace(cfg=cfg, train=[], device="cpu")
+    groups = fake(run, 0, range(4), [])
+    groups[0].rewards = torch.tensor([1.0, 0.0, 2.0, 0.5])
+    groups[1].rollout.mask[3] = False
+    T.set_advantages(run, groups)
+    rewards = torch.cat([g.rewards for g in groups])
+    std = rewards[:7].std()  # the 7 trained rewards
+    centred = rewards.view(-1, 2) - rewards.view(-1, 2).mean(1, keepdim=True)
+    expected = (centred.flatten() / (std + 1e-4)) * torch.tensor([1.0] * 7 + [0.0])
+    torch.testing.assert_close(torch.cat([g.advantages for g in groups]), expected, rtol=0, atol=1e-6)
