@@ -12,13 +12,14 @@ and `lm_head`. Every row is one kind of tensor, with its formula, and belongs to
              forked the prompt's KV cache) and at the last decoded token
   reference  the frozen reference's pass; peaks in a decoder layer's forward and at the logits.
              Its units are resharded right after the pass, so nothing of it is left for training
-  policy     forward + backward of the policy; peaks at the logits' backward, at lm_head's
-             gradient reduction, in a decoder layer's and an audio layer's backward, and at the
-             embedding's backward, which autograd runs last
+  policy     forward + backward of the policy, per micro-batch. While its autograd graph lives
+             (policy:graph): the logits' backward, lm_head's gradient reduction, a decoder
+             layer's and an audio layer's backward, the embedding's backward (autograd runs it
+             last); then the trunk root's own reduction, in FSDP2's final callback
   optimizer  gradient clipping and the AdamW step
-A phase name with a colon is one moment of its phase: a row of `policy` is alive in every
-`policy:...` moment, a row of `policy:backward` in `policy:backward:decoder` and the others.
-  total = state + the largest moment
+A phase name with a colon is a part of its phase: a row of `policy` is alive in every
+`policy:...` moment, a row of `policy:graph:backward` in `policy:graph:backward:decoder` and the
+others. The leaves are the moments.  total = state + the largest moment
 The rows of a moment are alive together; where two peaks lie close together in time (the unit
 in backward next to the previous unit's reduce-scatter input), the moment takes the larger and
 says so. No headroom is counted for the CUDA context, NCCL buffers or the allocator's
@@ -270,29 +271,30 @@ def unit_rows(name, size, phase, st):
 
 
 def policy_rows(p, s, st):
-    """Alive through the policy's forward and backward, and the logits' moments. Gradients are all
-    counted: after the first micro-batch of a step they all exist."""
+    """The policy's pass up to lm_head's reduction. The gradients are all counted throughout: after
+    the first micro-batch of a step they all exist. The trunk root stays gathered from forward to
+    the end of backward (FSDP2 does not reshard a root after forward)."""
     B, L, tokens, M, V, g = st.prompts, st.L, st.tokens, st.M, s["vocab"], st.gpus
     pos, d = s["positions"], s["d_audio"]
     rows = [Row("gradient shards fp32", trained(p, st) * 4 // g, "policy", "trained * 4 / gpus"),
-            Row("packed attention mask (bool)", B * L * L, "policy", "B * L^2"),
-            Row("LM checkpoints (each decoder layer's input)", s["layers"] * tokens * s["hidden"] * 2, "policy",
+            Row("packed attention mask (bool)", B * L * L, "policy:graph", "B * L^2"),
+            Row("LM checkpoints (each decoder layer's input)", s["layers"] * tokens * s["hidden"] * 2, "policy:graph",
                 "layers * tokens * hidden * 2"),
-            Row("trunk output: final norm's saved tensors, states", (8 * tokens + 2 * M) * s["hidden"], "policy",
+            Row("trunk output: final norm's saved tensors, states", (8 * tokens + 2 * M) * s["hidden"], "policy:graph",
                 "tokens * hidden * (4 + 2 + 2) + M * hidden * 2")]
     if st.audio_trains:
-        rows += [Row("audio checkpoints", B * s["audio_layers"] * pos * d * 2, "policy",
+        rows += [Row("audio checkpoints", B * s["audio_layers"] * pos * d * 2, "policy:graph",
                      "B * audio_layers * positions * d * 2"),
-                 Row("audio conv front end (not checkpointed)", B * 6 * pos * d * 2, "policy",
+                 Row("audio conv front end (not checkpointed)", B * 6 * pos * d * 2, "policy:graph",
                      "B * (2 + 2 + 1 + 1) * positions * d * 2: conv1, GELU at 2x, conv2, GELU")]
     if not st.lora:
-        rows += [Row("trunk root gathered bf16", p["trunk_root"] * 2, "policy", "trunk_root * 2"),
-                 Row("lm_head gathered bf16", p["lm_head"] * 2, "policy:logits", "lm_head * 2")]
-        rows += reduction_rows("lm_head", p["lm_head"], "policy:lm_head", st)
+        rows += [Row("trunk root gathered bf16", p["trunk_root"] * 2, "policy:graph", "trunk_root * 2"),
+                 Row("lm_head gathered bf16", p["lm_head"] * 2, "policy:graph:logits", "lm_head * 2")]
+        rows += reduction_rows("lm_head", p["lm_head"], "policy:graph:lm_head", st)
     return rows + [
-        Row("log_softmax output fp32 (saved)", M * V * 4, "policy:logits", "M * V * 4"),
-        Row("gradient of the gathered log-probs (V wide)", M * V * 4, "policy:logits", "M * V * 4"),
-        Row("log_softmax gradient fp32", M * V * 4, "policy:logits", "M * V * 4"),
+        Row("log_softmax output fp32 (saved)", M * V * 4, "policy:graph:logits", "M * V * 4"),
+        Row("gradient of the gathered log-probs (V wide)", M * V * 4, "policy:graph:logits", "M * V * 4"),
+        Row("log_softmax gradient fp32", M * V * 4, "policy:graph:logits", "M * V * 4"),
     ]
 
 
@@ -300,25 +302,27 @@ def backward_rows(p, s, st):
     """The trunk's backward, unit by unit, each layer recomputed (checkpointing). FSDP2 keeps lm_head's
     reduce-scatter input until the end of backward: lm_head is a root of its own, and a root frees
     its last buffer only in its final callback. The embedding's backward runs last (its forward ran
-    first), so its gradient waits for the trunk root's reduction with nothing of a layer alive."""
+    first); the trunk root's gradients wait for its reduction, in the final callback, once the
+    graph, lm_head's buffer and the trunk root's weights are gone."""
     B, L, tokens, h, kv, i = st.prompts, st.L, st.tokens, s["hidden"], s["kv"], s["inter"]
     pos, d, f = s["positions"], s["d_audio"], s["ffn_audio"]
     if st.lora:  # the units hold only the adapters
-        rows = unit_rows("layer adapters", st.lora_rank * p["lora_lm"] // s["layers"], "policy:backward:decoder", st)
+        rows = unit_rows("layer adapters", st.lora_rank * p["lora_lm"] // s["layers"], "policy:graph:backward:decoder", st)
     else:
-        rows = [Row("lm_head reduce-scatter input fp32, kept", p["lm_head"] * 4, "policy:backward", "lm_head * 4"),
-                *unit_rows("decoder layer", p["lm_layer"], "policy:backward:decoder", st)]
+        rows = [Row("lm_head reduce-scatter input fp32, kept", p["lm_head"] * 4, "policy:graph:backward", "lm_head * 4"),
+                *unit_rows("decoder layer", p["lm_layer"], "policy:graph:backward:decoder", st)]
     rows += [Row("decoder layer recomputed: saved + MLP grads", tokens * (24 * h + 4 * kv + 12 * i),
-                 "policy:backward:decoder", "tokens * (22 hidden + 4 kv + 8 inter + 2 hidden + 4 inter)"),
-             Row("attention bias bf16 (from the bool mask)", B * L * L * 2, "policy:backward:decoder", "B * L^2 * 2")]
+                 "policy:graph:backward:decoder", "tokens * (22 hidden + 4 kv + 8 inter + 2 hidden + 4 inter)"),
+             Row("attention bias bf16 (from the bool mask)", B * L * L * 2, "policy:graph:backward:decoder", "B * L^2 * 2")]
     if st.audio_trains:
         audio_unit = st.lora_rank * p["lora_audio"] // s["audio_layers"] if st.lora else p["audio_layer"]
-        rows += unit_rows("audio adapters" if st.lora else "audio layer", audio_unit, "policy:backward:audio", st)
+        rows += unit_rows("audio adapters" if st.lora else "audio layer", audio_unit, "policy:graph:backward:audio", st)
         rows.append(Row("audio layer recomputed: saved + MLP grads", B * pos * (20 * d + 8 * f),
-                        "policy:backward:audio", "B * positions * (18 d + 4 ffn + 2 d + 4 ffn)"))
+                        "policy:graph:backward:audio", "B * positions * (18 d + 4 ffn + 2 d + 4 ffn)"))
     if not st.lora:
-        rows.append(Row("trunk root gradient bf16 (embedding last)", p["trunk_root"] * 2, "policy:backward:end",
-                        "trunk_root * 2"))
+        rows.append(Row("trunk root gradient bf16 (embedding last)", p["trunk_root"] * 2,
+                        "policy:graph:backward:embedding", "trunk_root * 2"))
+        rows += reduction_rows("trunk root", p["trunk_root"], "policy:root_reduction", st)
     return rows
 
 
@@ -366,8 +370,8 @@ def phase_peaks(plan):
 
 def format_plan(plan):
     """The plan as a text table, GiB per row and per moment."""
-    lines = [f"{'per GPU':52s} {'GiB':>7s}  {'phase':24s} formula"]
-    lines += [f"{r.name:52s} {r.bytes / GIB:7.2f}  {r.phase:24s} {r.formula}" for r in plan.rows]
+    lines = [f"{'per GPU':52s} {'GiB':>7s}  {'phase':32s} formula"]
+    lines += [f"{r.name:52s} {r.bytes / GIB:7.2f}  {r.phase:32s} {r.formula}" for r in plan.rows]
     state = sum(r.bytes for r in plan.rows if r.phase == "state")
     lines.append(f"{'  state':52s} {state / GIB:7.2f}")
     peak = max(plan.moments.values())

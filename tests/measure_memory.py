@@ -225,7 +225,7 @@ def report(step, peaks, own, r):
     counted = state_bytes(step)
     lines.append(f"state: tensors {sum(counted.values()) / 2**20:.2f}, plan "
                  f"{sum(row.bytes for row in p.rows if row.phase == 'state') / 2**20:.2f}")
-    lines += [f"  plan moment {m:26s} {size / 2**20:9.2f}" for m, size in p.moments.items()]
+    lines += [f"  plan moment {m:32s} {size / 2**20:9.2f}" for m, size in p.moments.items()]
     return "\n".join(lines)
 
 

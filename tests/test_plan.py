@@ -72,21 +72,28 @@ def test_logit_rows(rows):
     log_softmax gradient each; LM checkpoints 32 * 2898 packed tokens * 4096 * 2 = 759,693,312."""
     for name in ("log_softmax output fp32 (saved)", "gradient of the gathered log-probs (V wide)",
                  "log_softmax gradient fp32"):
-        assert rows[(name, "policy:logits")] == 1_278_214_144
-    assert rows[("LM checkpoints (each decoder layer's input)", "policy")] == 759_693_312
+        assert rows[(name, "policy:graph:logits")] == 1_278_214_144
+    assert rows[("LM checkpoints (each decoder layer's input)", "policy:graph")] == 759_693_312
 
 
 def test_reduce_scatter_buffers(rows):
     """reduce_dtype fp32: a unit's reduce-scatter input is the whole unit in fp32. lm_head's,
     639,107,072 * 4 = 2,556,428,288, is kept from its reduction to the end of backward (lm_head is
-    a root of its own); a decoder layer's is 202,395,648 * 4 = 809,582,592; the trunk root's
-    bf16 gradient waits for the final callback: 651,689,984 * 2 = 1,303,379,968."""
-    assert rows[("lm_head reduce-scatter input fp32", "policy:lm_head")] == 2_556_428_288
-    assert rows[("lm_head reduce-scatter input fp32, kept", "policy:backward")] == 2_556_428_288
-    assert rows[("lm_head gradient bf16, or its fp32 shard", "policy:lm_head")] == LM_HEAD * 2
-    assert rows[("previous decoder layer's reduce-scatter input fp32", "policy:backward:decoder")] == 809_582_592
-    assert rows[("decoder layer gathered bf16, + the next prefetched", "policy:backward:decoder")] == 4 * LAYER
-    assert rows[("trunk root gradient bf16 (embedding last)", "policy:backward:end")] == 1_303_379_968
+    a root of its own); a decoder layer's is 202,395,648 * 4 = 809,582,592; the trunk root's,
+    651,689,984 * 4 = 2,606,759,936, comes in its final callback, with its bf16 gradient
+    (1,303,379,968) and the gradient shards but without the graph."""
+    g = "policy:graph"
+    assert rows[("lm_head reduce-scatter input fp32", g + ":lm_head")] == 2_556_428_288
+    assert rows[("lm_head reduce-scatter input fp32, kept", g + ":backward")] == 2_556_428_288
+    assert rows[("lm_head gradient bf16, or its fp32 shard", g + ":lm_head")] == LM_HEAD * 2
+    assert rows[("previous decoder layer's reduce-scatter input fp32", g + ":backward:decoder")] == 809_582_592
+    assert rows[("decoder layer gathered bf16, + the next prefetched", g + ":backward:decoder")] == 4 * LAYER
+    assert rows[("trunk root gradient bf16 (embedding last)", g + ":backward:embedding")] == 1_303_379_968
+    assert rows[("trunk root reduce-scatter input fp32", "policy:root_reduction")] == 2_606_759_936
+    assert rows[("trunk root gradient bf16, or its fp32 shard", "policy:root_reduction")] == 1_303_379_968
+    shards = rows[("gradient shards fp32", "policy")]  # (8,397,094,912 - 1,920,000) * 4 / 8
+    assert shards == 4_197_587_456
+    assert plan.memory_plan(qwen.config_7b()).moments["policy:root_reduction"] == shards + 3 * 1_303_379_968
 
 
 def test_reference_phase(rows, config):
@@ -105,8 +112,8 @@ def test_reference_phase(rows, config):
 def test_attention_mask_rows(rows):
     """The packed mask is bool [B, 1, L, L]: 2898^2 = 8,398,404 bytes; sdpa turns it into an
     additive bf16 bias kept for backward: 16,796,808."""
-    assert rows[("packed attention mask (bool)", "policy")] == L7B**2 == 8_398_404
-    assert rows[("attention bias bf16 (from the bool mask)", "policy:backward:decoder")] == 16_796_808
+    assert rows[("packed attention mask (bool)", "policy:graph")] == L7B**2 == 8_398_404
+    assert rows[("attention bias bf16 (from the bool mask)", "policy:graph:backward:decoder")] == 16_796_808
 
 
 def test_moments_include_their_phase():
