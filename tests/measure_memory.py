@@ -15,8 +15,9 @@ are forced to their full length (end tokens suppressed), as the plan assumes. Un
 numbers are rank 0's, without the copies gloo's collectives make of their inputs (NCCL works in
 place), which gloo keeps until a worker thread lets go.
 
-Another policy (LoRA, say) is measured by building a Step around it: measure_phases(step) and
-compare(step, peaks, rollout) with step.variant = plan.memory_plan's variant (lora_rank=...).
+Another policy (LoRA, say) is measured by building a Step around it: ref = the same model and
+ref_context = a context that switches its adapters off, variant = plan.memory_plan's variant
+(lora_rank=...), then measure_phases(step) and compare(step, peaks, rollout).
 
     python tests/measure_memory.py                                             # 1 process, ~2 min
     torchrun --standalone --nproc_per_node 2 tests/measure_memory.py            # 2 processes
@@ -26,6 +27,8 @@ compare(step, peaks, rollout) with step.variant = plan.memory_plan's variant (lo
 
 import argparse
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +101,7 @@ class Step:
     new_tokens: int
     beta: float = 0.04
     variant: dict = field(default_factory=dict)  # plan.memory_plan's variant for this policy (lora_rank=...)
+    ref_context: Callable = nullcontext  # entered around the reference's pass (LoRA: adapters off)
 
 
 def load_step(model_dir, group_size, new_tokens, prompts=1):
@@ -148,7 +152,8 @@ def run_step(step, micro_batches=2):
 def reference(step, r):
     """Reference log-probs, then every reference unit resharded: FSDP2 keeps a root's weights
     gathered after forward (it expects a backward), which the reference never runs."""
-    logp = grpo.completion_logprobs(step.ref, r, step.pad_id)
+    with step.ref_context():
+        logp = grpo.completion_logprobs(step.ref, r, step.pad_id)
     for unit in M.fsdp_units(step.ref):
         unit.reshard()
     return logp

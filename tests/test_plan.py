@@ -196,8 +196,28 @@ def test_cli(capsys):
     out = capsys.readouterr().out
     assert out.startswith("SFT, LoRA r=8, memory per GPU: 1 GPUs") and "fits in 24 GiB" in out
     assert "attention block" in out and "base weights bf16" in out
+    plan.main(["--algo", "sft", "--target-tokens", "20"])
+    assert "prompt 850 tokens + target 20" in capsys.readouterr().out
     plan.main(["--summary"])
     assert "| GRPO, LoRA r=64" in capsys.readouterr().out
+
+
+def test_cpu_rows(config):
+    """device="cpu" (for the measured check) differs from the GPU plan in two rows only: the CPU
+    copy-in temporary in each reduction, and AdamW's per-tensor temporaries, 2 * the largest
+    tensor (lm_head, 639,107,072) * 4 / 8 = 639,107,072, instead of one foreach temporary
+    of all moments, 8,395,174,912 * 4 / 8 = 4,197,587,456."""
+    gpu = {(r.name, r.phase): r.bytes for r in plan.memory_plan(config).rows}
+    cpu = {(r.name, r.phase): r.bytes for r in plan.memory_plan(config, device="cpu").rows}
+    assert gpu[("AdamW foreach temporary", "optimizer")] == 4_197_587_456
+    assert cpu[("AdamW per-tensor temporaries (CPU)", "optimizer")] == 639_107_072
+    only_gpu, only_cpu = set(gpu) - set(cpu), set(cpu) - set(gpu)
+    assert {name for name, _ in only_gpu} == {"AdamW foreach temporary", "lm_head gradient bf16, or its fp32 shard",
+                                              "trunk root gradient bf16, or its fp32 shard"}
+    assert {name for name, _ in only_cpu} == {"AdamW per-tensor temporaries (CPU)",
+                                              "lm_head gradient bf16 + copy-in temporary bf16, or its shard",
+                                              "trunk root gradient bf16 + copy-in temporary bf16, or its shard"}
+    assert cpu[("lm_head gradient bf16 + copy-in temporary bf16, or its shard", "policy:graph:lm_head")] == LM_HEAD * 4
 
 
 def test_lm_flops_per_token(config):
