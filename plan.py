@@ -1,17 +1,42 @@
-"""What one GRPO step of the 7B costs: per-GPU memory, and FLOPs per optimizer step.
+"""What one training step of the 7B costs: per-GPU memory, and FLOPs per optimizer step.
 
-Purpose: before renting 8 GPUs, check that the run fits and how much compute a step is. Nothing is
+Purpose: before renting GPUs, check that a run fits and how much compute a step is. Nothing is
 allocated: the model is built on the meta device (model.meta_model) only to count its parameters.
 
-Memory (per GPU, bytes), FSDP2 over N GPUs with bf16 compute and fp32 master weights (as
-DeepSpeed ZeRO-3 in R1-AQA). Every row is one kind of tensor, with its formula. Rows belong to:
-  state    lives through the whole step: fp32 master shard, fp32 gradient shard, AdamW moments,
-           the frozen reference's bf16 shard
-  rollout  only while sampling: the whole model gathered in bf16 (no collectives per token), and
-           the KV cache of the G forked completions
-  train    only during the policy pass (the reference pass needs less): gathered FSDP units,
-           checkpointed activations, logits at completion positions
-  total = state + max(rollout, train). No headroom for the CUDA context or fragmentation.
+Memory (per GPU, bytes) under FSDP2 with bf16 compute, fp32 master weights and fp32 gradient
+reduction (reduce_dtype), as train.py shards the model (model.shard): one unit per audio and
+decoder layer, and two roots, the trunk `model.model` (embeddings, audio convs, projector, norms)
+and `lm_head`. Every row is one kind of tensor, with its formula, and belongs to a phase:
+  state      alive through the whole step (master weights, AdamW moments, the reference's shard)
+  rollout    sampling under model.unsharded; peaks when lm_head is gathered (last, after the prefill
+             forked the prompt's KV cache) and at the last decoded token
+  reference  the frozen reference's pass; peaks in a decoder layer's forward and at the logits.
+             Its units are resharded right after the pass, so nothing of it is left for training
+  policy     forward + backward of the policy, per micro-batch. While its autograd graph lives
+             (policy:graph): the logits' backward, lm_head's gradient reduction, a decoder
+             layer's and an audio layer's backward, the embedding's backward (autograd runs it
+             last); then the trunk root's own reduction, in FSDP2's final callback
+  optimizer  gradient clipping and the AdamW step
+A phase name with a colon is a part of its phase: a row of `policy` is alive in every
+`policy:...` moment, a row of `policy:graph:backward` in `policy:graph:backward:decoder` and the
+others. The leaves are the moments.  total = state + the largest moment
+The rows of a moment are alive together; where two peaks lie close together in time (the unit
+in backward next to the previous unit's reduce-scatter input), the moment takes the larger and
+says so. No headroom is counted for the CUDA context, NCCL buffers or the allocator's
+fragmentation. device="cpu" gives the same plan for torch's CPU kernels, which
+tests/measure_memory.py checks against the peaks the allocator held on a CPU.
+
+Attention: the packed passes (grpo.completion_logprobs) hand sdpa a dense [B, 1, L, L] boolean
+mask, L = P + G*T. On a GPU sdpa cannot use flash attention with a mask; it runs the
+memory-efficient kernel, which turns the mask into an additive bf16 bias [B, 1, L, L] (kept for
+backward) and never materialises the [B, heads, L, L] scores. A kernel that takes a mask computes
+all L^2 (query, key) pairs, the masked ones too: attention="dense" counts that (today's code);
+"block" counts only the 128 x 128 blocks with a visible pair (a block-sparse FlexAttention path).
+
+Variants (the same rows, switched): --algo sft (no rollout, no reference: one forward + backward
+over [prompt, target], logits at the target's positions) and --lora-rank R (adapters A: r x in,
+B: out x r, fp32, on q, k, v, o, gate, up, down; the frozen base stays in bf16 on every GPU,
+unsharded and ignored by FSDP2; the reference is the base with the adapters switched off).
 
 FLOPs per optimizer step (step_flops): 2 FLOPs per parameter per token for every matmul, plus
 attention (q.k and p.v: 4 * hidden FLOPs per (query, key) pair per layer); the encoder always runs
@@ -19,6 +44,8 @@ on its full 30 s window (1500 positions) because the processor pads every clip t
 
     python plan.py                          # the 7B on 8 x 80 GB, R1-AQA settings
     python plan.py --model DIR --gpus 4 --gpu-mem 40 --prompt-tokens 350   # 10 s clips: 250 audio tokens
+    python plan.py --algo sft --lora-rank 64 --gpus 1 --gpu-mem 24
+    python plan.py --summary                # full vs LoRA, SFT vs GRPO, on 1 GPU and on 8
 """
 
 import argparse
@@ -31,41 +58,89 @@ PARAMS_7B = 8_397_094_912
 # R1-AQA's prompt for a 30 s clip: 750 audio placeholders (25 per second) + ~100 text tokens (chat
 # frame, question, choices, instruction; about 75 with the Qwen2 tokenizer, rounded up).
 PROMPT_TOKENS = 850
+TARGET_TOKENS = 10   # SFT target: "<answer>...</answer>" and the end token
+BLOCK = 128          # FlexAttention's block size
+LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AUDIO_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @dataclass
 class Row:
     name: str
     bytes: int
-    phase: str    # "state", "rollout" or "train"
+    phase: str    # "state", or a phase / moment such as "rollout:decode" (see the docstring)
     formula: str
 
 
 @dataclass
 class MemoryPlan:
     rows: list
-    total: int        # state + max(rollout, train)
+    moments: dict     # moment -> bytes above the state (its own rows + its phase's rows)
+    total: int        # state + the largest moment
     gpu_bytes: int
     fits: bool
+
+
+@dataclass
+class Step:
+    """One step's settings, per GPU where it matters. SFT runs groups of one: G = 1, T = the target."""
+    gpus: int = 8
+    prompts: int = 1              # B: prompts (GRPO) or sequences (SFT) per forward
+    group_size: int = 8
+    prompt_tokens: int = PROMPT_TOKENS
+    new_tokens: int = 256
+    beta: float = 0.04
+    algo: str = "grpo"
+    lora_rank: int = 0
+    lora_audio: bool = False      # adapters on the audio encoder too
+    target_tokens: int = TARGET_TOKENS
+    device: str = "cuda"
+
+    def __post_init__(self):
+        assert self.algo in ("grpo", "sft") and self.device in ("cuda", "cpu"), (self.algo, self.device)
+
+    G = property(lambda self: self.group_size if self.algo == "grpo" else 1)
+    T = property(lambda self: self.new_tokens if self.algo == "grpo" else self.target_tokens)
+    L = property(lambda self: self.prompt_tokens + self.G * self.T)           # packed length
+    tokens = property(lambda self: self.prompts * self.L)
+    N = property(lambda self: self.prompts * self.G)                          # completions
+    M = property(lambda self: self.N * self.T)                                # positions with logits
+    lora = property(lambda self: self.lora_rank > 0)
+    reference = property(lambda self: self.algo == "grpo" and self.beta != 0)
+    audio_trains = property(lambda self: not self.lora or self.lora_audio)
 
 
 # -----------------------------------------------------------------------------
 # Counting the model
 
+def adapter_width(layers, targets):
+    """Sum of (in + out) over the Linear layers LoRA adapts: adapters = rank * this."""
+    return sum(m.in_features + m.out_features for name, m in layers.named_modules()
+               if name.split(".")[-1] in targets)
+
+
 def param_counts(model):
     """Parameters per part of a Qwen2AudioForConditionalGeneration (meta or real)."""
     count = lambda module: sum(p.numel() for p in module.parameters())
     parts = model.model
+    lm, audio = parts.language_model, parts.audio_tower
+    linears = [m for layers in (lm.layers, audio.layers) for m in layers.modules() if hasattr(m, "in_features")]
     return {
         "total": count(model),
-        "audio_layers": count(parts.audio_tower.layers),
+        "audio_layers": count(audio.layers),
+        "audio_layer": count(audio.layers[0]),
         "projector": count(parts.multi_modal_projector),
-        "lm_layers": count(parts.language_model.layers),
-        "lm_layer": count(parts.language_model.layers[0]),
+        "lm_layers": count(lm.layers),
+        "lm_layer": count(lm.layers[0]),
         "lm_head": count(model.lm_head),
-        # the FSDP root unit: all that is not inside an audio or decoder layer (embeddings, lm_head,
-        # audio convolutions and positions, projector, final norms)
-        "root": count(model) - count(parts.audio_tower.layers) - count(parts.language_model.layers),
+        # the trunk's own FSDP unit: all of model.model outside its audio and decoder layers
+        # (embeddings, audio convolutions and positions, projector, final norms)
+        "trunk_root": count(parts) - count(audio.layers) - count(lm.layers),
+        "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad),  # the audio position table
+        "largest": max(p.numel() for p in model.parameters()),
+        "lora_lm": adapter_width(lm.layers, LM_TARGETS),
+        "lora_audio": adapter_width(audio.layers, AUDIO_TARGETS),
+        "lora_largest": max(max(m.in_features, m.out_features) for m in linears),  # * rank: the largest adapter
     }
 
 
@@ -88,86 +163,223 @@ def shapes(config):
                 frames=2 * audio.max_source_positions, positions=audio.max_source_positions)
 
 
+def adapters(p, st):
+    """LoRA parameters: rank * sum of (in + out) over the adapted layers."""
+    return st.lora_rank * (p["lora_lm"] + (p["lora_audio"] if st.lora_audio else 0))
+
+
+def trained(p, st):
+    """The parameters that have gradients and AdamW moments (all but the frozen position table)."""
+    return adapters(p, st) if st.lora else p["total"] - p["frozen"]
+
+
 # -----------------------------------------------------------------------------
 # Memory per GPU
 
-def state_rows(n, gpus, beta):
-    """Sharded state, alive the whole step."""
+def state_rows(p, st):
+    """Alive the whole step: the sharded master weights and moments, and the reference or the base."""
+    n, g = p["total"], st.gpus
+    if st.lora:
+        a = adapters(p, st)
+        return [Row("base weights bf16, a full copy on every GPU", n * 2, "state", "params * 2 (not sharded)"),
+                Row("adapters fp32 (shard)", a * 4 // g, "state", "adapters * 4 / gpus"),
+                Row("adapter AdamW exp_avg + exp_avg_sq (shard)", 2 * a * 4 // g, "state", "2 * adapters * 4 / gpus")]
     return [
-        Row("master weights fp32 (shard)", n * 4 // gpus, "state", "params * 4 / gpus"),
-        Row("gradients fp32 (shard)", n * 4 // gpus, "state", "params * 4 / gpus"),
-        Row("AdamW exp_avg + exp_avg_sq", 2 * n * 4 // gpus, "state", "2 * params * 4 / gpus"),
-        Row("reference weights bf16 (shard)", n * 2 // gpus if beta else 0, "state",
-            "params * 2 / gpus, 0 if beta = 0"),
+        Row("master weights fp32 (shard)", n * 4 // g, "state", "params * 4 / gpus"),
+        Row("AdamW exp_avg + exp_avg_sq (shard)", 2 * trained(p, st) * 4 // g, "state", "2 * trained * 4 / gpus"),
+        Row("reference weights bf16 (shard)", n * 2 // g if st.reference else 0, "state",
+            "params * 2 / gpus; 0 if beta = 0 or SFT"),
     ]
 
 
-def rollout_rows(n, s, group_size, prompts, prompt_tokens, new_tokens):
-    """Sampling: the whole model gathered in bf16, and the forked KV cache."""
-    kv = 2 * s["layers"] * s["kv"] * (prompt_tokens + new_tokens) * group_size * prompts * 2
-    return [
-        Row("weights bf16, gathered for sampling", n * 2, "rollout", "params * 2"),
-        Row("KV cache", kv, "rollout", "2 (k, v) * layers * kv_heads * head_dim * (prompt + new) * G * prompts * 2"),
+def rollout_rows(p, s, st):
+    """Sampling: every unit gathered once in bf16 for the whole decode loop (model.unsharded), the
+    KV cache forked G ways after the prefill, then grown one token at a time (torch.cat per layer)."""
+    if st.algo != "grpo":
+        return []
+    N, P, T, kv, V = st.N, st.prompt_tokens, st.T, s["kv"], s["vocab"]
+    cache = lambda length: 2 * s["layers"] * kv * length * N * 2
+    if st.lora:
+        rows = [Row("adapters gathered bf16 (the base is resident)", adapters(p, st) * 2, "rollout", "adapters * 2")]
+    else:
+        rows = [Row("weights bf16, gathered for sampling", p["total"] * 2, "rollout", "params * 2"),
+                Row("all-gather buffer of lm_head (gathered last)", p["lm_head"] * 2, "rollout:gather", "lm_head * 2")]
+    return rows + [
+        Row("KV cache of the prompt, forked G ways", cache(P), "rollout:gather", "2 (k, v) * layers * kv * P * N * 2"),
+        Row("KV cache at full length", cache(P + T), "rollout:decode", "2 (k, v) * layers * kv * (P + T) * N * 2"),
+        Row("KV append: one layer's keys copied by cat", kv * (P + T) * N * 2, "rollout:decode", "kv * (P + T) * N * 2"),
+        Row("sampling: logits, filtered, probs, noise, ratio", 5 * N * V * 4, "rollout:decode", "5 * N * V * 4"),
     ]
 
 
-def train_rows(p, s, group_size, prompts, prompt_tokens, new_tokens):
-    """The policy pass over the packed sequences [prompt, c_1, ..., c_G], gradient checkpointing on
-    every audio and decoder layer."""
-    tokens = prompts * (prompt_tokens + group_size * new_tokens)           # packed length per GPU
-    h, kv, i = s["hidden"], s["kv"], s["inter"]
-    d, f, pos = s["d_audio"], s["ffn_audio"], s["positions"]
-    completion = prompts * group_size * new_tokens                         # positions that get logits
-    # FSDP2 with one unit per audio and decoder layer plus the root: the root (embeddings, lm_head,
-    # ...) stays gathered through forward and backward, one decoder layer (the largest unit) runs
-    # while the next is prefetched; each has bf16 weights and, in backward, unsharded bf16 gradients
-    # waiting for the reduce-scatter.
-    gathered = (p["root"] + 2 * p["lm_layer"]) * (2 + 2)
-    # Saved inside one recomputed decoder layer, bytes per token: two RMSNorms (fp32 input + bf16
-    # output: 6h each), q, k, v (2 * (h + 2kv)), attention output (2h), gate, up, silu(gate) and
-    # their product (4 * 2i) = 16h + 4kv + 8i. Doubled: the gradients in flight during its backward.
-    lm_layer = 2 * tokens * (16 * h + 4 * kv + 8 * i)
-    # Encoder, elements per clip: the conv front end is not checkpointed (conv1 and its GELU at
-    # 2 * positions, conv2 and its GELU at positions: 6 * positions * d); one recomputed layer saves
-    # two LayerNorm inputs and outputs, q, k, v, the attention output, fc1 and GELU(fc1):
-    # positions * (8d + 2f), doubled as above. bf16.
-    audio = prompts * 2 * (6 * pos * d + 2 * pos * (8 * d + 2 * f))
-    logits = completion * s["vocab"] * 4
-    return [
-        Row("FSDP units gathered (weights + grads bf16)", gathered, "train",
-            "(root + 2 decoder layers) * (2 + 2); root = embeddings, lm_head, audio convs, projector"),
-        Row("LM checkpoints", s["layers"] * tokens * h * 2, "train", "layers * tokens * hidden * 2"),
-        Row("LM layer recomputed", lm_layer, "train", "2 * tokens * (16 hidden + 4 kv + 8 inter)"),
-        Row("audio checkpoints", prompts * s["audio_layers"] * pos * d * 2, "train",
-            "prompts * audio_layers * positions * d * 2"),
-        Row("audio layer recomputed + convs", audio, "train",
-            "prompts * 2 * (6 * positions * d + 2 * positions * (8d + 2f))"),
-        Row("logits fp32 (completion positions)", logits, "train", "prompts * G * new * vocab * 4"),
-        Row("log_softmax copy (saved)", logits, "train", "prompts * G * new * vocab * 4"),
-        Row("logit gradient (backward)", logits, "train", "prompts * G * new * vocab * 4"),
+def reference_rows(p, s, st):
+    """The frozen reference's pass, no grad. In a decoder layer: the trunk root and that layer gathered
+    (FSDP2 keeps a unit's all-gather buffer in forward until the next unit's is copied out), the MLP's
+    up, act(gate) and their product.
+    At the logits: lm_head gathered, the fp32 logits and their log_softmax. Attention's bias lives
+    only inside sdpa, before the MLP runs."""
+    if not st.reference:
+        return []
+    B, L, tokens, h, i = st.prompts, st.L, st.tokens, s["hidden"], s["inter"]
+    if st.lora:  # the base is resident; the units (adapters, switched off) still gather
+        rows = [Row("reference layer adapters + all-gather buffer", ahead(st) * st.lora_rank * p["lora_lm"] // s["layers"] * 2,
+                    "reference:trunk", "2 * layer adapters * 2 (1 GPU: layer adapters * 2)")]
+    else:
+        rows = [Row("reference trunk root gathered bf16", p["trunk_root"] * 2, "reference", "trunk_root * 2"),
+                Row("reference decoder layer + its all-gather buffer", ahead(st) * p["lm_layer"] * 2,
+                    "reference:trunk", "2 * lm_layer * 2 (1 GPU: lm_layer * 2)"),
+                Row("reference lm_head gathered bf16", p["lm_head"] * 2, "reference:logits", "lm_head * 2")]
+    return rows + [
+        Row("packed attention mask (bool)", B * L * L, "reference", "B * L^2"),
+        Row("a decoder layer's forward without grad", tokens * (6 * i + 4 * h), "reference:trunk",
+            "tokens * (3 * inter * 2 + 2 * hidden * 2)"),
+        Row("hidden states, states at completion positions", (tokens + st.M) * h * 2, "reference:logits",
+            "(tokens + M) * hidden * 2"),
+        Row("logits fp32 and log_softmax", 2 * st.M * s["vocab"] * 4, "reference:logits", "2 * M * V * 4"),
     ]
+
+
+def reduction_rows(name, size, phase, st):
+    """An FSDP unit's gradient reduction (reduce_dtype fp32): the fp32 reduce-scatter input the whole
+    unit's size, next to the unsharded bf16 gradient until it is copied in, then next to the fp32
+    reduce-scatter output (the new shard, or one added to the accumulated shard). torch's CPU
+    kernel for the copy-in (_chunk_cat) builds a bf16 temporary; the CUDA kernel writes fp32 directly."""
+    if st.device == "cpu":
+        return [Row(f"{name} gradient bf16 + copy-in temporary bf16, or its shard", size * 4, phase, f"{name} * max(2 + 2, 4 / gpus)"),
+                Row(f"{name} reduce-scatter input fp32", size * 4, phase, f"{name} * 4")]
+    return [Row(f"{name} gradient bf16, or its fp32 shard", size * max(2, 4 // st.gpus), phase, f"{name} * max(2, 4 / gpus)"),
+            Row(f"{name} reduce-scatter input fp32", size * 4, phase, f"{name} * 4")]
+
+
+def ahead(st):
+    """Units' worth of memory one gathered unit takes in forward and in backward: itself and, with more
+    than one GPU, the all-gather buffer kept for overlap (forward) or the next unit prefetched
+    (backward). On one GPU FSDP2 gathers by copying each parameter at use, with no buffer."""
+    return 2 if st.gpus > 1 else 1
+
+
+def unit_rows(name, size, phase, st):
+    """An FSDP unit in the middle of its backward: it and the next unit (prefetched) gathered in bf16,
+    and the previous unit's fp32 reduce-scatter input, which FSDP2 frees only when this unit's
+    reduction starts (one in flight). At that reduction this unit's bf16 gradient and its own
+    reduce-scatter input replace its weights, its activations and the previous input: a larger
+    moment only on the CPU (the copy-in's temporary) and only for activations under 2 bytes per
+    parameter of the unit."""
+    return [Row(f"{name} gathered bf16, + the next prefetched", ahead(st) * size * 2, phase,
+                f"2 * {name} * 2 (1 GPU: {name} * 2)"),
+            Row(f"previous {name}'s reduce-scatter input fp32", size * 4, phase, f"{name} * 4")]
+
+
+def policy_rows(p, s, st):
+    """The policy's pass up to lm_head's reduction. The gradients are all counted throughout: after
+    the first micro-batch of a step they all exist. The trunk root stays gathered from forward to
+    the end of backward (FSDP2 does not reshard a root after forward)."""
+    B, L, tokens, M, V, g = st.prompts, st.L, st.tokens, st.M, s["vocab"], st.gpus
+    pos, d = s["positions"], s["d_audio"]
+    rows = [Row("gradient shards fp32", trained(p, st) * 4 // g, "policy", "trained * 4 / gpus"),
+            Row("packed attention mask (bool)", B * L * L, "policy:graph", "B * L^2"),
+            Row("LM checkpoints (each decoder layer's input)", s["layers"] * tokens * s["hidden"] * 2, "policy:graph",
+                "layers * tokens * hidden * 2"),
+            Row("trunk output: final norm's saved tensors, states", (8 * tokens + 2 * M) * s["hidden"], "policy:graph",
+                "tokens * hidden * (4 + 2 + 2) + M * hidden * 2")]
+    if st.audio_trains:
+        rows += [Row("audio checkpoints", B * s["audio_layers"] * pos * d * 2, "policy:graph",
+                     "B * audio_layers * positions * d * 2"),
+                 Row("audio conv front end (not checkpointed)", B * 6 * pos * d * 2, "policy:graph",
+                     "B * (2 + 2 + 1 + 1) * positions * d * 2: conv1, GELU at 2x, conv2, GELU")]
+    if not st.lora:
+        rows += [Row("trunk root gathered bf16", p["trunk_root"] * 2, "policy:graph", "trunk_root * 2"),
+                 Row("lm_head gathered bf16", p["lm_head"] * 2, "policy:graph:logits", "lm_head * 2")]
+        rows += reduction_rows("lm_head", p["lm_head"], "policy:graph:lm_head", st)
+    return rows + [
+        Row("log_softmax output fp32 (saved)", M * V * 4, "policy:graph:logits", "M * V * 4"),
+        Row("gradient of the gathered log-probs (V wide)", M * V * 4, "policy:graph:logits", "M * V * 4"),
+        Row("log_softmax gradient fp32", M * V * 4, "policy:graph:logits", "M * V * 4"),
+    ]
+
+
+def backward_rows(p, s, st):
+    """The trunk's backward, unit by unit, each layer recomputed (checkpointing). FSDP2 keeps lm_head's
+    reduce-scatter input until the end of backward: lm_head is a root of its own, and a root frees
+    its last buffer only in its final callback. The embedding's backward runs last (its forward ran
+    first); the trunk root's gradients wait for its reduction, in the final callback, once the
+    graph, lm_head's buffer and the trunk root's weights are gone."""
+    B, L, tokens, h, kv, i = st.prompts, st.L, st.tokens, s["hidden"], s["kv"], s["inter"]
+    pos, d, f = s["positions"], s["d_audio"], s["ffn_audio"]
+    if st.lora:  # the units hold only the adapters
+        rows = unit_rows("layer adapters", st.lora_rank * p["lora_lm"] // s["layers"], "policy:graph:backward:decoder", st)
+    else:
+        rows = [Row("lm_head reduce-scatter input fp32, kept", p["lm_head"] * 4, "policy:graph:backward", "lm_head * 4"),
+                *unit_rows("decoder layer", p["lm_layer"], "policy:graph:backward:decoder", st)]
+    rows += [Row("decoder layer recomputed: saved + MLP grads", tokens * (24 * h + 4 * kv + 12 * i),
+                 "policy:graph:backward:decoder", "tokens * (22 hidden + 4 kv + 8 inter + 2 hidden + 4 inter)"),
+             Row("attention bias bf16 (from the bool mask)", B * L * L * 2, "policy:graph:backward:decoder", "B * L^2 * 2")]
+    if st.audio_trains:
+        audio_unit = st.lora_rank * p["lora_audio"] // s["audio_layers"] if st.lora else p["audio_layer"]
+        rows += unit_rows("audio adapters" if st.lora else "audio layer", audio_unit, "policy:graph:backward:audio", st)
+        rows.append(Row("audio layer recomputed: saved + MLP grads", B * pos * (20 * d + 8 * f),
+                        "policy:graph:backward:audio", "B * positions * (18 d + 4 ffn + 2 d + 4 ffn)"))
+    if not st.lora:
+        rows.append(Row("trunk root gradient bf16 (embedding last)", p["trunk_root"] * 2,
+                        "policy:graph:backward:embedding", "trunk_root * 2"))
+        rows += reduction_rows("trunk root", p["trunk_root"], "policy:root_reduction", st)
+    return rows
+
+
+def optimizer_rows(p, st):
+    """Clipping and the AdamW step: the gradients, and AdamW's temporaries. On a GPU torch runs the
+    foreach implementation (one temporary, sqrt(exp_avg_sq), the size of all moments' shards); on
+    the CPU the per-tensor one (sqrt and its quotient, for one tensor at a time)."""
+    n, g = trained(p, st), st.gpus
+    rows = [Row("gradient shards fp32", n * 4 // g, "optimizer", "trained * 4 / gpus")]
+    if st.device == "cuda":
+        return rows + [Row("AdamW foreach temporary", n * 4 // g, "optimizer", "trained * 4 / gpus")]
+    largest = st.lora_rank * p["lora_largest"] if st.lora else p["largest"]
+    return rows + [Row("AdamW per-tensor temporaries (CPU)", 2 * largest * 4 // g, "optimizer",
+                       "2 * largest tensor * 4 / gpus")]
+
+
+def moments(rows):
+    """{moment: bytes}: each moment's rows plus the rows of the phases it belongs to."""
+    phases = list(dict.fromkeys(r.phase for r in rows if r.phase != "state"))  # in step order
+    leaves = [m for m in phases if not any(q.startswith(m + ":") for q in phases)]
+    return {m: sum(r.bytes for r in rows if m == r.phase or m.startswith(r.phase + ":")) for m in leaves}
 
 
 def memory_plan(config, gpus=8, prompts_per_gpu=1, group_size=8, prompt_tokens=PROMPT_TOKENS,
-                max_new_tokens=256, gpu_mem_gb=80, beta=0.04):
-    """Per-GPU memory of one GRPO step, row by row. gpu_mem_gb is in GiB (an "80 GB" card has 80 GiB)."""
+                max_new_tokens=256, gpu_mem_gb=80, beta=0.04, **variant):
+    """Per-GPU memory of one step, row by row. gpu_mem_gb is in GiB (an "80 GB" card has 80 GiB).
+    variant: algo ("grpo" or "sft"), lora_rank, lora_audio, target_tokens, device ("cuda" or "cpu")."""
     p, s = count_model(config)
-    rows = (state_rows(p["total"], gpus, beta)
-            + rollout_rows(p["total"], s, group_size, prompts_per_gpu, prompt_tokens, max_new_tokens)
-            + train_rows(p, s, group_size, prompts_per_gpu, prompt_tokens, max_new_tokens))
-    phase = lambda name: sum(r.bytes for r in rows if r.phase == name)
-    total = phase("state") + max(phase("rollout"), phase("train"))
-    return MemoryPlan(rows, total, int(gpu_mem_gb * GIB), total <= gpu_mem_gb * GIB)
+    st = Step(gpus, prompts_per_gpu, group_size, prompt_tokens, max_new_tokens, beta, **variant)
+    rows = (state_rows(p, st) + rollout_rows(p, s, st) + reference_rows(p, s, st) + policy_rows(p, s, st)
+            + backward_rows(p, s, st) + optimizer_rows(p, st))
+    peaks = moments(rows)
+    total = sum(r.bytes for r in rows if r.phase == "state") + max(peaks.values())
+    return MemoryPlan(rows, peaks, total, int(gpu_mem_gb * GIB), total <= gpu_mem_gb * GIB)
+
+
+def phase_peaks(plan):
+    """{phase: its largest moment}, e.g. rollout = max(rollout:gather, rollout:decode)."""
+    peaks = {}
+    for moment, size in plan.moments.items():
+        phase = moment.split(":")[0]
+        peaks[phase] = max(peaks.get(phase, 0), size)
+    return peaks
 
 
 def format_plan(plan):
-    """The plan as a text table, GiB per row and per phase."""
-    lines = [f"{'per GPU':44s} {'GiB':>7s}  {'phase':7s}  formula"]
-    lines += [f"{r.name:44s} {r.bytes / GIB:7.2f}  {r.phase:7s}  {r.formula}" for r in plan.rows]
-    for name in ("state", "rollout", "train"):
-        lines.append(f"{'  sum ' + name:44s} {sum(r.bytes for r in plan.rows if r.phase == name) / GIB:7.2f}")
+    """The plan as a text table, GiB per row and per moment."""
+    lines = [f"{'per GPU':52s} {'GiB':>7s}  {'phase':32s} formula"]
+    lines += [f"{r.name:52s} {r.bytes / GIB:7.2f}  {r.phase:32s} {r.formula}" for r in plan.rows]
+    state = sum(r.bytes for r in plan.rows if r.phase == "state")
+    lines.append(f"{'  state':52s} {state / GIB:7.2f}")
+    peak = max(plan.moments.values())
+    for moment, size in plan.moments.items():
+        mark = "  <- largest" if size == peak else ""
+        lines.append(f"{'  moment ' + moment:52s} {size / GIB:7.2f}{mark}")
     verdict = "fits" if plan.fits else "does NOT fit"
-    lines.append(f"{'total = state + max(rollout, train)':44s} {plan.total / GIB:7.2f}  "
+    lines.append(f"{'total = state + largest moment':52s} {plan.total / GIB:7.2f}  "
                  f"{verdict} in {plan.gpu_bytes / GIB:.0f} GiB")
     return "\n".join(lines)
 
@@ -190,28 +402,71 @@ def lm_flops(p, s, tokens, pairs, logit_positions):
     return 2 * p["lm_layers"] * tokens + 4 * s["hidden"] * pairs * s["layers"] + 2 * p["lm_head"] * logit_positions
 
 
-def pass_flops(p, s, group_size, prompt, new, packed):
-    """One forward over a prompt's G completions (a rollout does the same matmuls, token by token).
-    packed (ours): the audio encoded once, the prompt once, each completion token once, causal pairs
-    P^2/2 + G*T*P + G*T^2/2, logits at the G*T completion positions.
-    not packed (HF generate / TRL): G separate [prompt, completion] sequences, audio encoded G times,
-    logits at every position."""
+def visible_blocks(prompt, group_size, new, block=BLOCK):
+    """Blocks of block x block (query, key) pairs holding at least one visible pair in the packed
+    layout [prompt, c_1, ..., c_G]: a query block sees the prompt up to itself and, for every
+    completion it overlaps, that completion up to its own last query."""
+    L, starts = prompt + group_size * new, [prompt + i * new for i in range(group_size)]
+    count = 0
+    for q0 in range(0, L, block):
+        q1 = min(q0 + block, L)
+        spans = [(0, min(prompt, q1))] + [(a, min(a + new, q1)) for a in starts if a < q1 and a + new > q0]
+        keys = set()
+        for a, b in spans:
+            keys.update(range(a // block, (b - 1) // block + 1) if b > a else ())
+        count += len(keys)
+    return count
+
+
+def packed_pairs(prompt, group_size, new, attention):
+    """(query, key) pairs per layer of one packed forward: every L^2 pair ("dense", sdpa with a mask),
+    the pairs of the visible blocks ("block"), or only the visible pairs ("visible", the ideal):
+    P^2/2 + G*T*P + G*T^2/2."""
+    L = prompt + group_size * new
+    if attention == "dense":
+        return L * L
+    if attention == "block":
+        return visible_blocks(prompt, group_size, new) * BLOCK**2
+    assert attention == "visible", attention
+    return prompt**2 / 2 + group_size * (new * prompt + new**2 / 2)
+
+
+def pass_flops(p, s, group_size, prompt, new, packed, attention="visible"):
+    """One forward over a prompt's G completions, as (encoder, language model) FLOPs.
+    packed (ours): the audio encoded once, the prompt once, each completion token once, logits at
+    the G*T completion positions, attention over packed_pairs.
+    not packed (HF generate / TRL): G separate [prompt, completion] sequences, the audio encoded G
+    times, logits at every position; padding gives them a mask too, so "dense" counts seq^2 pairs,
+    "block" the causal blocks, "visible" seq^2/2.
+    A rollout does the same matmuls, token by token, over the visible pairs only (a causal prefill
+    and a KV cache need no mask): pass attention="visible" for it."""
     if packed:
-        pairs = prompt**2 / 2 + group_size * (new * prompt + new**2 / 2)
-        return encoder_flops(p, s) + lm_flops(p, s, prompt + group_size * new, pairs, group_size * new)
+        pairs = packed_pairs(prompt, group_size, new, attention)
+        return encoder_flops(p, s), lm_flops(p, s, prompt + group_size * new, pairs, group_size * new)
     seq = prompt + new
-    return group_size * (encoder_flops(p, s) + lm_flops(p, s, seq, seq**2 / 2, seq))
+    blocks = -(-seq // BLOCK)
+    pairs = {"dense": seq**2, "block": blocks * (blocks + 1) / 2 * BLOCK**2, "visible": seq**2 / 2}[attention]
+    return group_size * encoder_flops(p, s), group_size * lm_flops(p, s, seq, pairs, seq)
 
 
 def step_flops(config, prompts=16, group_size=8, prompt_tokens=PROMPT_TOKENS, new_tokens=256, beta=0.04,
-               checkpointing=True, packed=True):
-    """Projected FLOPs of one optimizer step, per phase, all GPUs together:
-    rollout = 1 pass; reference = 1 pass (0 if beta = 0); policy = forward + backward (2x forward),
-    plus the forward recomputed by checkpointing: 4 passes (3 without). new_tokens = the completions'
-    length (256 is the limit, so this is the upper bound)."""
+               checkpointing=True, packed=True, attention="dense", algo="grpo", lora_rank=0,
+               target_tokens=TARGET_TOKENS, lora_audio=False):
+    """Projected FLOPs of one optimizer step, per phase, all GPUs together. rollout = 1 pass over the
+    visible pairs; reference = 1 pass (0 if beta = 0); policy = forward + backward (2x forward) plus
+    the forward recomputed by checkpointing: 4 passes (3 without). With LoRA the frozen weights need
+    no weight gradients: the backward is 1x forward (3 passes, 2 without checkpointing), and a frozen
+    encoder runs forward only. SFT: groups of one [prompt, target], no rollout, no reference.
+    new_tokens = the completions' length (256 is the limit, so this is the upper bound)."""
     p, s = count_model(config)
-    one = prompts * pass_flops(p, s, group_size, prompt_tokens, new_tokens, packed)
-    phases = {"rollout": one, "reference": one if beta else 0, "policy": (4 if checkpointing else 3) * one}
+    G, T = (group_size, new_tokens) if algo == "grpo" else (1, target_tokens)
+    one = lambda attn: sum(pass_flops(p, s, G, prompt_tokens, T, packed, attn)) * prompts
+    passes = (4 if checkpointing else 3) - (1 if lora_rank else 0)
+    encoder, lm = pass_flops(p, s, G, prompt_tokens, T, packed, attention)
+    frozen_encoder = lora_rank and not lora_audio
+    phases = {"rollout": one("visible") if algo == "grpo" else 0,
+              "reference": one(attention) if algo == "grpo" and beta else 0,
+              "policy": prompts * ((1 if frozen_encoder else passes) * encoder + passes * lm)}
     return {**phases, "total": sum(phases.values())}
 
 
@@ -225,11 +480,12 @@ def load_config(model_dir):
     return AutoConfig.from_pretrained(model_dir)
 
 
-def flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, beta=0.04):
-    ours = step_flops(config, prompts, group_size, prompt_tokens, new_tokens, beta)
-    hf = step_flops(config, prompts, group_size, prompt_tokens, new_tokens, beta, packed=False)
+def flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, beta=0.04, **variant):
+    """Ours against HF/TRL's layout, phase by phase. variant: attention, algo, lora_rank, target_tokens."""
+    ours = step_flops(config, prompts, group_size, prompt_tokens, new_tokens, beta, **variant)
+    hf = step_flops(config, prompts, group_size, prompt_tokens, new_tokens, beta, packed=False, **variant)
     lines = [f"FLOPs per optimizer step: {prompts} prompts x G={group_size}, prompt {prompt_tokens} "
-             f"tokens, completions of {new_tokens} tokens, checkpointing",
+             f"tokens, completions of {new_tokens} tokens, checkpointing, attention {variant.get('attention', 'dense')}",
              f"{'phase':10s} {'ours PFLOP':>11s} {'HF/TRL PFLOP':>13s} {'ratio':>6s}"]
     for phase in ours:
         ratio = f"{ours[phase] / hf[phase]:6.2f}" if hf[phase] else f"{'-':>6s}"
@@ -239,29 +495,61 @@ def flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, be
 
 
 def report(config, gpus=8, prompts_per_gpu=1, prompts=16, group_size=8, prompt_tokens=PROMPT_TOKENS,
-           new_tokens=256, gpu_mem_gb=80, beta=0.04):
+           new_tokens=256, gpu_mem_gb=80, beta=0.04, algo="grpo", lora_rank=0, target_tokens=TARGET_TOKENS,
+           attention="dense"):
     """The whole plan as text: the memory table, then the FLOPs. train.py --plan prints this too."""
-    plan = memory_plan(config, gpus, prompts_per_gpu, group_size, prompt_tokens, new_tokens, gpu_mem_gb, beta)
-    head = (f"memory per GPU: {gpus} GPUs, {prompts_per_gpu} prompt(s) x G={group_size} per GPU, "
-            f"prompt {prompt_tokens} tokens + {new_tokens} new, beta={beta}")
-    flops = flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, beta)
+    variant = dict(algo=algo, lora_rank=lora_rank, target_tokens=target_tokens)
+    plan = memory_plan(config, gpus, prompts_per_gpu, group_size, prompt_tokens, new_tokens, gpu_mem_gb, beta,
+                       **variant)
+    what = (f"{prompts_per_gpu} prompt(s) x G={group_size} per GPU, prompt {prompt_tokens} tokens + {new_tokens} "
+            f"new, beta={beta}" if algo == "grpo" else
+            f"{prompts_per_gpu} sequence(s) per GPU, prompt {prompt_tokens} tokens + target {target_tokens}")
+    head = f"{algo.upper()}, {f'LoRA r={lora_rank}' if lora_rank else 'full fine-tuning'}, memory per GPU: {gpus} GPUs, {what}"
+    flops = flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, beta, attention=attention,
+                        **variant)
     return "\n".join([head, format_plan(plan), "", flops])
 
 
-def main():
+def fit_summary(config, lora_rank=64, sft_batch=8, cards=(24, 48, 80)):
+    """Per-GPU memory of full fine-tuning and LoRA, SFT and GRPO (1 prompt x G 8 per GPU, R1-AQA's
+    lengths), on 1 GPU and on 8, and which cards it fits, as a Markdown table."""
+    lines = [f"| {'training':22s} | 1 GPU, GiB | " + " | ".join(f"1 x {c} GB" for c in cards)
+             + " | 8 GPUs, GiB per GPU | 8 x 80 GB |", "|---|---:|" + "---|" * len(cards) + "---:|---|"]
+    mark = lambda plan_bytes, card: "fits" if plan_bytes <= card * GIB else "no"
+    for algo in ("sft", "grpo"):
+        for rank in (0, lora_rank):
+            batch = sft_batch if algo == "sft" else 1
+            one, eight = (memory_plan(config, gpus, batch, algo=algo, lora_rank=rank).total for gpus in (1, 8))
+            name = f"{algo.upper()}, {f'LoRA r={rank}' if rank else 'full'}"
+            lines.append(f"| {name:22s} | {one / GIB:10.1f} | " + " | ".join(mark(one, c) for c in cards)
+                         + f" | {eight / GIB:19.1f} | {mark(eight, 80)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="local Qwen2-Audio directory (default: the 7B architecture)")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU")
-    parser.add_argument("--prompts-per-gpu", type=int, default=1)
+    parser.add_argument("--prompts-per-gpu", type=int, default=1, help="prompts (SFT: sequences) per forward")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step (for FLOPs)")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.04)
-    args = parser.parse_args()
-    print(report(load_config(args.model), args.gpus, args.prompts_per_gpu, args.prompts, args.group_size,
-                 args.prompt_tokens, args.new_tokens, args.gpu_mem, args.beta))
+    parser.add_argument("--algo", choices=("grpo", "sft"), default="grpo")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    parser.add_argument("--target-tokens", type=int, default=TARGET_TOKENS, help="SFT target length")
+    parser.add_argument("--attention", choices=("dense", "block"), default="dense",
+                        help="FLOPs of masked attention: all L^2 pairs (sdpa today) or visible blocks only")
+    parser.add_argument("--summary", action="store_true", help="full vs LoRA, SFT vs GRPO, 1 and 8 GPUs")
+    args = parser.parse_args(argv)
+    config = load_config(args.model)
+    if args.summary:
+        return print(fit_summary(config, args.lora_rank or 64))
+    print(report(config, args.gpus, args.prompts_per_gpu, args.prompts, args.group_size, args.prompt_tokens,
+                 args.new_tokens, args.gpu_mem, args.beta, args.algo, args.lora_rank, args.target_tokens,
+                 args.attention))
 
 
 if __name__ == "__main__":

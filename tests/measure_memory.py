@@ -1,0 +1,258 @@
+"""Measure the memory of one GRPO step on the CPU, phase by phase, and compare it with plan.py.
+
+Purpose: plan.py predicts per-GPU memory from formulas; a test that re-derives the same formulas
+cannot find a term the plan forgot. This script runs the real phases of a step under FSDP2 with
+the plan's settings (fp32 master weights, bf16 compute, fp32 gradient reduction, gradient
+checkpointing) on a mid-size random Qwen2-Audio, profiles the second step (the first creates the
+AdamW moments) and takes, per phase, the most bytes torch's CPU allocator held above what was
+alive when the step began (the state). The phases, as train.py runs them with 2 micro-batches:
+  rollout    grpo.generate_groups for each micro-batch under one model.unsharded
+  reference  grpo.completion_logprobs on the bf16 reference, no grad; its units resharded after
+  policy     grpo.completion_logprobs with grad, grpo.grpo_loss, backward, per micro-batch
+  optimizer  gradient clipping, the AdamW step, zero_grad
+Each is compared with plan.memory_plan(device="cpu") for the same config and batch. Completions
+are forced to their full length (end tokens suppressed), as the plan assumes. Under torchrun the
+numbers are rank 0's, without the copies gloo's collectives make of their inputs (NCCL works in
+place), which gloo keeps until a worker thread lets go.
+
+Another policy (LoRA, say) is measured by building a Step around it: ref = the same model and
+ref_context = a context that switches its adapters off, variant = plan.memory_plan's variant
+(lora_rank=...), then measure_phases(step) and compare(step, peaks, rollout).
+
+    python tests/measure_memory.py                                             # 1 process, ~2 min
+    torchrun --standalone --nproc_per_node 2 tests/measure_memory.py            # 2 processes
+    python tests/measure_memory.py --width 256 --layers 4 --vocab 8192 --audio-width 128 \
+        --window-seconds 2 --group-size 4 --new-tokens 32                       # the test's model
+"""
+
+import argparse
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch._C._profiler import _EventType
+from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile, record_function
+from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import grpo  # noqa: E402  (after the path insert, for `python tests/measure_memory.py`)
+import model as M  # noqa: E402
+import plan  # noqa: E402
+from data import SAMPLE_RATE, Sample  # noqa: E402
+
+PHASES = ("rollout", "reference", "policy", "optimizer")
+SAMPLE = Sample("", "What is the pitch of the tone in the audio?", ["very low", "low", "high", "very high"], "low", {})
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+def mid_config(audio_token_id, vocab=16384, width=512, layers=8, heads=8, audio_width=256, window_seconds=10):
+    """A Qwen2-Audio with the 7B's shape ratios at a small width: no grouped KV heads, intermediate
+    size 2.6875 x hidden (11008 / 4096), a vocabulary far larger than the tiny tokenizer's (the
+    embedding and lm_head are big units, as in the 7B; ids past the tokenizer are never sampled)."""
+    return Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", d_model=audio_width, encoder_layers=layers // 2,
+                          encoder_attention_heads=4, encoder_ffn_dim=4 * audio_width, num_mel_bins=128,
+                          max_source_positions=50 * window_seconds),
+        text_config=dict(model_type="qwen2", vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=width * 43 // 16,
+                         rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False),
+        audio_token_index=audio_token_id,
+    )
+
+
+def build_model(out_dir, seed=0, window_seconds=10, **sizes):
+    """Write a random mid-size Qwen2-Audio with the tiny tokenizer to out_dir (once)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    tokenizer = M.build_tokenizer()
+    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, chunk_length=window_seconds)
+    config = mid_config(tokenizer.convert_tokens_to_ids("<|AUDIO|>"), window_seconds=window_seconds, **sizes)
+    torch.manual_seed(seed)
+    Qwen2AudioForConditionalGeneration(config).save_pretrained(out_dir)
+    Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# One step, phase by phase
+
+@dataclass
+class Step:
+    """Built models and one prompt batch; the hook for any policy (full or LoRA) and reference."""
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    batch: dict
+    end_ids: list
+    pad_id: int
+    suppress: list          # never sampled: special tokens and the end tokens (forced full length)
+    group_size: int
+    new_tokens: int
+    beta: float = 0.04
+    variant: dict = field(default_factory=dict)  # plan.memory_plan's variant for this policy (lora_rank=...)
+    ref_context: Callable = nullcontext  # entered around the reference's pass (LoRA: adapters off)
+
+
+def load_step(model_dir, group_size, new_tokens, prompts=1):
+    """The policy (fp32 master, bf16 compute, checkpointing) and the bf16 reference, sharded as in
+    train.py, AdamW, and `prompts` copies of one question with a tone filling the audio window."""
+    policy = M.sharded_load(model_dir, param_dtype=torch.bfloat16, storage_dtype=torch.float32,
+                            gradient_checkpointing=True)
+    ref = M.sharded_load(model_dir, storage_dtype=torch.bfloat16).requires_grad_(False).eval()
+    processor = M.load_processor(model_dir)
+    seconds = processor.feature_extractor.chunk_length
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(seconds * SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
+    batch = M.collate(processor, [SAMPLE] * prompts, [tone] * prompts)
+    tok = processor.tokenizer
+    end_ids = M.end_token_ids(tok)
+    suppress = M.suppressed_token_ids(tok, policy.config.text_config.vocab_size) + end_ids
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    return Step(policy, ref, optimizer, batch, end_ids, tok.pad_token_id, suppress, group_size, new_tokens)
+
+
+def run_step(step, micro_batches=2):
+    """One GRPO step as train.py runs it, each phase under a profiler label "phase:NAME": sample all
+    micro-batches under one model.unsharded, then the reference's log-probs, then forward + backward
+    per micro-batch (the gradients accumulate), then clip and step. Returns the last rollout."""
+    B = step.batch["input_ids"].size(0)
+    with record_function("phase:rollout"):
+        step.policy.eval()
+        with M.unsharded(step.policy):
+            rollouts = [grpo.generate_groups(step.policy, step.batch, grpo.prompt_generators(0, k, range(B)),
+                                             step.group_size, step.new_tokens, step.end_ids, step.pad_id,
+                                             step.suppress) for k in range(micro_batches)]
+    with record_function("phase:reference"):
+        refs = [reference(step, r) for r in rollouts]
+    with record_function("phase:policy"):
+        step.policy.train()
+        for r, ref_logp in zip(rollouts, refs):
+            advantages = grpo.group_advantages(torch.arange(r.mask.size(0), dtype=torch.float32), step.group_size)
+            logp = grpo.completion_logprobs(step.policy, r, step.pad_id)          # [N, T]
+            loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, r.mask, step.beta)
+            loss.backward()
+    with record_function("phase:optimizer"):
+        torch.nn.utils.clip_grad_norm_(step.policy.parameters(), 1.0)
+        step.optimizer.step()
+        step.optimizer.zero_grad(set_to_none=True)
+    return rollouts[-1]
+
+
+@torch.no_grad()
+def reference(step, r):
+    """Reference log-probs, then every reference unit resharded: FSDP2 keeps a root's weights
+    gathered after forward (it expects a backward), which the reference never runs."""
+    with step.ref_context():
+        logp = grpo.completion_logprobs(step.ref, r, step.pad_id)
+    for unit in M.fsdp_units(step.ref):
+        unit.reshard()
+    return logp
+
+
+def allocations(nodes, phase=None, collective=False):
+    """(time, bytes, address, phase, inside a c10d collective) of every allocation (+) and free (-)
+    in a profiler event tree."""
+    for node in nodes:
+        label = node.name[len("phase:"):] if node.name.startswith("phase:") else phase
+        inside = collective or node.name.startswith("c10d::")
+        if node.tag == _EventType.Allocation:
+            yield node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr, phase, inside
+        yield from allocations(node.children, label, inside)
+
+
+def measure_phases(step, micro_batches=2):
+    """({phase: the most bytes torch's allocator held above the step's start, during the phase},
+    the same without the copies gloo's collectives make, the step's last rollout), for a second
+    step (the first creates the AdamW moments). gloo's reduce-scatter and all-gather copy their
+    input and keep the copy until a worker thread lets go (NCCL works in place on the GPU). A block
+    allocated before the step and freed in it has no event (so is not subtracted)."""
+    run_step(step, micro_batches)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        r = run_step(step, micro_batches)
+    held, own, peaks, own_peaks, copies = 0, 0, {}, {}, set()
+    for _, size, ptr, phase, collective in sorted(allocations(prof.profiler.kineto_results.experimental_event_tree())):
+        if size > 0 and collective:
+            copies.add(ptr)
+        mine = not (ptr in copies)
+        if size < 0:
+            copies.discard(ptr)
+        held, own = held + size, own + (size if mine else 0)
+        if phase is not None:
+            peaks[phase], own_peaks[phase] = max(peaks.get(phase, 0), held), max(own_peaks.get(phase, 0), own)
+    return peaks, own_peaks, r
+
+
+def local_bytes(tensors):
+    """Bytes of this rank's part of each tensor (the local shard of a DTensor)."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    return sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
+
+
+def state_bytes(step):
+    """What lives through the step, counted from the tensors: master weights, AdamW moments, reference."""
+    moments = [v for s in step.optimizer.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    return {"master": local_bytes(step.policy.parameters()), "moments": local_bytes(moments),
+            "reference": local_bytes(step.ref.parameters()) if step.ref is not None else 0}
+
+
+# -----------------------------------------------------------------------------
+# Against the plan
+
+def compare(step, peaks, r):
+    """[(phase, measured bytes, planned bytes)], the plan evaluated for torch's CPU kernels at this
+    step's sizes (its phase = its largest moment), and the plan itself."""
+    p = plan.memory_plan(step.policy.config, gpus=dist.get_world_size(), prompts_per_gpu=len(r.prompt_ids),
+                         group_size=step.group_size, prompt_tokens=max(len(x) for x in r.prompt_ids),
+                         max_new_tokens=step.new_tokens, beta=step.beta, device="cpu", **step.variant)
+    planned = plan.phase_peaks(p)
+    return [(phase, peaks[phase], planned[phase]) for phase in PHASES], p
+
+
+def report(step, peaks, own, r):
+    """The comparison as text, MiB, rank 0's view."""
+    rows, p = compare(step, own, r)
+    n = sum(x.numel() for x in step.policy.parameters())
+    lines = [f"{n / 1e6:.1f}M parameters, {dist.get_world_size()} process(es), prompt {len(r.prompt_ids[0])} "
+             f"tokens, G={step.group_size}, {step.new_tokens} new tokens, 2 micro-batches; MiB above the step's start",
+             f"{'phase':10s} {'measured':>9s} {'with gloo':>10s} {'plan':>9s} {'plan/measured':>14s}"]
+    lines += [f"{phase:10s} {got / 2**20:9.2f} {peaks[phase] / 2**20:10.2f} {planned / 2**20:9.2f} {planned / got:14.3f}"
+              for phase, got, planned in rows]
+    counted = state_bytes(step)
+    lines.append(f"state: tensors {sum(counted.values()) / 2**20:.2f}, plan "
+                 f"{sum(row.bytes for row in p.rows if row.phase == 'state') / 2**20:.2f}")
+    lines += [f"  plan moment {m:32s} {size / 2**20:9.2f}" for m, size in p.moments.items()]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--audio-width", type=int, default=256)
+    parser.add_argument("--window-seconds", type=int, default=10, help="audio window (50 encoder positions per second)")
+    args = parser.parse_args()
+    M.init_distributed(always=True)
+    torch.set_num_threads(1)  # the CPU attention kernel's scratch buffers are per thread
+    sizes = dict(width=args.width, layers=args.layers, vocab=args.vocab, audio_width=args.audio_width)
+    name = "mid-qwen2-audio-" + "-".join(f"{k}{v}" for k, v in sizes.items()) + f"-{args.window_seconds}s"
+    model_dir = build_model(REPO / ".cache" / name, window_seconds=args.window_seconds, **sizes)
+    step = load_step(model_dir, args.group_size, args.new_tokens)
+    M.print0(report(step, *measure_phases(step)))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
