@@ -193,8 +193,9 @@ def state_rows(p, st):
 
 
 def rollout_rows(p, s, st):
-    """Sampling: every unit gathered once in bf16 for the whole decode loop (model.unsharded), the
-    KV cache forked G ways after the prefill, then grown one token at a time (torch.cat per layer)."""
+    """Sampling: every unit gathered once in bf16 on entering model.unsharded, before any activation
+    exists (the last gather's buffer, lm_head's, is alive only then), kept for the whole decode loop;
+    the KV cache forked G ways after the prefill, then grown one token at a time (torch.cat per layer)."""
     if st.algo != "grpo":
         return []
     N, P, T, kv, V = st.N, st.prompt_tokens, st.T, s["kv"], s["vocab"]
@@ -205,7 +206,6 @@ def rollout_rows(p, s, st):
         rows = [Row("weights bf16, gathered for sampling", p["total"] * 2, "rollout", "params * 2"),
                 Row("all-gather buffer of lm_head (gathered last)", p["lm_head"] * 2, "rollout:gather", "lm_head * 2")]
     return rows + [
-        Row("KV cache of the prompt, forked G ways", cache(P), "rollout:gather", "2 (k, v) * layers * kv * P * N * 2"),
         Row("KV cache at full length", cache(P + T), "rollout:decode", "2 (k, v) * layers * kv * (P + T) * N * 2"),
         Row("KV append: one layer's keys copied by cat", kv * (P + T) * N * 2, "rollout:decode", "kv * (P + T) * N * 2"),
         Row("sampling: logits, filtered, probs, noise, ratio", 5 * N * V * 4, "rollout:decode", "5 * N * V * 4"),

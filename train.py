@@ -686,7 +686,8 @@ def print_plan(cfg):
     """Memory per GPU and FLOPs per step for this run's batch settings, from the config on the meta device."""
     config = plan.load_config(cfg.model if Path(cfg.model).is_dir() else None)
     print(plan.report(config, cfg.gpus, cfg.micro_batch, cfg.prompts_per_step, cfg.group_size,
-                      new_tokens=cfg.max_new_tokens, gpu_mem_gb=cfg.gpu_mem, beta=cfg.beta))
+                      new_tokens=cfg.max_new_tokens, gpu_mem_gb=cfg.gpu_mem, beta=cfg.beta, algo=cfg.algo,
+                      lora_rank=cfg.lora_rank))
 
 
 def main(argv=None):

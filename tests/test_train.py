@@ -285,6 +285,10 @@ def test_plan_prints_the_7b_table_for_this_runs_batch():
             T.main(["--plan", "--gpu-mem", gpu_mem, "--group-size", "4", "--max-new-tokens", "128"])
         text = buf.getvalue()
         assert verdict in text and "G=4" in text and "+ 128 new" in text
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # the run's algorithm and LoRA rank reach the plan
+        T.main(["--plan", "--algo", "sft", "--lora-rank", "64", "--gpus", "1", "--gpu-mem", "48"])
+    assert buf.getvalue().startswith("SFT, LoRA r=64, memory per GPU: 1 GPUs") and "fits in 48 GiB" in buf.getvalue()
 
 
 def test_mask_truncated_leaves_cut_off_completions_out(warm_dir, pitch_task, tmp_path, monkeypatch):
