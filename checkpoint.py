@@ -43,7 +43,7 @@ import model as M
 # difference (model, data, group size, lr, seed, ...) would silently make the second half of the run
 # another experiment, so --resume refuses it.
 MAY_CHANGE_ON_RESUME = {"out", "max_steps", "save_every", "keep_last", "resume", "overwrite", "log_samples",
-                        "max_bad_fraction", "test_data", "eval_samples", "micro_batch", "gradient_checkpointing",
+                        "max_bad_fraction", "eval_data", "eval_samples", "eval_every", "micro_batch", "gradient_checkpointing",
                         "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem"}
 RUN_FILES = ("metrics.jsonl", "samples.jsonl")  # what a run writes besides its checkpoints
 

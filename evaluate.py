@@ -103,9 +103,8 @@ def generate(model, processor, samples: list[Sample], audios, prompt: str, max_n
     settings (e.g. a repetition penalty) come from the checkpoint, as in R1-AQA's test script.
 
     `model` is a plain model, or an FSDP2-sharded policy inside `M.unsharded(model)` (training's
-    held-out score). There the weights stay gathered after each unit's first forward, so each rank
-    decodes alone, without a collective per token (synced_gpus=False), and ranks may make different
-    numbers of calls; but every rank must make at least one, since that first forward gathers."""
+    held-out score). There every unit was gathered on entering, so each rank decodes alone, without a
+    collective per token (synced_gpus=False), and ranks may make different numbers of calls, or none."""
     tokenizer = processor.tokenizer
     batch = M.collate(processor, samples, audios, prompt).to(model.device)
     out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=False,

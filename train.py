@@ -44,7 +44,7 @@ class Config:
     data: str = "synthetic"  # training data (R1-AQA JSONL, MMAU JSON or plain JSONL), or "synthetic"
     audio_dir: str = ""  # folder that relative audio paths in the data refer to ("" = the data file's folder)
     downmix: str = "first"  # multi-channel audio: keep channel 0 ("first", R1-AQA) or average the channels ("mean")
-    test_data: str = ""  # held-out data scored before and after training ("" = none; synthetic: its test split)
+    eval_data: str = ""  # held-out data scored before and after training ("" = none; synthetic: its test split)
     out: str = "runs/demo"  # run folder: metrics.jsonl, samples.jsonl, checkpoint-{step}/
     cache_dir: str = "runs"  # where the tiny model and the synthetic task are built
     algo: str = "grpo"  # grpo, or sft: supervised fine-tuning on the correct answer (the paper's baseline)
@@ -87,7 +87,8 @@ class Config:
     overwrite: bool = False  # start over in an --out that holds a run, deleting its checkpoints and logs
     log_samples: int = 2  # completions per step written to samples.jsonl
     max_bad_fraction: float = 0.01  # stop if more than this share of samples has unreadable audio
-    eval_samples: int = 200  # held-out questions scored before and after training
+    eval_samples: int = 200  # held-out questions scored (the first N of --eval-data)
+    eval_every: int = 0  # also score them at every checkpoint whose step is a multiple of this (0 = never)
     plan: bool = False  # print the per-GPU memory plan and FLOPs of this config (the 7B unless --model is a folder), exit
     gpus: int = 8  # number of GPUs the --plan is for
     gpu_mem: float = 80.0  # GiB per GPU that the --plan checks against
@@ -174,6 +175,8 @@ def batch_rules(cfg, world):
         (cfg.keep_last >= 1, "keep_last", "must be >= 1: the newest checkpoint is what --resume continues from"),
         (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]"),
         (cfg.eval_samples >= 0, "eval_samples", "must be >= 0"),
+        (cfg.eval_every >= 0 and cfg.eval_every % cfg.save_every == 0, "eval_every",
+         "must be >= 0 and a multiple of --save-every: it scores checkpoints"),
         (cfg.log_samples >= 0, "log_samples", "must be >= 0"),
     ]
 
@@ -200,7 +203,7 @@ def check_paths(cfg):
     """The model folder, the data files and the audio folder exist, before anything is built."""
     if cfg.model != "tiny":
         M.check_model_dir(cfg.model)
-    for flag, path in (("--data", cfg.data), ("--test-data", cfg.test_data)):
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if path and path != "synthetic" and not Path(path).is_file():
             what = "is a folder, not a question file" if Path(path).is_dir() else "no such file"
             raise M.UsageError(f"{flag} {path}: {what} (give an R1-AQA/AVQA JSONL, MMAU JSON or plain JSONL file"
@@ -218,11 +221,11 @@ def check_paths(cfg):
 
 def load_data(cfg):
     """(train samples, held-out samples); a malformed file stops the run with a one-line UsageError."""
-    train, test = cfg.data, cfg.test_data
+    train, test = cfg.data, cfg.eval_data
     if cfg.data == "synthetic":  # written by rank 0 in setup()
         train, synthetic_test = (str(Path(cfg.cache_dir) / "synthetic" / f) for f in ("train.jsonl", "test.jsonl"))
         test = test or synthetic_test
-    return read_questions("--data", train, cfg), read_questions("--test-data", test, cfg)[:cfg.eval_samples]
+    return read_questions("--data", train, cfg), read_questions("--eval-data", test, cfg)[:cfg.eval_samples]
 
 
 def read_questions(flag, path, cfg):
@@ -587,20 +590,28 @@ def warm_start(run, steps, lr):
 
 
 @torch.no_grad()
-def heldout_accuracy(run, samples):
-    """Greedy accuracy and format rate on held-out questions, all ranks together, decoded by evaluate.py's
-    generate (the checkpoint's generation settings, as evaluate.py scores a checkpoint)."""
-    cfg, sums = run.cfg, torch.zeros(3, device=run.device)
+def heldout(run, samples):
+    """The held-out questions scored as evaluate.py scores a checkpoint: greedy completions from its
+    generate (the checkpoint's generation settings), MMAU's string match on the first answer tag, per
+    category too; plus the rate of completions in the prompt's format. Every rank decodes its share."""
+    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     run.policy.eval()
+    records = []
     with M.unsharded(run.policy):
-        for batch in chunks(my_share(samples, dist.get_rank(), dist.get_world_size()), cfg.micro_batch):
-            audios, _ = read_audio(batch, cfg.downmix)
-            texts = evaluate.generate(run.policy, run.processor, batch, audios, cfg.prompt, cfg.max_new_tokens)
-            scores = [reward.score(t, s.answer, cfg.prompt) for t, s in zip(texts, batch)]
-            sums += torch.tensor([sum(s.accuracy for s in scores), sum(s.format for s in scores), len(batch)],
-                                 device=run.device)
-    acc, fmt, n = all_sum(sums).tolist()
-    return acc / max(n, 1), fmt / max(n, 1)
+        for batch in chunks(my_share(list(enumerate(samples)), rank, world), cfg.micro_batch):
+            audios, _ = read_audio([s for _, s in batch], cfg.downmix)
+            texts = evaluate.generate(run.policy, run.processor, [s for _, s in batch], audios, cfg.prompt,
+                                      cfg.max_new_tokens)
+            records += [evaluate.output_record(s, evaluate.Prediction(i, t, reward.extract_answer(t)))
+                        for (i, s), t in zip(batch, texts)]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, records)
+    records = [r for part in everyone for r in part]
+    s = evaluate.score(records, "model_prediction")
+    groups = {f"{field}={value}": t.accuracy / 100 for field, tallies in s.groups.items() for value, t in tallies.items()}
+    return {"eval_accuracy": s.total.accuracy / 100, "eval_format":
+            sum(reward.format_reward(r["model_output"], cfg.prompt) for r in records) / max(len(records), 1),
+            "eval_questions": s.total.total, "eval_groups": groups}
 
 
 # -----------------------------------------------------------------------------
@@ -700,14 +711,15 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     print0(f"{'demo preset' if demo else 'config'}: {json.dumps(asdict(cfg))}")
     run, held_out, start = setup(cfg, device)
-    before = heldout_accuracy(run, held_out) if held_out and start == 0 else None
+    before = heldout(run, held_out) if held_out and start == 0 else None
     if before:
-        print0(f"held-out before: accuracy {before[0]:.1%}, format {before[1]:.1%} ({len(held_out)} questions)")
-    history = loop(run, start)
+        print0(f"held-out before: accuracy {before['eval_accuracy']:.1%}, format {before['eval_format']:.1%} "
+               f"({len(held_out)} questions)")
+    history = loop(run, start, held_out)
     if held_out:
-        after = heldout_accuracy(run, held_out)
-        print0(f"held-out after: accuracy {after[0]:.1%}, format {after[1]:.1%}"
-               + (f" (before: {before[0]:.1%})" if before else ""))
+        after = heldout(run, held_out)
+        print0(f"held-out after: accuracy {after['eval_accuracy']:.1%}, format {after['eval_format']:.1%}"
+               + (f" (before: {before['eval_accuracy']:.1%})" if before else ""))
     if history:
         key, label = ("answer_prob", "p(answer)") if cfg.algo == "sft" else ("accuracy", "train accuracy")
         print0(text_chart([h[key] for h in history], label=label))
@@ -749,13 +761,15 @@ def setup(cfg, device):
     return run, held_out, start
 
 
-def loop(run, start):
+def loop(run, start, held_out=()):
     cfg, out, history = run.cfg, Path(run.cfg.out), []
     step_fn = sft_step if cfg.algo == "sft" else train_step
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=dist.get_rank() != 0)
     for step in bar:
         metrics, samples = step_fn(run, step)
         metrics["bad_samples"] = check_bad_fraction(run)
+        if held_out and cfg.eval_every and metrics["step"] % cfg.eval_every == 0:
+            metrics.update(heldout(run, held_out))  # the same weights as the checkpoint saved below
         history.append(metrics)
         bar.set_postfix_str(progress(cfg, metrics))
         if dist.get_rank() == 0:

@@ -86,7 +86,7 @@ def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
     models)."""
     out = tmp_path / "run"
     _, test_jsonl = pitch_task
-    T.main(quick_args(warm_dir, pitch_task, out, "--save-every", "1", "--test-data", str(test_jsonl),
+    T.main(quick_args(warm_dir, pitch_task, out, "--save-every", "1", "--eval-data", str(test_jsonl),
                       "--eval-samples", "4", "--log-samples", "3", "--gradient-checkpointing"))
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2]
@@ -381,3 +381,26 @@ def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
     centred = rewards.view(-1, 2) - rewards.view(-1, 2).mean(1, keepdim=True)
     expected = (centred.flatten() / (std + 1e-4)) * torch.tensor([1.0] * 7 + [0.0])
     torch.testing.assert_close(torch.cat([g.advantages for g in groups]), expected, rtol=0, atol=1e-6)
+
+
+def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tmp_path):
+    """--eval-every scores --eval-data at each checkpoint with evaluate.py's generation and scoring: the
+    accuracy (total and per category) logged for step N equals what `evaluate.py --model RUN` reports
+    for checkpoint-N (float32, the same batches of 2). After a 40-step warm start the model answers one
+    band ("very low" at 100%, the rest 0%), so the per-category numbers are not all alike."""
+    import evaluate as E
+    out, test = tmp_path / "run", pitch_task[1]
+    T.main(quick_args(tiny2_dir, pitch_task, out, "--warm-start-steps", "40", "--save-every", "1", "--eval-every",
+                      "1", "--eval-data", str(test), "--eval-samples", "8"))
+    records = metrics(out)
+    assert [r["eval_questions"] for r in records] == [8, 8] and all(r["eval_format"] == 1.0 for r in records)
+    assert all(0 < r["eval_accuracy"] < 1 for r in records)
+    assert E.main(["--model", str(out), "--data", str(test), "--batch-size", "2", "--max-new-tokens", "12",
+                   "--dtype", "float32"]) == 0
+    rows = {row["step"]: row for row in json.loads(next(out.glob("eval/*/table.json")).read_text())["rows"]}
+    assert sorted(rows) == [0, 1, 2]
+    for logged in records:
+        row = rows[logged["step"]]
+        assert row["accuracy"]["total"] == pytest.approx(100 * logged["eval_accuracy"], abs=1e-9)
+        for band in data.PITCH_CHOICES:
+            assert row["accuracy"][band] == pytest.approx(100 * logged["eval_groups"][f"category={band}"], abs=1e-9)
