@@ -367,17 +367,49 @@ def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 
     return train, test
 
 
-def _write_tone(out_dir: Path, name: str, label: int, rng: np.random.Generator) -> dict:
-    """One 1-2 s sine in band `label` (random level and phase, up to 10% noise) -> its record."""
+@dataclass
+class Tones:
+    """What a synthetic clip and its question are drawn from (the training task's ranges by default)."""
+    seconds: tuple = (1.0, 2.0)  # clip length
+    level: tuple = (0.05, 0.8)   # peak amplitude of the sine
+    noise: tuple = (0.0, 0.1)    # white noise std, as a share of the level
+    question: str = PITCH_QUESTION
+    choices: tuple = tuple(PITCH_CHOICES)  # in the order the prompt lists them
+
+
+# Held-out splits outside the training distribution, for the SFT-against-GRPO comparison (compare.py).
+SHIFTS = {
+    "audio": Tones(seconds=(0.4, 0.9), level=(0.01, 0.04), noise=(0.2, 0.4)),  # shorter, quieter, noisier
+    "wording": Tones(question="Which frequency band is this tone in?", choices=tuple(reversed(PITCH_CHOICES))),
+}
+
+
+def make_shifted(out_dir, kind: str, n: int = 200, seed: int = 0) -> Path:
+    """Write a held-out split of the pitch task with SHIFTS[kind]'s clips or wording; return its JSONL.
+    The labels are balanced; the same arguments give the same files."""
+    out_dir = Path(out_dir) / f"shifted-{kind}"
+    (out_dir / "wavs").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 2 + list(SHIFTS).index(kind)])
+    labels = rng.permutation(np.arange(n) % len(PITCH_CHOICES))
+    records = [_write_tone(out_dir, f"{kind}_{i:05d}", int(label), rng, SHIFTS[kind]) for i, label in enumerate(labels)]
+    jsonl = out_dir / "test.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return jsonl
+
+
+def _write_tone(out_dir: Path, name: str, label: int, rng: np.random.Generator, tones: Tones = Tones()) -> dict:
+    """One sine in band `label` (random length, level and phase, and some noise) -> its record."""
     freq = PITCH_CENTERS_HZ[label] * rng.uniform(1 - PITCH_JITTER, 1 + PITCH_JITTER)
-    t = np.arange(int(rng.uniform(1.0, 2.0) * SAMPLE_RATE)) / SAMPLE_RATE
-    amplitude = rng.uniform(0.05, 0.8)
+    t = np.arange(int(rng.uniform(*tones.seconds) * SAMPLE_RATE)) / SAMPLE_RATE
+    amplitude = rng.uniform(*tones.level)
     tone = amplitude * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
-    noise = rng.uniform(0, 0.1) * amplitude * rng.standard_normal(len(t))
+    noise = rng.uniform(*tones.noise) * amplitude * rng.standard_normal(len(t))
     audio_path = f"wavs/{name}.wav"  # relative to the JSONL file, so the folder can move
     sf.write(out_dir / audio_path, np.clip(tone + noise, -1, 1), SAMPLE_RATE, subtype="PCM_16")
-    return {"id": name, "question_text": PITCH_QUESTION, "multi_choice": PITCH_CHOICES, "answer": label,
-            "audio_path": audio_path, "category": PITCH_CHOICES[label], "frequency_hz": round(freq, 1)}
+    choices = list(tones.choices)
+    return {"id": name, "question_text": tones.question, "multi_choice": choices,
+            "answer": choices.index(PITCH_CHOICES[label]), "audio_path": audio_path,
+            "category": PITCH_CHOICES[label], "frequency_hz": round(freq, 1)}
 
 
 # -----------------------------------------------------------------------------

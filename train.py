@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import batches as B
 import checkpoint
 import data
 import evaluate
@@ -217,85 +218,6 @@ def check_paths(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Data
-
-def load_data(cfg):
-    """(train samples, held-out samples); a malformed file stops the run with a one-line UsageError."""
-    train, test = cfg.data, cfg.eval_data
-    if cfg.data == "synthetic":  # written by rank 0 in setup()
-        train, synthetic_test = (str(Path(cfg.cache_dir) / "synthetic" / f) for f in ("train.jsonl", "test.jsonl"))
-        test = test or synthetic_test
-    return read_questions("--data", train, cfg), read_questions("--eval-data", test, cfg)[:cfg.eval_samples]
-
-
-def read_questions(flag, path, cfg):
-    if not path:
-        return []
-    try:
-        samples = data.read_samples(path, cfg.audio_dir or None)
-    except data.DataError as e:
-        raise M.UsageError(f"{flag}: {e}") from None
-    return samples
-
-
-def check_first_batch(cfg, train):
-    """Stop before training on nothing: if no clip of the first global batch exists, the audio folder or
-    the paths in the data are wrong, and every sample would be skipped."""
-    paths = [train[i].audio_path for i in step_indices(cfg, [s.answer for s in train], 0)]
-    if not any(Path(p).is_file() for p in paths):
-        hint = "check --audio-dir" if cfg.audio_dir else "give --audio-dir, the folder the audio paths are relative to"
-        raise M.UsageError(f"--data {cfg.data}: none of the {len(paths)} clips of the first batch exists, "
-                           f"e.g. {paths[0]} ({hint})")
-
-
-def epoch_order(answers, epoch, seed, balance):
-    """A fresh permutation per epoch. Balanced: interleave the answers round-robin, so any window of
-    (number of distinct answers) consecutive samples holds each answer once."""
-    rng = np.random.default_rng([seed, epoch])
-    if not balance:
-        return rng.permutation(len(answers)).tolist()
-    by_answer = {}
-    for i, a in enumerate(answers):
-        by_answer.setdefault(a, []).append(i)
-    queues = [rng.permutation(ix).tolist() for _, ix in sorted(by_answer.items())]
-    return [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
-
-
-def step_indices(cfg, answers, step, extra_round=0):
-    """Dataset indices of the global batch of `step`: a slice of an endless run of epochs. Depends on
-    nothing but (seed, step), so a resumed run sees exactly the data the interrupted one would have.
-    An extra round of dynamic sampling draws its prompts from (seed, step, round) alone."""
-    if extra_round:
-        rng = np.random.default_rng([cfg.seed, step, extra_round])
-        return rng.choice(len(answers), cfg.prompts_per_step, replace=cfg.prompts_per_step > len(answers)).tolist()
-    n, start = len(answers), step * cfg.prompts_per_step
-    out = []
-    while len(out) < cfg.prompts_per_step:
-        epoch, offset = divmod(start + len(out), n)
-        out += epoch_order(answers, epoch, cfg.seed, cfg.balance_answers)[offset:offset + cfg.prompts_per_step - len(out)]
-    return out
-
-
-def read_audio(samples, downmix, counts=None):
-    """Decode each clip. An unreadable one is reported, counted (in counts, if given) and replaced by
-    1 s of silence; the caller masks it out of the loss, so the batch keeps its shape and all ranks
-    stay in step."""
-    audios, ok = [], []
-    for s in samples:
-        try:
-            audios.append(data.load_audio(s.audio_path, downmix))
-            ok.append(True)
-        except data.AudioError as e:
-            print(f"[rank {dist.get_rank()}] skipping sample: {e}", flush=True)
-            audios.append(np.zeros(data.SAMPLE_RATE, dtype=np.float32))
-            ok.append(False)
-    if counts is not None:
-        counts["seen"] += len(samples)
-        counts["bad"] += ok.count(False)
-    return audios, ok
-
-
-# -----------------------------------------------------------------------------
 # One GRPO step
 
 @dataclass
@@ -333,22 +255,13 @@ class Group:
     old_logp: torch.Tensor | None = None  # [N, T]
 
 
-def my_share(items, rank, world):
-    per = len(items) // world
-    return items[rank * per:(rank + 1) * per]
-
-
-def chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 def rollout(run, step, positions, samples):
     """Sample and score this rank's groups, micro-batch by micro-batch, with the weights gathered once."""
     cfg, groups = run.cfg, []
     run.policy.eval()  # generation must not run with gradient checkpointing (it would drop the KV cache)
     with M.unsharded(run.policy):
-        for pos, batch in zip(chunks(positions, cfg.micro_batch), chunks(samples, cfg.micro_batch)):
-            audios, ok = read_audio(batch, cfg.downmix, run.counts)
+        for pos, batch in zip(B.chunks(positions, cfg.micro_batch), B.chunks(samples, cfg.micro_batch)):
+            audios, ok = B.read_audio(batch, cfg.downmix, run.counts)
             inputs = M.collate(run.processor, batch, audios, cfg.prompt).to(run.device)
             gens = grpo.prompt_generators(cfg.seed, step, pos, run.device)
             r = grpo.generate_groups(run.policy, inputs, gens, cfg.group_size,
@@ -381,10 +294,10 @@ def sample_groups(run, step):
     groups (DAPO's dynamic sampling, Yu et al., arXiv 2503.14476). Every rank decides from all-reduced
     flags, so all stop together; every round's prompts are a pure function of (seed, step, round)."""
     cfg, P, answers = run.cfg, run.cfg.prompts_per_step, [s.answer for s in run.train]
-    positions = my_share(list(range(P)), dist.get_rank(), dist.get_world_size())
+    positions = B.my_share(list(range(P)), dist.get_rank(), dist.get_world_size())
     groups, informative = [], []
     for extra in range(cfg.dynamic_sampling + 1):
-        indices = step_indices(cfg, answers, step, extra)
+        indices = B.step_indices(cfg, answers, step, extra)
         new = rollout(run, step, [extra * P + p for p in positions], [run.train[indices[p]] for p in positions])
         flags = torch.zeros(P, device=run.device)                             # [P] over all ranks
         flags[positions] = torch.cat([grpo.informative_groups(g.rewards, cfg.group_size).float() for g in new])
@@ -396,7 +309,7 @@ def sample_groups(run, step):
     keep = torch.cat(informative).bool()                                      # [rounds * P]
     keep &= keep.cumsum(0) <= P                                               # the first P informative groups
     mine = torch.cat([keep[r * P:(r + 1) * P][positions] for r in range(len(informative))])  # this rank's prompts
-    for g, kept in zip(groups, chunks(mine, cfg.micro_batch)):
+    for g, kept in zip(groups, B.chunks(mine, cfg.micro_batch)):
         g.rollout.mask &= kept.repeat_interleave(cfg.group_size)[:, None]
     return groups, len(informative) * P, len(informative) * P - int(keep.sum())
 
@@ -405,7 +318,7 @@ def train_step(run, step):
     cfg, world = run.cfg, dist.get_world_size()
     t0 = time.time()
     sampled_groups, sampled, dropped = sample_groups(run, step)
-    per_round = len(chunks(my_share(range(cfg.prompts_per_step), 0, world), cfg.micro_batch))
+    per_round = len(B.chunks(B.my_share(range(cfg.prompts_per_step), 0, world), cfg.micro_batch))
     stats = rollout_stats(run, sampled_groups[:per_round])  # the step's own prompts, before any is dropped
     groups = trained_groups(run, sampled_groups)
     set_advantages(run, groups)
@@ -533,8 +446,8 @@ def sft_step(run, step):
     choice in the prompt's format (data.target_text), then the end token."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     t0 = time.time()
-    indices = step_indices(cfg, [s.answer for s in run.train], step)
-    batch = my_share([run.train[i] for i in indices], rank, world)
+    indices = B.step_indices(cfg, [s.answer for s in run.train], step)
+    batch = B.my_share([run.train[i] for i in indices], rank, world)
     targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
     run.policy.train()
     stats = supervised_step(run, run.optimizer, batch, targets, run.counts)
@@ -547,8 +460,8 @@ def supervised_step(run, optimizer, samples, targets, counts=None):
     micro-batch by micro-batch (as GRPO's steps, so the forwards are the same on 1 process as on 2).
     The loss is the sum of -log p over the global batch's target tokens over their number (grpo.sft_loss).
     Logged: that loss, and p(answer), the mean probability of a whole target."""
-    batches = [teacher_forced(run, s, t, counts) for s, t in zip(chunks(samples, run.cfg.micro_batch),
-                                                                 chunks(targets, run.cfg.micro_batch))]
+    batches = [teacher_forced(run, s, t, counts) for s, t in zip(B.chunks(samples, run.cfg.micro_batch),
+                                                                 B.chunks(targets, run.cfg.micro_batch))]
     tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
     sums = torch.zeros(3, device=run.device)
     for r in batches:
@@ -565,7 +478,7 @@ def supervised_step(run, optimizer, samples, targets, counts=None):
 def teacher_forced(run, samples, targets, counts=None):
     """A Rollout whose completions are given texts (group size 1), for supervised log-probs. A sample
     with unreadable audio keeps its place with silence and an empty mask."""
-    audios, ok = read_audio(samples, run.cfg.downmix, counts)
+    audios, ok = B.read_audio(samples, run.cfg.downmix, counts)
     inputs = M.collate(run.processor, samples, audios, run.cfg.prompt).to(run.device)
     ids = run.processor.tokenizer(targets, add_special_tokens=False, padding="longest", padding_side="right",
                                   return_tensors="pt")["input_ids"].to(run.device)
@@ -586,7 +499,7 @@ def warm_start(run, steps, lr):
     for _ in tqdm(range(steps), desc="warm start (format only)", disable=rank != 0):
         batch = [run.train[i] for i in rng.choice(len(run.train), WARM_START_BATCH)]
         targets = [data.target_text(rng.choice(s.choices), cfg.prompt) + M.END_TOKENS[0] for s in batch]
-        supervised_step(run, opt, my_share(batch, rank, world), my_share(targets, rank, world))
+        supervised_step(run, opt, B.my_share(batch, rank, world), B.my_share(targets, rank, world))
 
 
 @torch.no_grad()
@@ -598,8 +511,8 @@ def heldout(run, samples):
     run.policy.eval()
     records = []
     with M.unsharded(run.policy):
-        for batch in chunks(my_share(list(enumerate(samples)), rank, world), cfg.micro_batch):
-            audios, _ = read_audio([s for _, s in batch], cfg.downmix)
+        for batch in B.chunks(B.my_share(list(enumerate(samples)), rank, world), cfg.micro_batch):
+            audios, _ = B.read_audio([s for _, s in batch], cfg.downmix)
             texts = evaluate.generate(run.policy, run.processor, [s for _, s in batch], audios, cfg.prompt,
                                       cfg.max_new_tokens)
             records += [evaluate.output_record(s, evaluate.Prediction(i, t, reward.extract_answer(t)))
@@ -740,8 +653,8 @@ def setup(cfg, device):
             data.make_synthetic(Path(cfg.cache_dir) / "synthetic")
     dist.barrier()  # the folder is tidy and the tiny model and task exist before any rank reads them
     resume_from = checkpoint.check_run_folder(cfg, asdict(Config()))
-    train, held_out = load_data(cfg)
-    check_first_batch(cfg, train)
+    train, held_out = B.load_data(cfg)
+    B.check_first_batch(cfg, train)
     if cfg.overwrite and rank == 0:
         print0(f"--overwrite: deleting the run in {out}")
         checkpoint.wipe(out)

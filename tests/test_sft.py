@@ -15,6 +15,7 @@ import data
 import grpo
 import lora as L
 import model as M
+import batches as B
 import train as T
 from conftest import pitch_samples, quick_args
 
@@ -88,7 +89,7 @@ def test_an_sft_run_logs_the_loss_it_trains_on(tiny2_dir, pitch_task, tmp_path):
     T.main(args)
     first = metrics(out)[0]
     train = data.read_samples(pitch_task[0])
-    batch = [train[i] for i in T.step_indices(cfg, [s.answer for s in train], 0)]
+    batch = [train[i] for i in B.step_indices(cfg, [s.answer for s in train], 0)]
     model, processor = M.load(tiny2_dir, dtype=torch.float32)
     with torch.no_grad():
         expected = slow_cross_entropy(model.eval(), processor, batch, [data.load_audio(s.audio_path) for s in batch],

@@ -15,6 +15,7 @@ import data
 import grpo
 import model as M
 import checkpoint
+import batches as B
 import train as T
 from conftest import quick_args
 
@@ -63,21 +64,21 @@ def test_r1_aqa_defaults():
 def test_balanced_order_interleaves_answers():
     """Balanced: each window of 4 consecutive samples holds each of the 4 answers once; a permutation either way."""
     answers = ["a", "b", "c", "d"] * 10
-    order = T.epoch_order(answers, epoch=0, seed=0, balance=True)
+    order = B.epoch_order(answers, epoch=0, seed=0, balance=True)
     assert sorted(order) == list(range(40))
     for w in range(0, 40, 4):
         assert sorted(answers[i] for i in order[w:w + 4]) == ["a", "b", "c", "d"]
-    assert sorted(T.epoch_order(answers, 0, 0, balance=False)) == list(range(40))
+    assert sorted(B.epoch_order(answers, 0, 0, balance=False)) == list(range(40))
 
 
 def test_step_indices_run_through_epochs():
     """Steps tile an endless run of epochs: 10 samples, 4 per step -> steps 0..4 cover two epochs exactly."""
     cfg = T.Config(prompts_per_step=4, seed=3)
     answers = list("abcdeabcde")
-    steps = [T.step_indices(cfg, answers, s) for s in range(5)]
+    steps = [B.step_indices(cfg, answers, s) for s in range(5)]
     flat = sum(steps, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert T.step_indices(cfg, answers, 2) == steps[2]  # depends only on (seed, step)
+    assert B.step_indices(cfg, answers, 2) == steps[2]  # depends only on (seed, step)
 
 
 def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
@@ -320,7 +321,7 @@ def fake_rollouts(informative_by_round, G=2):
     def rollout(run, step, positions, samples):
         calls.append((list(positions), [s.question for s in samples]))
         groups = []
-        for pos in T.chunks(list(positions), run.cfg.micro_batch):
+        for pos in B.chunks(list(positions), run.cfg.micro_batch):
             flags = [informative_by_round[p // run.cfg.prompts_per_step][p % run.cfg.prompts_per_step] for p in pos]
             rewards = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags]).flatten()
             r = grpo.Rollout([], None, None, torch.zeros(len(rewards), 3, dtype=torch.long),
@@ -347,8 +348,8 @@ def test_dynamic_sampling_keeps_the_first_informative_groups(monkeypatch):
     kept = [g.rollout.mask.view(-1, 2, 3).any(2).all(1).tolist() for g in groups]  # per prompt
     assert sum(kept, []) == [True, False, True, False, False, True, True, False]
     assert calls[0][0] == [0, 1, 2, 3] and calls[1][0] == [4, 5, 6, 7]
-    expected = [f"q{i}" for i in T.step_indices(cfg, ["a"] * 10, 3, extra_round=1)]
-    assert calls[1][1] == expected and T.step_indices(cfg, ["a"] * 10, 3, 1) != T.step_indices(cfg, ["a"] * 10, 4, 1)
+    expected = [f"q{i}" for i in B.step_indices(cfg, ["a"] * 10, 3, extra_round=1)]
+    assert calls[1][1] == expected and B.step_indices(cfg, ["a"] * 10, 3, 1) != B.step_indices(cfg, ["a"] * 10, 4, 1)
 
 
 def test_dynamic_sampling_stops_at_its_cap(monkeypatch):

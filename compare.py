@@ -1,0 +1,104 @@
+"""The paper's comparison in miniature: supervised fine-tuning against GRPO, full and LoRA, on a CPU.
+
+R1-AQA's claim is its title: reinforcement learning outperforms supervised fine-tuning. This script
+runs the experiment on the workshop's synthetic pitch task with the tiny model. One format-only warm
+start gives the shared starting checkpoint (it answers in <answer> tags, at chance). From it, four
+runs see the same training questions in the same order, for the same number of steps:
+  SFT, full    cross-entropy on `<answer>{correct choice}</answer>`, every weight
+  SFT, LoRA    the same, adapters of rank 8 on the language model (lr ten times higher)
+  GRPO, full   R1-AQA's loss and rewards, with the demo's settings (beta 0.1, constant lr)
+  GRPO, LoRA   the same with adapters of rank 8 (lr ten times higher)
+Each final checkpoint, and the start, is scored by evaluate.py (greedy, MMAU's string match) on:
+  held-out       the test split: the training distribution
+  shifted audio  clips shorter (0.4-0.9 s), quieter (level 0.01-0.04) and noisier (20-40%) than any
+                 training clip (data.SHIFTS["audio"])
+  reworded       a question the model never saw, with the choices listed in reverse order
+                 (data.SHIFTS["wording"])
+Finished runs and evaluations are kept, so a second call only prints the table.
+
+    python compare.py                      # seed 0, 500 steps: about 20 minutes on 2 cores
+    python compare.py --seed 1 --out runs/compare-s1
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import data
+import evaluate
+import model as M
+import train
+
+# Shared by every run: the demo's batch and sampling settings (train.DEMO), for a model given by path.
+COMMON = ["--prompts-per-step", "32", "--micro-batch", "32", "--max-new-tokens", "16", "--dtype", "float32",
+          "--no-gradient-checkpointing", "--balance-answers", "--no-lr-decay"]
+RUNS = {
+    "SFT, full": ["--algo", "sft", "--lr", "1e-3"],
+    "SFT, LoRA": ["--algo", "sft", "--lora-rank", "8", "--lr", "1e-2"],
+    "GRPO, full": ["--beta", "0.1", "--lr", "1e-3"],
+    "GRPO, LoRA": ["--beta", "0.1", "--lora-rank", "8", "--lr", "1e-2"],
+}
+WARM_START = ["--max-steps", "0", "--warm-start-steps", "60"]
+
+
+def prepare(cache, seed):
+    """The tiny model and the task's four splits: train, held-out test, shifted audio, reworded."""
+    model = M.tiny(cache, window_seconds=2)
+    train_jsonl, test_jsonl = data.make_synthetic(Path(cache) / "synthetic")
+    splits = {"held-out": test_jsonl, "shifted audio": data.make_shifted(Path(cache) / "synthetic", "audio", seed=seed),
+              "reworded": data.make_shifted(Path(cache) / "synthetic", "wording", seed=seed)}
+    return model, train_jsonl, splits
+
+
+def train_once(args, out):
+    """train.py with these flags into `out`, unless a finished run is already there."""
+    steps = int(args[args.index("--max-steps") + 1])
+    if (out / f"checkpoint-{steps}").exists():
+        return
+    train.main(args + ["--out", str(out), "--overwrite"])
+
+
+def score(checkpoint, split, jsonl, out):
+    """evaluate.py's accuracy (%) of a checkpoint on a split; its predictions stay in `out`."""
+    preds = out / "eval" / f"{checkpoint.parent.name}-{checkpoint.name}-{split.replace(' ', '-')}.json"
+    summary = evaluate.summary_path(preds)
+    if not summary.exists():
+        preds.parent.mkdir(parents=True, exist_ok=True)
+        evaluate.main(["--model", str(checkpoint), "--data", str(jsonl), "--out", str(preds), "--batch-size", "32",
+                       "--max-new-tokens", "16", "--dtype", "float32"])
+    return json.loads(summary.read_text())["accuracy"]
+
+
+def table(rows, splits):
+    lines = [f"| {'run':11s} | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    lines += [f"| {name:11s} | " + " | ".join(f"{acc[s]:.1f}%" for s in splits) + " |" for name, acc in rows.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="data order, sampling and LoRA initialisation")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps of each run")
+    parser.add_argument("--out", default="runs/compare", help="where the runs, predictions and table go")
+    parser.add_argument("--cache-dir", default="runs", help="where the tiny model and the task are built")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    tiny, train_jsonl, splits = prepare(args.cache_dir, args.seed)
+    base = ["--data", str(train_jsonl), "--seed", str(args.seed), *COMMON]
+    train_once(["--model", str(tiny), *base, *WARM_START], out / "start")
+    start = out / "start" / "checkpoint-0"
+    rows = {"start": {s: score(start, s, j, out) for s, j in splits.items()}}
+    for name, flags in RUNS.items():
+        folder = out / name.lower().replace(", ", "-")
+        train_once(["--model", str(start), *base, "--max-steps", str(args.steps), "--save-every", str(args.steps),
+                    *flags], folder)
+        rows[name] = {s: score(folder / f"checkpoint-{args.steps}", s, j, out) for s, j in splits.items()}
+    text = table(rows, splits)
+    print(f"\nseed {args.seed}, {args.steps} steps of 32 questions, greedy accuracy (MMAU's string match):\n{text}")
+    (out / "table.json").write_text(json.dumps({"seed": args.seed, "steps": args.steps, "accuracy": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(M.run_main(main))
