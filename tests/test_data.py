@@ -359,7 +359,8 @@ def test_mmsu_reader(tmp_path):
         a, b = data.read_samples(path)
         assert (a.choices, a.answer) == (["Happy", "Sad", "Angry", "None"], "None")
         assert (b.choices, b.answer) == (["Yes", "No"], "No")
-        assert (a.question, a.audio_path) == ("What is the speaker's emotion?", str(tmp_path / "audio" / "emotion_0001.wav"))
+        assert a.question == "What is the speaker's emotion?"
+        assert a.audio_path == str(tmp_path / "audio" / "emotion_0001.wav")
         assert (a.meta, b.meta) == (MMSU_ITEMS[0], MMSU_ITEMS[1])
 
 
@@ -373,7 +374,8 @@ def test_record_format_picks_the_reader():
 
 
 @pytest.mark.parametrize("bad, problem", [
-    (dict(MMSU_ITEMS[1], choice_c=None, choice_d="Maybe"), "field 'choice_d' is given but the choice before it is empty"),
+    (dict(MMSU_ITEMS[1], choice_c=None, choice_d="Maybe"),
+     "field 'choice_d' is given but the choice before it is empty"),
     (dict(MMSU_ITEMS[1], choice_b="  "), "missing field 'choice_b'"),
     (dict(MMSU_ITEMS[1], answer_gt="Perhaps"), "answer_gt 'Perhaps' is not one of the choices ['Yes', 'No']"),
     (dict(MMSU_ITEMS[1], choice_a=1), "field 'choice_a' should be str, got int"),
@@ -404,7 +406,8 @@ def test_bad_mmar_item_names_file_and_index(tmp_path, bad, problem):
 MMAU_TEST_ITEM = dict(MMAU_ITEM, id="9a1c", audio_id="./test-audios/9a1c.wav", answer="", split="test")
 
 
-@pytest.mark.parametrize("withheld", [MMAU_TEST_ITEM, dict(MMAU_TEST_ITEM, answer=None), _drop(MMAU_TEST_ITEM, "answer")])
+@pytest.mark.parametrize("withheld", [MMAU_TEST_ITEM, dict(MMAU_TEST_ITEM, answer=None),
+                                     _drop(MMAU_TEST_ITEM, "answer")])
 def test_withheld_answers_are_refused_unless_allowed(tmp_path, withheld):
     """An empty, null or missing answer is refused by default (training reads this way), naming the item;
     with allow_unanswered (evaluation) the sample has answer None and the other fields as usual."""
