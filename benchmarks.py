@@ -221,7 +221,9 @@ def _mmsu_lines(s: Score) -> list[str]:
 # Reports and files
 
 def report_lines(s: Score) -> list[str]:
-    """The official script's printout for the score's benchmark."""
+    """The official script's printout for the score's benchmark (none without answers)."""
+    if s.benchmark == "withheld":
+        return []
     return _mmsu_lines(s) if s.benchmark == "mmsu" else _string_match_lines(s)
 
 
