@@ -5,13 +5,14 @@ evaluate.py runs the model and writes the predictions; this file turns predictio
 original item plus `model_prediction` and `model_output`) into numbers and the official lines.
 The benchmark is recognised from the records' fields, as data.py recognises the question file:
 
-- MMAU (Sakshi113/MMAU, evaluation.py): MMAU's string match (reward.mmau_correct) on
-  model_prediction; lines per task (sound, music, speech, always), per difficulty (easy, hard,
-  medium, always), per sub-category (in order of appearance; a null one in no line), then
-  `Total Accuracy: 64.50% over 1000 samples` and `No prediction count: 0`.
-- MMAR (ddlBoJack/MMAR, code/evaluation.py, adapted from MMAU's): the same string match, the
-  answer taken as written (MMAR's file has answers that are not exactly a choice); lines per
-  modality (its 7, always), per category (its 4 layers, always), per sub-category, Total.
+- MMAU (Sakshi113/MMAU, evaluation.py): MMAU's string match (reward.mmau_correct), here on
+  model_prediction (the script itself reads model_output: --key model_output); lines per task
+  (sound, music, speech, always), per difficulty (easy, hard, medium, always), per sub-category
+  (in order of appearance; a null one in no line), then `Total Accuracy: 64.50% over 1000
+  samples` and `No prediction count: 0`.
+- MMAR (ddlBoJack/MMAR, code/evaluation.py, adapted from MMAU's): the same string match on
+  model_prediction, the answer taken as written (an MMAR answer need not be exactly a choice);
+  lines per modality (its 7, always), per category (its 4 layers, always), per sub-category, Total.
 - MMSU (dingdongwang/MMSU_Bench, mmsu_evaluation.py): the script reads a letter A-D from the
   `response` (its first character, else the one before the last) and counts it right when that
   choice's text equals answer_gt; a response where it finds no letter is left out of every count.
@@ -95,8 +96,8 @@ def default_key(records: list[dict]) -> str:
 
 
 def score(records: list[dict], key: str | None = None, benchmark: str | None = None) -> Score:
-    """Score prediction records by their benchmark's rule on `key` (default: model_prediction if any
-    record has it, else model_output, the official scripts' own field)."""
+    """Score prediction records by their benchmark's rule on `key` (default: model_prediction, which
+    MMAR's script reads, if any record has it; else model_output, which MMAU's script reads)."""
     key = key or default_key(records)
     benchmark = benchmark or detect(records)
     scored = [r for r in records if key in r]

@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 import benchmarks as B
 import model as M
-from benchmarks import Score, Tally, report_lines, score  # noqa: F401 (report_lines: part of this script's API)
+from benchmarks import Score, Tally, report_lines, score
 from data import DOWNMIX, PROMPTS, AudioError, DataError, Sample, audio_duration, load_audio, read_samples
 from reward import extract_answer
 

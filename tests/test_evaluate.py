@@ -568,6 +568,13 @@ def test_withheld_predictions_are_not_scored(withheld_run, capsys):
     assert "no item has an answer" in err and str(E.submission_path(out)) in err
 
 
+def test_a_run_without_answers_has_no_table(tmp_path, capsys):
+    """A run folder evaluated on a withheld test set prints no accuracy table and writes no table.json."""
+    p = E.Plan([], [], "0" * 64, tmp_path / "table.json")
+    assert E.report_table(p, [B.Score("withheld", "model_prediction", B.Tally(), {}, 0, [])]) is None
+    assert "answers withheld: no table" in capsys.readouterr().out and not p.table.exists()
+
+
 def test_a_file_with_some_answers_withheld_is_refused(tiny_dir, tmp_path, capsys):
     """Answers all there (a score) or all withheld (a submission): a mix stops before any model is loaded."""
     data = tmp_path / "mixed.jsonl"
