@@ -230,16 +230,13 @@ def _read_records(path: Path) -> tuple[str, list[tuple[str, object]]]:
     return record_format(first, listed=False), records
 
 
-FORMATS = ("avqa", "mmau", "mmar", "mmsu", "plain")
-
-
 def record_format(first: dict, listed: bool) -> str:
     """The reader for a file, from its first record: MMSU by choice_a (its choices are fields), MMAR by
     modality with audio_path (MMAR-meta.json; JSON list or JSONL), else by the container: a JSON list is
     MMAU, and JSONL is R1-AQA/AVQA when the record has question_text or multi_choice, else plain."""
     if "choice_a" in first:
         return "mmsu"
-    if "modality" in first and "audio_path" in first and "question_text" not in first:
+    if "modality" in first and "audio_path" in first:
         return "mmar"
     if listed:
         return "mmau"
@@ -625,7 +622,7 @@ def print_problems(title: str, problems: list[Exception]) -> None:
 
 
 def print_answers(samples: list[Sample]) -> None:
-    """Answers that are withheld (evaluation only) or not among the choices (MMAR's file has some)."""
+    """Answers that are withheld (evaluation only) or not among the choices (allowed in MMAR)."""
     withheld = sum(s.answer is None for s in samples)
     outside = sum(s.answer is not None and s.answer not in s.choices for s in samples)
     if withheld:
