@@ -6,11 +6,14 @@ on disk into exactly that:
 - load_audio() reads any file libsndfile reads (wav, flac, ogg; any rate, any channel count),
   keeps the first channel (as R1-AQA does; averaging them is an option) and resamples to 16 kHz
   with a windowed-sinc (Kaiser) polyphase filter.
-- read_samples() reads three question formats into one Sample type, picking the format from
-  the content: R1-AQA/AVQA JSONL (answer is an index), MMAU JSON lists (answer is a string)
-  and a plain JSONL for your own data ({"audio", "question", "choices", "answer"}).
+- read_samples() reads five question formats into one Sample type, picking the format from
+  the content: R1-AQA/AVQA JSONL (answer is an index), MMAU JSON lists (answer is a string),
+  MMAR (MMAR-meta.json: modality, category), MMSU (choice_a .. choice_d, answer_gt) and a plain
+  JSONL for your own data ({"audio", "question", "choices", "answer"}).
   A malformed record raises DataError naming the file, the line (or list item) and the problem;
   so does a file that cannot be used at all (missing, a folder, not UTF-8, no records).
+  A test set whose answers are withheld (MMAU's test split) reads only when asked to allow it
+  (allow_unanswered=True, for evaluation): its samples have answer None. Training never asks.
 - build_prompt() writes the R1-AQA question text.
 - make_synthetic() writes a small pitch-band task (real wav files) to train on a CPU.
 - convert_avqa() turns AVQA's own QA file (train_qa.json) into R1-AQA's JSONL for the clips you have.
@@ -143,24 +146,24 @@ class Sample:
     audio_path: str
     question: str
     choices: list[str]
-    answer: str  # the correct choice string
+    answer: str | None  # the correct choice string (MMAR: as given); None: withheld, only if the reader allowed it
     meta: dict  # the original record
 
 
-def read_samples(path, audio_dir=None) -> list[Sample]:
-    """All samples of a question file; DataError if the file is unusable or on its first malformed record."""
-    samples, errors = scan_samples(path, audio_dir)
+def read_samples(path, audio_dir=None, allow_unanswered: bool = False) -> list[Sample]:
+    """All samples of a question file; DataError if the file is unusable or on its first malformed record.
+    A record without an answer is malformed unless allow_unanswered (evaluation of a withheld test set)."""
+    samples, errors = scan_samples(path, audio_dir, allow_unanswered)
     if errors:
         raise errors[0]
     return samples
 
 
-def scan_samples(path, audio_dir=None) -> tuple[list[Sample], list[DataError]]:
+def scan_samples(path, audio_dir=None, allow_unanswered: bool = False) -> tuple[list[Sample], list[DataError]]:
     """
     The good samples of a question file and one DataError per malformed record, in file order;
     a file that cannot be used at all (missing, a folder, not UTF-8, no records) raises DataError
-    before anything is parsed. A file starting with "[" is an MMAU JSON list; otherwise it is JSONL, read as R1-AQA/AVQA
-    when its first record has "question_text" or "multi_choice", else as the plain format.
+    before anything is parsed. The reader is picked by record_format() from the first record.
     """
     path = Path(path)
     fmt, records = _read_records(path)
@@ -171,7 +174,7 @@ def scan_samples(path, audio_dir=None) -> tuple[list[Sample], list[DataError]]:
                 raise record
             if not isinstance(record, dict):
                 raise DataError(f"{where}: record is not a JSON object")
-            sample = _PARSERS[fmt](record, where)
+            sample = _PARSERS[fmt](record, where, allow_unanswered)
         except DataError as e:
             errors.append(e)
             continue
@@ -212,7 +215,8 @@ def _read_records(path: Path) -> tuple[str, list[tuple[str, object]]]:
         if isinstance(items[0], dict) and "multi_choice" in items[0] and "audio_path" not in items[0]:
             raise DataError(f"{path}: AVQA's own QA file, which has no audio paths; convert it first with "
                             f"python data.py --from-avqa {path} --audio-dir CLIPS --out OUT.jsonl")
-        return "mmau", [(f"{path}: item {i}", item) for i, item in enumerate(items)]
+        first = next((r for r in items if isinstance(r, dict)), {})
+        return record_format(first, listed=True), [(f"{path}: item {i}", item) for i, item in enumerate(items)]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -223,7 +227,20 @@ def _read_records(path: Path) -> tuple[str, list[tuple[str, object]]]:
         except json.JSONDecodeError as e:
             records.append((where, DataError(f"{where}: bad JSON: {e.msg} at column {e.colno}")))
     first = next((r for _, r in records if isinstance(r, dict)), {})
-    return ("avqa" if "question_text" in first or "multi_choice" in first else "plain"), records
+    return record_format(first, listed=False), records
+
+
+def record_format(first: dict, listed: bool) -> str:
+    """The reader for a file, from its first record: MMSU by choice_a (its choices are fields), MMAR by
+    modality with audio_path (MMAR-meta.json; JSON list or JSONL), else by the container: a JSON list is
+    MMAU, and JSONL is R1-AQA/AVQA when the record has question_text or multi_choice, else plain."""
+    if "choice_a" in first:
+        return "mmsu"
+    if "modality" in first and "audio_path" in first:
+        return "mmar"
+    if listed:
+        return "mmau"
+    return "avqa" if "question_text" in first or "multi_choice" in first else "plain"
 
 
 def check_audio_dir(audio_dir, flag: str = "--audio-dir") -> None:
@@ -266,10 +283,22 @@ def _get_choices(record: dict, key: str, where: str) -> list[str]:
     return choices  # duplicate choices are allowed: real MMAU items have them
 
 
-def _get_answer_string(record: dict, choices: list[str], where: str) -> str:
-    answer = _get(record, "answer", str, where)
-    if answer not in choices:
-        raise DataError(f"{where}: answer {answer!r} is not one of the choices {choices}")
+def _get_answer(record: dict, where: str, allow_unanswered: bool, key: str = "answer") -> str | None:
+    """The answer string; a missing, null or empty one is withheld: None if allowed, else DataError."""
+    if record.get(key) in (None, ""):
+        if allow_unanswered:
+            return None
+        raise DataError(f"{where}: no answer ('{key}' is missing or empty): a file whose answers are withheld "
+                        f"(as MMAU's test split) can be evaluated, not trained on")
+    return _get(record, key, str, where)
+
+
+def _get_answer_string(record: dict, choices: list[str], where: str, allow_unanswered: bool,
+                       key: str = "answer") -> str | None:
+    """The answer, which must be one of the choices (None if withheld and allowed)."""
+    answer = _get_answer(record, where, allow_unanswered, key)
+    if answer is not None and answer not in choices:
+        raise DataError(f"{where}: {key} {answer!r} is not one of the choices {choices}")
     return answer
 
 
@@ -284,27 +313,64 @@ def _avqa_question(record: dict, where: str) -> tuple[str, list[str], str]:
     return question, choices, choices[index]
 
 
-def _parse_avqa(record: dict, where: str) -> Sample:
-    """R1-AQA/AVQA: AVQA's record plus audio_path; the questions were written about videos."""
+def _parse_avqa(record: dict, where: str, allow_unanswered: bool) -> Sample:
+    """R1-AQA/AVQA: AVQA's record plus audio_path; the questions were written about videos. Training
+    data: its answer index is always required."""
     question, choices, answer = _avqa_question(record, where)
     return Sample(_get(record, "audio_path", str, where), question, choices, answer, record)
 
 
-def _parse_mmau(record: dict, where: str) -> Sample:
+def _parse_mmau(record: dict, where: str, allow_unanswered: bool) -> Sample:
+    """MMAU: question, choices, the answer string (empty in the test split) and audio_id."""
     choices = _get_choices(record, "choices", where)
-    answer = _get_answer_string(record, choices, where)
+    answer = _get_answer_string(record, choices, where, allow_unanswered)
     question = _get(record, "question", str, where)
     return Sample(_get(record, "audio_id", str, where), question, choices, answer, record)
 
 
-def _parse_plain(record: dict, where: str) -> Sample:
+def _parse_mmar(record: dict, where: str, allow_unanswered: bool) -> Sample:
+    """MMAR (MMAR-meta.json): MMAU's fields with audio_path, plus modality and category, which MMAR's
+    evaluation.py groups by (sub-category may be absent). Its answer is not always one of the choices
+    (a near-copy of one, or two joined by a newline): the official string match scores it as given."""
     choices = _get_choices(record, "choices", where)
-    answer = _get_answer_string(record, choices, where)
+    answer = _get_answer(record, where, allow_unanswered)
+    question = _get(record, "question", str, where)
+    for key in ("modality", "category"):
+        _get(record, key, str, where)
+    return Sample(_get(record, "audio_path", str, where), question, choices, answer, record)
+
+
+MMSU_CHOICES = ["choice_a", "choice_b", "choice_c", "choice_d"]
+
+
+def _mmsu_choices(record: dict, where: str) -> list[str]:
+    """choice_a and choice_b, then choice_c and choice_d where given: 2-choice items have them null or
+    blank. The string "None" is a real choice in MMSU."""
+    given = [record.get(key) not in (None, "") and not str(record[key]).isspace() for key in MMSU_CHOICES]
+    for key, present, before in zip(MMSU_CHOICES, given, [True] + given):
+        if key in ("choice_a", "choice_b") and not present:
+            raise DataError(f"{where}: missing field '{key}'")
+        if present and not before:
+            raise DataError(f"{where}: field '{key}' is given but the choice before it is empty")
+    return [_get(record, key, str, where) for key, present in zip(MMSU_CHOICES, given) if present]
+
+
+def _parse_mmsu(record: dict, where: str, allow_unanswered: bool) -> Sample:
+    """MMSU: audio_path, question, choice_a .. choice_d and answer_gt, the text of the correct choice."""
+    choices = _mmsu_choices(record, where)
+    answer = _get_answer_string(record, choices, where, allow_unanswered, key="answer_gt")
+    question = _get(record, "question", str, where)
+    return Sample(_get(record, "audio_path", str, where), question, choices, answer, record)
+
+
+def _parse_plain(record: dict, where: str, allow_unanswered: bool) -> Sample:
+    choices = _get_choices(record, "choices", where)
+    answer = _get_answer_string(record, choices, where, allow_unanswered)
     question = _get(record, "question", str, where)
     return Sample(_get(record, "audio", str, where), question, choices, answer, record)
 
 
-_PARSERS = {"avqa": _parse_avqa, "mmau": _parse_mmau, "plain": _parse_plain}
+_PARSERS = {"avqa": _parse_avqa, "mmau": _parse_mmau, "mmar": _parse_mmar, "mmsu": _parse_mmsu, "plain": _parse_plain}
 
 
 PROMPTS = ("direct", "answer", "think")  # the paper's Prompt <1>, <2> and <3>
@@ -550,7 +616,7 @@ def print_conversion(qa_file, conversion: AvqaConversion, examples: int = 3) -> 
 # -----------------------------------------------------------------------------
 # data checker
 
-CATEGORY_FIELDS = ["task", "category", "difficulty", "question_type"]  # MMAU (+ synthetic: category), AVQA
+CATEGORY_FIELDS = ["task", "modality", "category", "difficulty", "question_type"]  # MMAU, MMAR, MMSU, synthetic, AVQA
 
 
 def scan_audio(samples: list[Sample]) -> tuple[list[float], list[AudioError]]:
@@ -587,10 +653,22 @@ def print_problems(title: str, problems: list[Exception]) -> None:
             print(f"  {p}")
 
 
+def print_answers(samples: list[Sample]) -> None:
+    """Answers that are withheld (evaluation only) or not among the choices (allowed in MMAR)."""
+    withheld = sum(s.answer is None for s in samples)
+    outside = sum(s.answer is not None and s.answer not in s.choices for s in samples)
+    if withheld:
+        print(f"answers withheld: {withheld} (can be evaluated, not trained on)")
+    if outside:
+        print(f"answers that are not one of the choices: {outside} (MMAR's string match scores them as given)")
+
+
 def check_file(path, audio_dir=None) -> int:
-    """The checker: print every bad record and missing or unreadable clip; 0 if there are none, else 1."""
-    samples, bad_records = scan_samples(path, audio_dir)
+    """The checker: print every bad record and missing or unreadable clip; 0 if there are none, else 1.
+    A test set whose answers are withheld is not an error: it is reported on a line of its own."""
+    samples, bad_records = scan_samples(path, audio_dir, allow_unanswered=True)
     print(f"{path}: {len(samples) + len(bad_records)} records, {len(samples)} good, {len(bad_records)} bad")
+    print_answers(samples)
     print_categories(samples)
     durations, bad_audio = scan_audio(samples)
     n_files = len(durations) + len(bad_audio)
@@ -618,7 +696,8 @@ def prepare_avqa(qa_file, audio_dir, out, overwrite: bool = False) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Check a question file and its audio, or prepare AVQA's.")
-    parser.add_argument("file", nargs="?", help="question file to check: AVQA/R1-AQA JSONL, MMAU JSON or plain JSONL")
+    parser.add_argument("file", nargs="?", help="question file to check: AVQA/R1-AQA JSONL, MMAU JSON, MMAR, MMSU "
+                        "or plain JSONL")
     parser.add_argument("--audio-dir", help="folder that relative audio paths are relative to; with "
                         "--from-avqa, the folder holding the clips")
     parser.add_argument("--from-avqa", metavar="QA_JSON", help="AVQA's train_qa.json or val_qa.json to convert "

@@ -1,6 +1,6 @@
 """
-Evaluate a Qwen2-Audio checkpoint, or every checkpoint of a training run, on MMAU (or any question
-file) and score it with MMAU's rule.
+Evaluate a Qwen2-Audio checkpoint, or every checkpoint of a training run, on MMAU, MMAR, MMSU (or
+any question file) and score it with the benchmark's own rule (benchmarks.py).
 
 Inference is R1-AQA's: the training prompt, greedy decoding, left-padded batches, up to 256 new
 tokens, stopping at <|im_end|> or <|endoftext|>. Every item keeps its original record and gains
@@ -28,12 +28,16 @@ An item whose audio is missing or unreadable is not skipped: its prediction is e
 `error` field naming the file and the reason, it counts as wrong, and the summary lists it. A wrong
 --model, --data, --audio-dir or --score stops every rank before any model is loaded, with one line.
 
-Scoring is MMAU's official string match (reward.mmau_correct) and prints the official script's
-lines: per task, per difficulty, per sub-category, then `Total Accuracy: 64.50% over 1000 samples`.
-Data without those fields is grouped by `category` if it has one; the Total line is always there.
-OUT's summary (preds.json -> preds.summary.json) holds the same numbers, the errored items, and the
-data file's path and sha256: the two MMAU test-mini versions (2025-03-25, which R1-AQA used, and
-the revised 2025-05-15) give scores that cannot be compared.
+Scoring follows the benchmark, recognised from the data's fields, and prints its official script's
+lines (benchmarks.py): MMAU's string match per task, difficulty and sub-category, then
+`Total Accuracy: 64.50% over 1000 samples`; MMAR's (the same match) per modality, category and
+sub-category; MMSU's letter rule per category and sub-category, then `Overall Accuracy: 0.6050`.
+Other data gets MMAU's match, grouped by `category` if it has one. OUT's summary (preds.json ->
+preds.summary.json) names the benchmark and holds the same numbers, the errored items, and the data
+file's path and sha256: the two MMAU test-mini versions (2025-03-25, which R1-AQA used, and the
+revised 2025-05-15) give scores that cannot be compared. A test set whose answers are withheld
+(MMAU's test split) is not scored: OUT.submission.json (preds.submission.json) is what its
+leaderboard takes, each item as released plus `model_prediction`.
 
     python evaluate.py --model CKPT --data mmau-test-mini.json --audio-dir test-mini-audios --out preds.json
     python evaluate.py --model runs/r1-aqa --data mmau-test-mini.json --audio-dir test-mini-audios  # all checkpoints
@@ -56,9 +60,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import benchmarks as B
 import model as M
+from benchmarks import Score, Tally, report_lines, score
 from data import DOWNMIX, PROMPTS, AudioError, DataError, Sample, audio_duration, load_audio, read_samples
-from reward import extract_answer, mmau_correct
+from reward import extract_answer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # sha256 of the two MMAU test-mini question files (see the recipe notes), so a score names its version
@@ -66,17 +72,13 @@ KNOWN_DATA = {
     "e8cc09223b497191781756212cb616315690aaa6ea7ac359db1b65d97d1e2433": "MMAU test-mini, original (2025-03-25)",
     "9f18fda99f8dbc2bc5ecd6323fb5063309f54969810b5c6f1caeb3b8d904cf1c": "MMAU test-mini, revised (2025-05-15)",
 }
-# Report groups, as the official script prints them. Data with none of them is grouped by category.
-GROUP_FIELDS = ["task", "difficulty", "sub-category"]
-# The official script's own dicts: it prints every MMAU task and difficulty in this order, even over 0 samples.
-MMAU_ORDER = {"task": ["sound", "music", "speech"], "difficulty": ["easy", "hard", "medium"]}
 DEMO_RUNS, DEMO_TEST = Path("runs/demo"), Path("runs/synthetic/test.jsonl")
 
 
 @dataclass
 class EvalConfig:
     model: str  # a Hugging Face directory with the processor, e.g. a checkpoint train.py wrote
-    data: str  # MMAU JSON list, R1-AQA/AVQA JSONL or plain JSONL
+    data: str  # MMAU JSON list, MMAR, MMSU, R1-AQA/AVQA JSONL or plain JSONL
     out: str  # the predictions JSON
     audio_dir: str | None = None
     batch_size: int = 8
@@ -228,98 +230,27 @@ def summary_path(predictions: Path) -> Path:
 
 
 def output_record(sample: Sample, p: Prediction) -> dict:
-    """The original record in MMAU's shape plus the prediction (and the error, if any)."""
+    """The original record in MMAU's shape plus the prediction (and the error, if any), and what the
+    benchmark's own script reads besides (MMSU's `response`). A withheld answer is null."""
     record = {**sample.meta, "question": sample.question, "choices": sample.choices, "answer": sample.answer,
               "model_prediction": p.model_prediction, "model_output": p.model_output}
+    record.update(B.official_fields(record))
     if p.error:
         record["error"] = p.error
     return record
 
 
+def submission_path(predictions: Path) -> Path:
+    return predictions.with_name(predictions.stem + ".submission.json")
+
+
 # -----------------------------------------------------------------------------
-# Scoring: MMAU's evaluation.py
-
-@dataclass
-class Tally:
-    correct: int = 0
-    total: int = 0
-
-    @property
-    def accuracy(self) -> float:
-        return 100 * self.correct / self.total if self.total else 0.0
-
-    def as_dict(self) -> dict:
-        return {"accuracy": round(self.accuracy, 4), "correct": self.correct, "total": self.total}
-
-
-@dataclass
-class Score:
-    key: str  # the field that was scored
-    total: Tally
-    groups: dict[str, dict[str, Tally]]  # field -> value -> tally, in print order
-    skipped: int  # items without the key: not counted, as in the official script
-    errors: list[dict]  # items whose audio failed (counted wrong)
-
-
-def group_fields(records: list[dict]) -> list[str]:
-    """MMAU data (any record with task, difficulty or sub-category): all three, as the official
-    script always prints the three; else `category` (e.g. the synthetic task's band) if records have it."""
-    if any(f in r for r in records for f in GROUP_FIELDS):
-        return GROUP_FIELDS
-    return ["category"] if any("category" in r for r in records) else []
-
-
-def group_order(name: str, values: list[str]) -> list[str]:
-    """MMAU's tasks and difficulties in the official order, else values in order of appearance."""
-    known = MMAU_ORDER.get(name, [])
-    return known if set(values) <= set(known) else list(dict.fromkeys(values))
-
-
-def group_of(record: dict, field: str) -> str | None:
-    """The record's group for a field; a missing or null value is in no group of that field (the
-    official script's rule for sub-category), while the record still counts in the other groups and
-    the total."""
-    value = record.get(field)
-    return None if value is None else str(value)
-
-
-def score(records: list[dict], key: str | None = None) -> Score:
-    """Score records by MMAU's string match on `key` (default: model_prediction if any record has it)."""
-    if key is None:
-        key = "model_prediction" if any("model_prediction" in r for r in records) else "model_output"
-    scored = [r for r in records if key in r]
-    fields = group_fields(scored)
-    values = {f: [g for r in scored if (g := group_of(r, f)) is not None] for f in fields}
-    groups = {f: {v: Tally() for v in group_order(f, values[f])} for f in fields}
-    total = Tally()
-    for r in scored:
-        correct = mmau_correct(r[key], r["answer"], r["choices"])
-        for tally in [total] + [groups[f][g] for f in fields if (g := group_of(r, f)) is not None]:
-            tally.correct += correct
-            tally.total += 1
-    errors = [{"index": i, "id": r.get("id"), "error": r["error"]} for i, r in enumerate(records) if "error" in r]
-    return Score(key, total, groups, len(records) - len(scored), errors)
-
-
-def report_lines(s: Score) -> list[str]:
-    """The official script's printout, line for line. Where it would divide by zero (no item
-    scored) this prints 0.00%."""
-    lines = []
-    for name, tallies in s.groups.items():
-        lines += ["*" * 30, f"{name.capitalize()}-wise Accuracy:"]
-        lines += [f"{value} : {t.accuracy:.2f}% over {t.total} samples" for value, t in tallies.items()]
-    lines += ["*" * 30, f"Total Accuracy: {s.total.accuracy:.2f}% over {s.total.total} samples", "*" * 30]
-    # The official script skips an item without the key before the line that would count it, so
-    # this is always 0 there. print_score says how many were skipped, on a line of its own.
-    lines.append("No prediction count: 0")
-    return lines
-
+# Reports: the benchmark's official lines (benchmarks.py), the summary, --score
 
 def print_score(s: Score) -> None:
-    for line in report_lines(s):
+    """The official lines of the benchmark, then what they leave out and the items whose audio failed."""
+    for line in report_lines(s) + B.note_lines(s):
         M.print0(line)
-    if s.skipped:
-        M.print0(f"{s.skipped} items have no '{s.key}' field: not scored, as in the official script")
     if s.errors:
         M.print0(f"{len(s.errors)} items had no usable audio (empty prediction, counted wrong):")
         for e in s.errors[:10]:
@@ -341,10 +272,9 @@ class Provenance:
 
 def summary(s: Score, predictions: Path, source: Provenance) -> dict:
     """The JSON summary: accuracy in total and per group, the errored items, and where it all came from."""
-    return {"predictions": str(predictions), "predictions_sha256": sha256(predictions), "key": s.key,
-            **s.total.as_dict(), "skipped": s.skipped,
-            "groups": {f: {v: t.as_dict() for v, t in g.items()} for f, g in s.groups.items()},
-            "errors": s.errors, **asdict(source)}
+    return {"predictions": str(predictions), "predictions_sha256": sha256(predictions),
+            "benchmark": B.NAMES[s.benchmark], "key": s.key, **s.total.as_dict(), "skipped": s.skipped,
+            "unparsed": s.unparsed, "groups": B.summary_groups(s), "errors": s.errors, **asdict(source)}
 
 
 def known_provenance(predictions: Path) -> Provenance:
@@ -372,6 +302,9 @@ def read_predictions(path: Path) -> list[dict]:
         raise M.UsageError(f"{what}: not a JSON file ({e})") from None
     if not isinstance(records, list):
         raise M.UsageError(f"{what}: a JSON {type(records).__name__}, but a predictions file is a list of items")
+    if records and all(isinstance(r, dict) and r.get("answer") is None for r in records):
+        raise M.UsageError(f"{what}: no item has an answer (a test set whose answers are withheld): nothing to "
+                           f"score; its evaluation wrote {submission_path(path)} for the leaderboard")
     for i, r in enumerate(records):
         if not (isinstance(r, dict) and isinstance(r.get("answer"), str) and isinstance(r.get("choices"), list)
                 and all(isinstance(r[k], str) for k in ("model_prediction", "model_output") if k in r)):
@@ -431,7 +364,7 @@ def read_data(data: str, audio_dir: str | None) -> list[Sample]:
         raise M.UsageError(f"--audio-dir {audio_dir}: no such folder (give the folder the audio paths of "
                            f"--data are relative to, or leave it out for the data file's own folder)")
     try:
-        samples = read_samples(data, audio_dir)
+        samples = read_samples(data, audio_dir, allow_unanswered=True)  # a withheld test set: a submission
     except FileNotFoundError:
         raise M.UsageError(f"--data {data}: no such file") from None
     except OSError as e:
@@ -442,6 +375,11 @@ def read_data(data: str, audio_dir: str | None) -> list[Sample]:
         raise M.UsageError(f"--data: {e} (python data.py {data} lists every bad record)") from None
     if not samples:
         raise M.UsageError(f"--data {data}: no questions in this file")
+    withheld = [i for i, s in enumerate(samples) if s.answer is None]
+    if 0 < len(withheld) < len(samples):
+        raise M.UsageError(f"--data {data}: {len(withheld)} of {len(samples)} items have no answer (e.g. item "
+                           f"{withheld[0]}): give a file whose answers are all there (scored) or all withheld "
+                           f"(a submission file)")
     return samples
 
 
@@ -565,10 +503,28 @@ def finish(cfg: EvalConfig, samples: list[Sample], out: Path, data_sha256: str, 
     write_json(out, [output_record(s, done[i]) for i, s in enumerate(samples)])
     version = KNOWN_DATA.get(data_sha256)
     source = Provenance(cfg.data, data_sha256, version, cfg.model, {**asdict(cfg), "world_size": world})
-    s = score(json.loads(out.read_text(encoding="utf-8")), "model_prediction")
     M.print0(f"predictions: {out}; data: {cfg.data} ({version or 'sha256 ' + data_sha256})")
+    if samples[0].answer is None:  # read_data: all answers withheld, or none
+        return finish_withheld(samples, [done[i] for i in range(len(samples))], out, source)
+    s = score(json.loads(out.read_text(encoding="utf-8")), "model_prediction")
     print_score(s)
     write_json(summary_path(out), summary(s, out, source))
+    return s
+
+
+def finish_withheld(samples: list[Sample], predictions: list[Prediction], out: Path, source: Provenance) -> Score:
+    """A test set whose answers are withheld: no score; the submission file for the leaderboard, and a
+    summary naming it (and the items whose audio failed)."""
+    path = submission_path(out)
+    write_json(path, B.submission([s.meta for s in samples], [p.model_prediction for p in predictions]))
+    errors = [{"index": p.index, "id": s.meta.get("id"), "error": p.error}
+              for s, p in zip(samples, predictions) if p.error]
+    s = Score("withheld", "model_prediction", Tally(), {}, 0, errors)
+    M.print0(f"answers withheld: no score; the submission for the leaderboard is {path} ({len(samples)} items)")
+    print_score(s)
+    write_json(summary_path(out), {"predictions": str(out), "predictions_sha256": sha256(out), "benchmark":
+                                   B.NAMES[s.benchmark], "items": len(samples), "submission": str(path),
+                                   "submission_sha256": sha256(path), "errors": errors, **asdict(source)})
     return s
 
 
@@ -606,8 +562,11 @@ def table_lines(table: dict) -> list[str]:
     return lines
 
 
-def report_table(p: Plan, scores: list[Score]) -> dict:
-    """Rank 0: print the run's table and write it next to the predictions."""
+def report_table(p: Plan, scores: list[Score]) -> dict | None:
+    """Rank 0: print the run's table and write it next to the predictions (none without answers)."""
+    if scores[0].benchmark == "withheld":
+        M.print0("\nanswers withheld: no table; each checkpoint's submission file is next to its predictions")
+        return None
     table = step_table(p, scores)
     source = table["data_version"] or "sha256 " + p.data_sha256[:12]
     M.print0(f"\nAccuracy (%) per checkpoint on {table['data']} ({source}):")
@@ -654,9 +613,10 @@ def positive(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a Qwen2-Audio checkpoint, or every checkpoint of a "
-                                                 "training run, on MMAU-style questions.")
+                                                 "training run, on MMAU, MMAR, MMSU or other questions.")
     parser.add_argument("--model", help="model folder (with its processor), or a run folder of checkpoint-N folders")
-    parser.add_argument("--data", help="MMAU JSON, R1-AQA JSONL or plain JSONL question file")
+    parser.add_argument("--data", help="MMAU JSON (test-mini, or test: a submission file), MMAR-meta.json, MMSU, "
+                        "R1-AQA JSONL or plain JSONL question file")
     parser.add_argument("--audio-dir", help="folder the audio paths are relative to (default: the data file's)")
     parser.add_argument("--out", help="predictions JSON to write; with a run folder, a folder for one per "
                                       "checkpoint and the table (default: RUN/eval/<data file stem>)")

@@ -304,6 +304,152 @@ def test_real_mmau_files_load(name):
 
 
 # -----------------------------------------------------------------------------
+# MMAR, MMSU and test sets whose answers are withheld
+
+# MMAR-meta.json's fields (a JSON list): the answer is the text, not always exactly one of the choices.
+MMAR_ITEMS = [
+    {"id": "aaaaaaaaaaa_00-00-00_00-00-20", "audio_path": "./audio/aaaaaaaaaaa_00-00-00_00-00-20.wav",
+     "question": "Which instrument plays the melody?", "choices": ["Violin", "Flute", "Piano", "Trumpet"],
+     "answer": "Flute", "modality": "music", "category": "Perception Layer", "sub-category": "Instrument",
+     "language": "None", "source": "youtube", "url": "https://www.youtube.com/watch?v=aaaaaaaaaaa",
+     "timestamp": "00:00:00,00:00:20"},
+    {"id": "bbbbbbbbbbb_00-01-00_00-01-12", "audio_path": "./audio/bbbbbbbbbbb_00-01-00_00-01-12.wav",
+     "question": "Where are they?", "choices": ["On a plane", "On a ship"], "answer": "on a ship.",
+     "modality": "mix-sound-speech", "category": "Semantic Layer", "language": "en", "source": "youtube",
+     "url": "https://www.youtube.com/watch?v=bbbbbbbbbbb", "timestamp": "00:01:00,00:01:12"},
+]
+# MMSU's fields (ddwang2000/MMSU): the choices are fields, 2-choice items leave choice_c/d null, and the
+# answer_gt is the text of the correct choice. "None" is a real choice string.
+MMSU_ITEMS = [
+    {"id": "emotion_0001", "audio_path": "audio/emotion_0001.wav", "question": "What is the speaker's emotion?",
+     "choice_a": "Happy", "choice_b": "Sad", "choice_c": "Angry", "choice_d": "None", "answer_gt": "None",
+     "task_name": "emotion_recognition", "category": "Perception", "sub-category": "Paralinguistics",
+     "sub-sub-category": "Speaking Style", "linguistics_sub_discipline": "None"},
+    {"id": "stress_0002", "audio_path": "audio/stress_0002.wav", "question": "Is the stress on the first syllable?",
+     "choice_a": "Yes", "choice_b": "No", "choice_c": None, "choice_d": None, "answer_gt": "No",
+     "task_name": "stress_detection", "category": "Reasoning", "sub-category": "Linguistics",
+     "sub-sub-category": "Phonology", "linguistics_sub_discipline": "Phonetics"},
+]
+
+
+def test_mmar_reader(tmp_path):
+    """MMAR-meta.json: audio_path relative to the file, choices and answer as written; an answer that is not
+    exactly a choice ("on a ship." for "On a ship") is kept for the official string match; the record is meta."""
+    path = tmp_path / "MMAR-meta.json"
+    path.write_text(json.dumps(MMAR_ITEMS, indent=4))
+    a, b = data.read_samples(path)
+    assert (a.question, a.choices, a.answer) == ("Which instrument plays the melody?",
+                                                 ["Violin", "Flute", "Piano", "Trumpet"], "Flute")
+    assert a.audio_path == str(tmp_path / "audio" / "aaaaaaaaaaa_00-00-00_00-00-20.wav")
+    assert (b.choices, b.answer) == (["On a plane", "On a ship"], "on a ship.")
+    assert (a.meta, b.meta) == (MMAR_ITEMS[0], MMAR_ITEMS[1])
+    # the same records as JSONL read the same way
+    lines = write_jsonl(tmp_path / "MMAR-meta.jsonl", MMAR_ITEMS)
+    assert [s.answer for s in data.read_samples(lines)] == ["Flute", "on a ship."]
+
+
+def test_mmsu_reader(tmp_path):
+    """MMSU: choices from choice_a .. choice_d in order, null ones left out (2 choices for the second item);
+    the answer is answer_gt; JSON list (the official inference script's input) and JSONL read the same."""
+    for path in (tmp_path / "mmsu.json", tmp_path / "mmsu.jsonl"):
+        if path.suffix == ".json":
+            path.write_text(json.dumps(MMSU_ITEMS))
+        else:
+            write_jsonl(path, MMSU_ITEMS)
+        a, b = data.read_samples(path)
+        assert (a.choices, a.answer) == (["Happy", "Sad", "Angry", "None"], "None")
+        assert (b.choices, b.answer) == (["Yes", "No"], "No")
+        assert a.question == "What is the speaker's emotion?"
+        assert a.audio_path == str(tmp_path / "audio" / "emotion_0001.wav")
+        assert (a.meta, b.meta) == (MMSU_ITEMS[0], MMSU_ITEMS[1])
+
+
+def test_record_format_picks_the_reader():
+    """The first record decides: choice_a -> MMSU, modality with audio_path -> MMAR, else the container."""
+    assert data.record_format(MMSU_ITEMS[0], listed=False) == "mmsu"
+    assert data.record_format(MMAR_ITEMS[0], listed=True) == "mmar"
+    assert data.record_format(MMAU_ITEM, listed=True) == "mmau"
+    assert data.record_format(AVQA_RECORD, listed=False) == "avqa"
+    assert data.record_format(dict(PLAIN_RECORD, modality="speech"), listed=False) == "plain"  # no audio_path
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (dict(MMSU_ITEMS[1], choice_c=None, choice_d="Maybe"),
+     "field 'choice_d' is given but the choice before it is empty"),
+    (dict(MMSU_ITEMS[1], choice_b="  "), "missing field 'choice_b'"),
+    (dict(MMSU_ITEMS[1], answer_gt="Perhaps"), "answer_gt 'Perhaps' is not one of the choices ['Yes', 'No']"),
+    (dict(MMSU_ITEMS[1], choice_a=1), "field 'choice_a' should be str, got int"),
+    (_drop(MMSU_ITEMS[1], "audio_path"), "missing field 'audio_path'"),
+])
+def test_bad_mmsu_record_names_file_and_line(tmp_path, bad, problem):
+    """A bad MMSU record on line 2 raises DataError "<file>:2: <problem>"."""
+    path = write_jsonl(tmp_path / "mmsu.jsonl", [MMSU_ITEMS[0], bad])
+    with pytest.raises(DataError) as e:
+        data.read_samples(path)
+    assert str(e.value).startswith(f"{path}:2: ") and problem in str(e.value)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (_drop(MMAR_ITEMS[0], "category"), "missing field 'category'"),
+    (dict(MMAR_ITEMS[0], choices=["Flute"]), "needs at least 2 choices, got 1"),
+])
+def test_bad_mmar_item_names_file_and_index(tmp_path, bad, problem):
+    """MMAR's grouping fields are required (its evaluation.py reads them): item 1 is named."""
+    path = tmp_path / "MMAR-meta.json"
+    path.write_text(json.dumps([MMAR_ITEMS[0], bad]))
+    with pytest.raises(DataError) as e:
+        data.read_samples(path)
+    assert str(e.value).startswith(f"{path}: item 1: ") and problem in str(e.value)
+
+
+# MMAU's test split: the test-mini format with an empty answer.
+MMAU_TEST_ITEM = dict(MMAU_ITEM, id="9a1c", audio_id="./test-audios/9a1c.wav", answer="", split="test")
+
+
+@pytest.mark.parametrize("withheld", [MMAU_TEST_ITEM, dict(MMAU_TEST_ITEM, answer=None),
+                                     _drop(MMAU_TEST_ITEM, "answer")])
+def test_withheld_answers_are_refused_unless_allowed(tmp_path, withheld):
+    """An empty, null or missing answer is refused by default (training reads this way), naming the item;
+    with allow_unanswered (evaluation) the sample has answer None and the other fields as usual."""
+    path = tmp_path / "mmau-test.json"
+    path.write_text(json.dumps([MMAU_ITEM, withheld]))
+    with pytest.raises(DataError) as e:
+        data.read_samples(path)
+    assert str(e.value).startswith(f"{path}: item 1: no answer ('answer' is missing or empty)")
+    a, b = data.read_samples(path, allow_unanswered=True)
+    assert (a.answer, b.answer, b.choices, b.meta) == ("Man", None, MMAU_ITEM["choices"], withheld)
+
+
+def test_withheld_answers_in_every_string_format(tmp_path):
+    """MMSU (answer_gt), MMAR and plain read a withheld answer as None when allowed, and refuse it otherwise;
+    AVQA, training data with an index answer, always requires it."""
+    mmsu = write_jsonl(tmp_path / "mmsu.jsonl", [dict(MMSU_ITEMS[0], answer_gt=None)])
+    mmar = write_jsonl(tmp_path / "mmar.jsonl", [_drop(MMAR_ITEMS[0], "answer")])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [dict(PLAIN_RECORD, answer="")])
+    for path, key in ((mmsu, "answer_gt"), (mmar, "answer"), (plain, "answer")):
+        assert data.read_samples(path, allow_unanswered=True)[0].answer is None
+        with pytest.raises(DataError, match=f"no answer \\('{key}' is missing or empty\\)"):
+            data.read_samples(path)
+    avqa = write_jsonl(tmp_path / "avqa.jsonl", [_drop(AVQA_RECORD, "answer")])
+    with pytest.raises(DataError, match="missing field 'answer'"):
+        data.read_samples(avqa, allow_unanswered=True)
+
+
+def test_checker_reports_withheld_and_outside_answers(tmp_path, capsys):
+    """The checker reads a test set whose answers are withheld (not an error) and counts, apart, answers
+    that are not one of the choices (MMAR)."""
+    test = tmp_path / "mmau-test.json"
+    test.write_text(json.dumps([MMAU_TEST_ITEM, dict(MMAU_TEST_ITEM, id="9a1d")]))
+    data.check_file(test)
+    assert "answers withheld: 2 (can be evaluated, not trained on)" in capsys.readouterr().out
+    mmar = tmp_path / "MMAR-meta.json"
+    mmar.write_text(json.dumps(MMAR_ITEMS))
+    data.check_file(mmar)
+    out = capsys.readouterr().out
+    assert "answers that are not one of the choices: 1" in out and "by modality: mix-sound-speech 1, music 1" in out
+
+
+# -----------------------------------------------------------------------------
 # prompt
 
 def test_build_prompt_matches_recipe():

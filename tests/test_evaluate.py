@@ -7,7 +7,9 @@ place of the real audio; they are skipped where the question file is not present
 Run: python -m pytest -q tests/test_evaluate.py
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -22,10 +24,11 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen2AudioForConditionalGeneration
 
+import benchmarks as B
 import evaluate as E
 import model as M
 from conftest import ROOT, pitch_samples
-from data import SAMPLE_RATE, make_synthetic
+from data import SAMPLE_RATE, Sample, make_synthetic
 from reward import extract_answer, mmau_correct
 
 MMAU_DIR = Path(os.environ.get("MMAU_DIR", ROOT.parent / "shared" / "mmau"))
@@ -289,6 +292,162 @@ def test_every_mmau_answer_scores_correct(path):
     assert sum(t.total for t in s.groups["task"].values()) == 1000
 
 
+# ----------------------------------------------------------------------------- MMAR and MMSU
+
+def mmar(prediction, answer, choices, modality, category, sub=None, **fields):
+    """A prediction record in MMAR-meta.json's shape (sub-category left out when None)."""
+    record = {"id": f"x_{modality}", "audio_path": f"./audio/x_{modality}.wav", "question": "?", "choices": choices,
+              "answer": answer, "modality": modality, "category": category, "language": "en", **fields}
+    if sub is not None:
+        record["sub-category"] = sub
+    if prediction is not None:
+        record["model_prediction"] = prediction
+    return record
+
+
+INSTRUMENTS = ["Violin", "Flute", "Piano", "Trumpet"]
+MMAR_RECORDS = [
+    mmar("Flute", "Flute", INSTRUMENTS, "music", "Perception Layer", "Instrument"),  # right
+    mmar("Flute or Piano", "Flute", INSTRUMENTS, "music", "Perception Layer", "Instrument"),  # names Piano: wrong
+    # the answer is not exactly a choice, as in MMAR's file: answer words {on, a, ship} are all there and
+    # "plane", the only word of the other choice, is not: right
+    mmar("On a ship", "on a ship.", ["On a plane", "On a ship"], "mix-sound-speech", "Semantic Layer"),
+    # two answers joined by a newline, as in MMAR's file: "colombian" is missing: wrong
+    mmar("American", "American\nColombian", ["American", "Colombian"], "speech", "Cultural Layer", "Accent"),
+    mmar(None, "Dog", ["Dog", "Cat"], "sound", "Signal Layer", "Animal"),  # no model_prediction: skipped
+]
+
+
+def test_mmar_is_scored_and_printed_as_its_script():
+    """MMAR: MMAU's string match on the answer as written; its 7 modalities and 4 categories always
+    printed in its order, sub-categories in order of appearance (none for the item without one)."""
+    s = E.score(MMAR_RECORDS)
+    assert (s.benchmark, s.total.correct, s.total.total, s.skipped) == ("mmar", 2, 4, 1)
+    # music 1/2, mix-sound-speech 1/1, speech 0/1; Perception 1/2, Semantic 1/1, Cultural 0/1;
+    # Instrument 1/2, Accent 0/1 (the skipped item's Animal never appears); total 2/4 = 50.00%
+    assert E.report_lines(s) == [
+        "******************************",
+        "Modality-wise Accuracy:",
+        "sound : 0.00% over 0 samples",
+        "music : 50.00% over 2 samples",
+        "speech : 0.00% over 1 samples",
+        "mix-sound-music : 0.00% over 0 samples",
+        "mix-sound-speech : 100.00% over 1 samples",
+        "mix-music-speech : 0.00% over 0 samples",
+        "mix-sound-music-speech : 0.00% over 0 samples",
+        "******************************",
+        "Category-wise Accuracy:",
+        "Signal Layer : 0.00% over 0 samples",
+        "Perception Layer : 50.00% over 2 samples",
+        "Semantic Layer : 100.00% over 1 samples",
+        "Cultural Layer : 0.00% over 1 samples",
+        "******************************",
+        "Sub-category-wise Accuracy:",
+        "Instrument : 50.00% over 2 samples",
+        "Accent : 0.00% over 1 samples",
+        "******************************",
+        "Total Accuracy: 50.00% over 4 samples",
+        "******************************",
+        "No prediction count: 0",
+    ]
+
+
+def test_values_the_official_script_does_not_know_come_after_its_own():
+    """A modality outside MMAR's seven (where its script would stop with a KeyError) is printed after them."""
+    s = E.score([mmar("Flute", "Flute", INSTRUMENTS, "vocal", "Signal Layer")])
+    assert list(s.groups["modality"])[-2:] == ["mix-sound-music-speech", "vocal"]
+    assert s.groups["modality"]["vocal"] == B.Tally(1, 1)
+
+
+def mmsu(prediction, answer, category, sub, choices=("Happy", "Sad", "Angry", "None")):
+    """A prediction record in MMSU's shape: choice_a .. choice_d (null past a 2-choice item's), answer_gt."""
+    fields = dict(zip(["choice_a", "choice_b", "choice_c", "choice_d"], list(choices) + [None, None]))
+    return {"id": "q", "audio_path": "audio/q.wav", "question": "?", **fields, "answer_gt": answer,
+            "task_name": "t", "category": category, "sub-category": sub, "model_prediction": prediction}
+
+
+YES_NO = ("Yes", "No")
+MMSU_RECORDS = [
+    mmsu("None", "None", "Perception", "Paralinguistics"),  # "None" is choice D's text -> D -> right
+    mmsu("Angry", "Sad", "Perception", "Paralinguistics"),  # choice C's text -> C: "Angry" != "Sad", wrong
+    mmsu("B", "No", "Reasoning", "Linguistics", YES_NO),  # a letter, read as the script reads it -> B: right
+    mmsu("The answer is A.", "No", "Reasoning", "Linguistics", YES_NO),  # the one before the last -> A: wrong
+    mmsu("I am not sure", "Happy", "Perception", "Linguistics"),  # "I" and "r": no letter, not counted
+    mmsu("", "Sad", "Reasoning", "Paralinguistics"),  # empty (e.g. the audio failed): counted, wrong
+    mmsu("Definitely yes", "Yes", "Reasoning", "Linguistics", YES_NO),  # first character D: no choice D, wrong
+    mmsu("sad", "Sad", "Perception", "Paralinguistics"),  # not exactly a choice; "s", "a": not counted
+    mmsu("Happy", "Happy", "Perception", "Linguistics"),  # choice A's text -> A: right
+]
+
+
+def test_mmsu_letter_rule():
+    """The letter MMSU's script reads: first character A-D, else the one before the last, after strip and
+    without newlines; "" (counted, wrong) for an empty or "None" response; None (not counted) otherwise."""
+    cases = {
+        "B": "B", " C\n": "C", "B) Sad": "B",
+        "The answer is D.": "D",  # "T", then "D" before the final "."
+        "(C)": "C",
+        "Answer: (C)": "A",  # the first character is the "A" of "Answer": the script reads A
+        "\nThe answer\nis A.": "A",  # stripped, then "The answeris A."
+        "": "", "None": "",
+        "c": None, "maybe": None, "X": None,  # lowercase; "m" and "b"; one character that is not A-D
+    }
+    assert {r: B.mmsu_letter(r) for r in cases} == cases
+
+
+def test_mmsu_is_scored_and_printed_as_its_script():
+    """MMSU: the prediction becomes the letter of the choice it equals, else is read by the script's letter
+    rule; a response without a letter is left out. Lines per category then sub-category, in order of first
+    appearance among counted items (nested: Perception's before Reasoning's), fractions with 4 decimals."""
+    s = E.score(MMSU_RECORDS)
+    # counted: items 0-3, 5, 6, 8 (7); right: 0, 2, 8 (3); not counted: 4 and 7
+    assert (s.benchmark, s.total.correct, s.total.total, s.unparsed, s.skipped) == ("mmsu", 3, 7, 2, 0)
+    # Perception/Paralinguistics 1/2 (items 0, 1), Perception/Linguistics 1/1 (item 8; item 4 not counted),
+    # Reasoning/Linguistics 1/3 (items 2, 3, 6), Reasoning/Paralinguistics 0/1 (item 5);
+    # Perception 2/3, Reasoning 1/4, overall 3/7 = 0.428571...
+    assert E.report_lines(s) == [
+        "Category: Perception, Sub-category: Paralinguistics, Accuracy: 0.5000",
+        "Category: Perception, Sub-category: Linguistics, Accuracy: 1.0000",
+        "Category: Reasoning, Sub-category: Linguistics, Accuracy: 0.3333",
+        "Category: Reasoning, Sub-category: Paralinguistics, Accuracy: 0.0000",
+        "Category: Perception, Average Accuracy: 0.6667",
+        "Category: Reasoning, Average Accuracy: 0.2500",
+        "Overall Accuracy: 0.4286",
+        "Total count: 7",
+    ]
+    assert B.note_lines(s) == ["2 items have a response with no letter A-D where MMSU's script looks (the first "
+                               "character or the one before the last): not counted, as in the official script"]
+
+
+def test_mmsu_prediction_record_has_the_response_its_script_reads():
+    """evaluate.py's MMSU record carries `response`: the letter of the choice the answer names."""
+    item = {k: v for k, v in MMSU_RECORDS[1].items() if k != "model_prediction"}
+    sample = Sample("q.wav", "?", ["Happy", "Sad", "Angry", "None"], "Sad", item)
+    record = E.output_record(sample, E.Prediction(0, "<answer>Sad</answer>", "Sad"))
+    assert record["response"] == "B" and record["model_prediction"] == "Sad" and record["answer_gt"] == "Sad"
+    plain = E.output_record(Sample("a.wav", "?", CHOICES, "Man", {}), E.Prediction(0, "Man", "Man"))
+    assert "response" not in plain
+
+
+def test_the_benchmark_is_recognised_from_the_fields():
+    """MMSU by choice_a, MMAR by modality with audio_path, MMAU by task/difficulty/sub-category, else other."""
+    assert [B.detect(r) for r in (MMSU_RECORDS, MMAR_RECORDS, [item("Man", task="sound")], [item("Man")])] == \
+        ["mmsu", "mmar", "mmau", "other"]
+
+
+def test_score_file_names_the_benchmark(tmp_path, capsys):
+    """--score on MMSU predictions prints MMSU's lines and its summary names the benchmark, with MMSU's
+    (category, sub-category) groups as "category / sub-category" and the uncounted items."""
+    preds = tmp_path / "mmsu.json"
+    preds.write_text(json.dumps([dict(r, choices=["x", "y"], answer=r["answer_gt"]) for r in MMSU_RECORDS]))
+    assert E.main(["--score", str(preds)]) == 0
+    assert "Overall Accuracy: 0.4286" in capsys.readouterr().out
+    summary = json.loads(E.summary_path(preds).read_text())
+    assert (summary["benchmark"], summary["correct"], summary["total"], summary["unparsed"]) == ("MMSU", 3, 7, 2)
+    assert summary["groups"]["sub-category"]["Reasoning / Linguistics"] == {"accuracy": 33.3333, "correct": 1,
+                                                                           "total": 3}
+
+
 # ----------------------------------------------------------------------------- end to end on the tiny model
 
 @pytest.fixture(scope="module")
@@ -350,7 +509,7 @@ def test_summary_names_the_data_file(full_run):
     out, _ = full_run
     summary = json.loads(E.summary_path(out).read_text())
     assert summary["data_sha256"] == hashlib.sha256(MMAU.read_bytes()).hexdigest()
-    assert summary["data_version"] == "MMAU test-mini, revised (2025-05-15)"
+    assert summary["data_version"] == "MMAU test-mini, revised (2025-05-15)" and summary["benchmark"] == "MMAU"
     assert summary["data"] == str(MMAU) and summary["settings"]["limit"] == N
 
 
@@ -366,6 +525,63 @@ def test_rescoring_keeps_the_provenance(full_run, tmp_path, capsys):
     after = json.loads(E.summary_path(preds).read_text())
     assert (after["correct"], after["total"], after["data_sha256"]) == (before["correct"], N, before["data_sha256"])
     assert f"Total Accuracy: {before['accuracy']:.2f}% over {N} samples" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def withheld_run(tiny_dir, audio_dir, tmp_path_factory):
+    """MMAU's test split in miniature: the first 3 test-mini items with their answers withheld (""), as
+    the test split has them, evaluated end to end: (test file, predictions path, stdout)."""
+    root = tmp_path_factory.mktemp("withheld")
+    test = root / "mmau-test.json"
+    test.write_text(json.dumps([dict(r, answer="", split="test") for r in json.loads(MMAU.read_text())[:3]]))
+    out = root / "preds.json"
+    args = ["--model", str(tiny_dir), "--data", str(test), "--audio-dir", str(audio_dir), "--out", str(out),
+            "--batch-size", "4", "--max-new-tokens", "8", "--dtype", "float32"]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert E.main(args) == 0
+    return test, out, stdout.getvalue()
+
+
+@needs_mmau
+def test_withheld_answers_give_a_submission_not_a_score(withheld_run):
+    """No score is printed; OUT.submission.json is a JSON list with, per item in the file's order, the
+    item exactly as released (answer "" too) plus model_prediction, and nothing else."""
+    test, out, stdout = withheld_run
+    items, records = json.loads(test.read_text()), json.loads(out.read_text())
+    submission = json.loads(E.submission_path(out).read_text())
+    assert E.submission_path(out) == out.with_name("preds.submission.json")
+    assert submission == [dict(item, model_prediction=r["model_prediction"]) for item, r in zip(items, records)]
+    assert [list(entry) for entry in submission] == [list(item) + ["model_prediction"] for item in items]
+    assert all(isinstance(entry["model_prediction"], str) for entry in submission)
+    assert "Total Accuracy" not in stdout
+    assert f"the submission for the leaderboard is {E.submission_path(out)}" in stdout
+    summary = json.loads(E.summary_path(out).read_text())
+    assert summary["benchmark"] == B.NAMES["withheld"] and summary["items"] == 3 and "accuracy" not in summary
+    assert summary["submission_sha256"] == hashlib.sha256(E.submission_path(out).read_bytes()).hexdigest()
+
+
+@needs_mmau
+def test_withheld_predictions_are_not_scored(withheld_run, capsys):
+    """--score on predictions without answers stops with one line pointing at the submission file."""
+    _, out, _ = withheld_run
+    err = usage_error(["--score", str(out)], capsys)
+    assert "no item has an answer" in err and str(E.submission_path(out)) in err
+
+
+def test_a_run_without_answers_has_no_table(tmp_path, capsys):
+    """A run folder evaluated on a withheld test set prints no accuracy table and writes no table.json."""
+    p = E.Plan([], [], "0" * 64, tmp_path / "table.json")
+    assert E.report_table(p, [B.Score("withheld", "model_prediction", B.Tally(), {}, 0, [])]) is None
+    assert "answers withheld: no table" in capsys.readouterr().out and not p.table.exists()
+
+
+def test_a_file_with_some_answers_withheld_is_refused(tiny_dir, tmp_path, capsys):
+    """Answers all there (a score) or all withheld (a submission): a mix stops before any model is loaded."""
+    data = tmp_path / "mixed.jsonl"
+    lines = [{"audio": "a.wav", "question": "Who?", "choices": CHOICES, "answer": answer} for answer in ("Man", "")]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    err = usage_error(["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "p.json")], capsys)
+    assert f"--data {data}: 1 of 2 items have no answer (e.g. item 1)" in err
 
 
 # ----------------------------------------------------------------------------- resuming
