@@ -59,23 +59,31 @@ def check_first_batch(cfg, train):
                            f"e.g. {paths[0]} ({hint})")
 
 
-def epoch_order(answers, epoch, seed, balance):
+def epoch_order(answers, epoch, seed, balance, pass_rates=None):
     """A fresh permutation per epoch. Balanced: interleave the answers round-robin, so any window of
-    (number of distinct answers) consecutive samples holds each answer once."""
+    (number of distinct answers) consecutive samples holds each answer once. With pass rates (SARI's
+    curriculum): easiest first, the highest pass rate first, ties in a random order; balanced, each
+    answer's questions from easy to hard, interleaved."""
     rng = np.random.default_rng([seed, epoch])
+    if pass_rates is None:
+        arrange = lambda ix: rng.permutation(ix).tolist()
+    else:
+        tie = rng.random(len(answers))
+        arrange = lambda ix: sorted(ix, key=lambda i: (-pass_rates[i], tie[i]))
     if not balance:
-        return rng.permutation(len(answers)).tolist()
+        return arrange(range(len(answers)))
     by_answer = {}
     for i, a in enumerate(answers):
         by_answer.setdefault(a, []).append(i)
-    queues = [rng.permutation(ix).tolist() for _, ix in sorted(by_answer.items())]
+    queues = [arrange(ix) for _, ix in sorted(by_answer.items())]
     return [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
 
 
-def step_indices(cfg, answers, step, extra_round=0):
+def step_indices(cfg, answers, step, extra_round=0, pass_rates=None):
     """Dataset indices of the global batch of `step`: a slice of an endless run of epochs. Depends on
-    nothing but (seed, step), so a resumed run sees exactly the data the interrupted one would have.
-    An extra round of dynamic sampling draws its prompts from (seed, step, round) alone."""
+    nothing but (seed, step) (and the stored pass rates of a curriculum), so a resumed run sees exactly
+    the data the interrupted one would have. An extra round of dynamic sampling draws its prompts from
+    (seed, step, round) alone."""
     if extra_round:
         rng = np.random.default_rng([cfg.seed, step, extra_round])
         return rng.choice(len(answers), cfg.prompts_per_step, replace=cfg.prompts_per_step > len(answers)).tolist()
@@ -83,7 +91,8 @@ def step_indices(cfg, answers, step, extra_round=0):
     out = []
     while len(out) < cfg.prompts_per_step:
         epoch, offset = divmod(start + len(out), n)
-        out += epoch_order(answers, epoch, cfg.seed, cfg.balance_answers)[offset:offset + cfg.prompts_per_step - len(out)]
+        order = epoch_order(answers, epoch, cfg.seed, cfg.balance_answers, pass_rates)
+        out += order[offset:offset + cfg.prompts_per_step - len(out)]
     return out
 
 

@@ -111,10 +111,10 @@ def check_same_run(path, current, defaults):
 
 
 def wipe(out):
-    """--overwrite: delete what a run wrote in OUT (checkpoints and logs), nothing else."""
-    for p in Path(out).glob("checkpoint-*"):
-        shutil.rmtree(p)
-    for f in RUN_FILES:
+    """--overwrite: delete what a run wrote in OUT (checkpoints, logs, a curriculum's pass rates), nothing else."""
+    for p in [*Path(out).glob("checkpoint-*"), Path(out) / "pass_rates.parts"]:
+        shutil.rmtree(p, ignore_errors=True)
+    for f in (*RUN_FILES, "pass_rates.json"):
         (Path(out) / f).unlink(missing_ok=True)
 
 

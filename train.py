@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import batches as B
 import checkpoint
+import curriculum
 import data
 import evaluate
 import grpo
@@ -80,6 +81,8 @@ class Config:
     lora_targets: str = ",".join(L.LM_TARGETS)  # language-model linears that get adapters (lm_head too if named)
     lora_audio: bool = False  # also put adapters on every linear of the audio encoder
     balance_answers: bool = False  # order the data so every batch has each answer equally often
+    curriculum: int = 0  # SARI: sample this many completions per question first, then train easy to hard (0 = off)
+    reward_weights: str = "1,1"  # weights of the accuracy and format rewards (R1-AQA 1,1)
     warm_start_steps: int = 0  # supervised steps on the answer FORMAT only (random answers), before GRPO
     warm_start_lr: float = 3e-3  # learning rate of the warm start
     save_every: int = 100  # write a checkpoint every this many steps (and at the end)
@@ -159,6 +162,8 @@ def sampling_rules(cfg):
          f"must be one of {', '.join(grpo.ADVANTAGE_SCALES)}"),
         (cfg.ratio_level in grpo.RATIO_LEVELS, "ratio_level", f"must be one of {', '.join(grpo.RATIO_LEVELS)}"),
         (cfg.dynamic_sampling >= 0, "dynamic_sampling", "must be >= 0 (extra rounds; 0 = off)"),
+        (cfg.curriculum >= 0, "curriculum", "must be >= 0 (completions per question; 0 = off)"),
+        (reward_weights(cfg) is not None, "reward_weights", "must be two numbers >= 0: accuracy,format"),
     ]
 
 
@@ -200,6 +205,15 @@ def mode_rules(cfg):
     ]
 
 
+def reward_weights(cfg):
+    """(accuracy weight, format weight) from --reward-weights, or None if it does not parse."""
+    try:
+        weights = tuple(float(w) for w in cfg.reward_weights.split(","))
+    except ValueError:
+        return None
+    return weights if len(weights) == 2 and min(weights) >= 0 else None
+
+
 def check_paths(cfg):
     """The model folder, the data files and the audio folder exist, before anything is built."""
     if cfg.model != "tiny":
@@ -237,6 +251,7 @@ class Run:
     counts: dict  # samples seen and unreadable, on this rank
     base: Path  # the model folder the policy was loaded from
     lora: L.LoRASettings | None = None
+    pass_rates: list | None = None  # the curriculum's, per training question
 
 
 @dataclass
@@ -276,7 +291,7 @@ def score(run, r, samples, ok):
     the length limit, are masked out of the loss."""
     texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
     answers = [s.answer for s in samples for _ in range(r.group_size)]
-    scores = [reward.score(t, a, run.cfg.prompt) for t, a in zip(texts, answers)]
+    scores = [reward.score(t, a, run.cfg.prompt, *reward_weights(run.cfg)) for t, a in zip(texts, answers)]
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=run.device)
     valid = torch.tensor(ok, device=run.device).repeat_interleave(r.group_size)  # [N]
     lengths = r.mask.sum(1)                                                  # [N]
@@ -297,7 +312,7 @@ def sample_groups(run, step):
     positions = B.my_share(list(range(P)), dist.get_rank(), dist.get_world_size())
     groups, informative = [], []
     for extra in range(cfg.dynamic_sampling + 1):
-        indices = B.step_indices(cfg, answers, step, extra)
+        indices = B.step_indices(cfg, answers, step, extra, run.pass_rates)
         new = rollout(run, step, [extra * P + p for p in positions], [run.train[indices[p]] for p in positions])
         flags = torch.zeros(P, device=run.device)                             # [P] over all ranks
         flags[positions] = torch.cat([grpo.informative_groups(g.rewards, cfg.group_size).float() for g in new])
@@ -446,7 +461,7 @@ def sft_step(run, step):
     choice in the prompt's format (data.target_text), then the end token."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     t0 = time.time()
-    indices = B.step_indices(cfg, [s.answer for s in run.train], step)
+    indices = B.step_indices(cfg, [s.answer for s in run.train], step, pass_rates=run.pass_rates)
     batch = B.my_share([run.train[i] for i in indices], rank, world)
     targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
     run.policy.train()
@@ -660,13 +675,16 @@ def setup(cfg, device):
         checkpoint.wipe(out)
     model_dir = M.tiny(cfg.cache_dir, window_seconds=2) if cfg.model == "tiny" else cfg.model
     run = build_run(cfg, model_dir, train, device)
-    if resume_from is None and cfg.warm_start_steps:
-        warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
-        checkpoint.save(run, 0)
+    if resume_from is None and (cfg.warm_start_steps or cfg.curriculum):
+        if cfg.warm_start_steps:
+            warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
+        checkpoint.save(run, 0)  # the starting policy: the reference, and the curriculum's pre-pass resumes from it
     run.ref = reference(cfg, out / "checkpoint-0" if cfg.warm_start_steps else model_dir)
+    start = checkpoint.load(run, resume_from) if resume_from else 0
+    if cfg.curriculum:
+        run.pass_rates = curriculum.pass_rates(run)
     if resume_from is None:
         return run, held_out, 0
-    start = checkpoint.load(run, resume_from)
     print0(f"resumed from {resume_from} at step {start}")
     if rank == 0:
         checkpoint.truncate_log(out / "metrics.jsonl", start)

@@ -178,14 +178,15 @@ def resume_a_copy(done, out, step, args):
 
 
 MODES = {"sft": ["--algo", "sft"], "lora-grpo": ["--lora-rank", "4"],
-         "dynamic-sampling": ["--dynamic-sampling", "2", "--advantage-scale", "batch"]}
+         "dynamic-sampling": ["--dynamic-sampling", "2", "--advantage-scale", "batch"],
+         "curriculum": ["--curriculum", "2"]}
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_modes_on_two_processes_and_resumed(mode, warm_dir, pitch_task, tmp_path):
-    """SFT, GRPO with LoRA, and dynamic sampling (with batch-std advantages): 2 processes equal 1 (the same
-    metrics and completions, weights within 1e-5), and a run resumed from its checkpoint-2 ends bit for
-    bit as the uninterrupted run (metrics and weights)."""
+    """SFT, GRPO with LoRA, dynamic sampling (with batch-std advantages), and SARI's curriculum (its
+    pre-pass data parallel): 2 processes equal 1 (the same pass rates, metrics and completions, weights
+    within 1e-5), and a run resumed from its checkpoint-2 ends bit for bit as the uninterrupted run."""
     args = lambda out: quick_args(warm_dir, pitch_task, out, "--max-steps", "4", "--save-every", "2", *MODES[mode])
     one_process(args(tmp_path / "one"))
     two_processes(args(tmp_path / "two"))
@@ -196,6 +197,9 @@ def test_modes_on_two_processes_and_resumed(mode, warm_dir, pitch_task, tmp_path
     assert max_weight_diff(tmp_path / "one" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4") == 0.0
     if mode == "dynamic-sampling":  # the extra rounds did happen
         assert max(r["prompts_sampled"] for r in metrics(tmp_path / "one")) > 4
+    if mode == "curriculum":
+        rates = [json.loads((tmp_path / r / "pass_rates.json").read_text()) for r in ("one", "two")]
+        assert rates[0] == rates[1] and len(set(rates[0]["pass_rates"])) > 1
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
