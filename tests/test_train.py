@@ -405,3 +405,13 @@ def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tm
         assert row["accuracy"]["total"] == pytest.approx(100 * logged["eval_accuracy"], abs=1e-9)
         for band in data.PITCH_CHOICES:
             assert row["accuracy"][band] == pytest.approx(100 * logged["eval_groups"][f"category={band}"], abs=1e-9)
+
+
+def test_reward_weights_weigh_the_logged_reward(warm_dir, pitch_task, tmp_path):
+    """--reward-weights 2,0: every completion's reward is twice its accuracy, so the step's mean reward is
+    exactly 2 x its mean accuracy (the same rollout as with 1,1, whose reward is accuracy + format)."""
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "a", "--max-steps", "1"))
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "b", "--max-steps", "1", "--reward-weights", "2,0"))
+    plain, weighted = metrics(tmp_path / "a")[0], metrics(tmp_path / "b")[0]
+    assert plain["reward"] == pytest.approx(plain["accuracy"] + plain["format"])
+    assert weighted["reward"] == pytest.approx(2 * weighted["accuracy"]) and weighted["format"] == plain["format"]
