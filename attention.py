@@ -36,8 +36,8 @@ NAME = "sdpa_or_flex"
 
 def visible(q_seg, k_seg, q_idx, k_idx):
     """May query q attend to key k? Segments: 0 = the prompt, i = completion i, -1 = padding.
-    Causal, never to padding, only to the prompt or the query's own completion; a padding query sees
-    itself only (a row with no key would be NaN in the dense kernels)."""
+    Causal, never to padding, only to the prompt or the query's own completion. A padding query sees
+    the prompt and itself: its state is never used, and a row with no key would be NaN in sdpa."""
     shared = (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
     return ((q_idx >= k_idx) & shared) | ((q_idx == k_idx) & (q_seg < 0))
 
