@@ -32,7 +32,7 @@ class DecodeState:
 def prefill_and_fork(model, batch, group_size, max_new_tokens):
     """Encode the audio and prefill the left-padded prompts once (B rows), then fork: the prompt's
     cache copied G ways into a StaticCache of N rows. Returns (the first token's logits [N, V],
-    DecodeState). The prefill's own cache is freed on return."""
+    DecodeState). The prefill's own cache is emptied layer by layer as it is copied."""
     G, ids, attn = group_size, batch["input_ids"], batch["attention_mask"]  # [B, P], [B, P]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                               # [B, P] positions skip the left padding
     out = model.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
@@ -40,8 +40,12 @@ def prefill_and_fork(model, batch, group_size, max_new_tokens):
                       feature_attention_mask=batch["feature_attention_mask"])
     N, P = ids.size(0) * G, ids.size(1)
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
-    for i, layer in enumerate(out.past_key_values.layers):                 # one layer's copy alive at a time
-        cache.update(layer.keys.repeat_interleave(G, 0), layer.values.repeat_interleave(G, 0), i)
+    prompt_layers = out.past_key_values.layers  # the prefill's own cache, ours to empty
+    for i in range(len(prompt_layers)):
+        # the static layer is allocated at its first update, and each prompt layer dropped once
+        # copied: the two caches together never hold much more than the static one
+        keys, values, prompt_layers[i] = prompt_layers[i].keys, prompt_layers[i].values, None
+        cache.update(keys.repeat_interleave(G, 0), values.repeat_interleave(G, 0), i)  # [N, kv heads, P, d]
     mask = torch.zeros(N, 1, 1, P + max_new_tokens, dtype=torch.bool, device=ids.device)
     mask[..., :P] = attn.bool().repeat_interleave(G, 0)[:, None, None]     # [N, 1, 1, P] the prompt's padding
     state = DecodeState(cache, mask, pos[:, -1:].repeat_interleave(G, 0) + 1,
