@@ -107,7 +107,7 @@ def generate_groups(model, batch, generators, group_size, max_new_tokens, end_id
     T = int(mask.sum(1).max())                                             # the longest completion
     prompts = [row[m.bool()] for row, m in zip(batch["input_ids"], batch["attention_mask"])]
     return Rollout(prompts, batch["input_features"], batch["feature_attention_mask"],
-                   tokens[:, :T], mask[:, :T], group_size)
+                   tokens[:, :T].contiguous(), mask[:, :T].contiguous(), group_size)
 
 
 def prompt_generators(seed, step, prompt_indices, device="cpu"):

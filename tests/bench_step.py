@@ -327,7 +327,8 @@ def attention_pairs(segments):
 
 def r1_aqa_segments(prompt=850, group_size=8, new=256):
     """One packed row at R1-AQA's lengths: a prompt of 850 tokens and 8 completions of 256."""
-    return torch.cat([torch.zeros(prompt, dtype=torch.long)] + [torch.full((new,), i + 1) for i in range(group_size)])[None]
+    completions = [torch.full((new,), i + 1) for i in range(group_size)]
+    return torch.cat([torch.zeros(prompt, dtype=torch.long), *completions])[None]  # [1, L]
 
 
 # -----------------------------------------------------------------------------
@@ -383,8 +384,8 @@ def main():
                       ("R1-AQA, P=850 G=8 T=256", r1_aqa_segments())]:
         pairs = attention_pairs(seg)
         print(f"attention pairs per layer, {name}: dense {pairs['dense']:,}, FlexAttention blocks "
-              f"{pairs['flex']:,}, visible {pairs['visible']:,} (dense / visible {pairs['dense'] / pairs['visible']:.2f}, "
-              f"flex / visible {pairs['flex'] / pairs['visible']:.2f})")
+              f"{pairs['flex']:,}, visible {pairs['visible']:,} (dense / visible "
+              f"{pairs['dense'] / pairs['visible']:.2f}, flex / visible {pairs['flex'] / pairs['visible']:.2f})")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
+from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
+                          WhisperFeatureExtractor)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -204,7 +205,8 @@ def check_memory(run, world):
              f"  {'phase':10s} {'measured':>9s} {'plan':>7s} {'plan/measured':>14s}"]
     lines += [f"  {k:10s} {peaks[k] / gib:9.2f} {planned[k] / gib:7.2f} {planned[k] / peaks[k]:14.2f}" for k in peaks]
     state = sum(row.bytes for row in p.rows if row.phase == "state")
-    lines.append(f"  state      {start / gib:9.2f} {state / gib:7.2f} {state / start:14.2f}   (allocated at the step's start)")
+    lines.append(f"  state      {start / gib:9.2f} {state / gib:7.2f} {state / start:14.2f}   "
+                 "(allocated at the step's start)")
     return "\n".join(lines), r
 
 

@@ -90,8 +90,8 @@ def both(tiny, n_prompts=3, G=4, max_new_tokens=12, seed=3, **kwargs):
     return new, old
 
 
-@pytest.mark.parametrize("sampling", [dict(), dict(top_k=0, top_p=0.8), dict(top_k=5, top_p=0.9, temperature=0.7),
-                                      dict(check_every=1), dict(check_every=5)])
+@pytest.mark.parametrize("sampling", [dict(), dict(top_k=0, top_p=0.8, check_every=1),
+                                      dict(top_k=5, top_p=0.9, temperature=0.7, check_every=5)])
 def test_same_tokens_as_the_old_loop(tiny, sampling):
     """3 prompts of different audio lengths (so different left padding), G = 4, 12 tokens: the same
     tokens and mask, column for column, under top-k, top-p, temperature, and any check_every.
