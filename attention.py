@@ -64,6 +64,7 @@ def flex_default(device):
 
 @functools.cache
 def compiled_flex():
+    """torch.compile(flex_attention), made once: a new compile per call would recompile every time."""
     return torch.compile(flex_attention)
 
 
@@ -88,7 +89,7 @@ def enable(model):
     A model loaded with another attention than sdpa is refused rather than silently changed."""
     AttentionInterface.register(NAME, sdpa_or_flex)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # masks as for sdpa, for every call but the packed one
-    current = model.config.text_config._attn_implementation
+    current = model.config.text_config._attn_implementation  # transformers has no public getter for it
     if current != NAME:
         if current != "sdpa":
             raise ValueError(f"FlexAttention for the packed forward needs the language model on sdpa, not {current!r}")
