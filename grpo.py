@@ -2,12 +2,14 @@
 
 One GRPO step, read top to bottom:
   1. generate_groups: for each prompt, sample G completions. The audio is encoded once and the
-     prompt prefilled once; its KV cache is then forked G ways and decoded token by token.
+     prompt prefilled once; its KV cache is then forked G ways into a preallocated cache and
+     decoded token by token (decode.py: a step of fixed shapes, for torch.compile / CUDA graphs).
   2. (the caller scores each completion with reward.py)
   3. group_advantages: normalise the rewards within each group: A = (r - mean) / (std + 1e-4).
   4. completion_logprobs: the log-prob of every sampled token, from ONE forward per group over
      the packed sequence [prompt, c_1, ..., c_G]. The same function serves the policy (with grad)
-     and the frozen reference (no grad).
+     and the frozen reference (no grad). Its attention (attention.py) skips the pairs no completion
+     sees with FlexAttention on CUDA, and takes a dense mask elsewhere.
   5. grpo_loss: the clipped surrogate plus beta * KL(policy || reference), k3 estimator.
      Variants sit beside the step they change, R1-AQA's choices the defaults: in 3, which std
      (group, batch, none) and which groups are informative (dynamic sampling); in 5, clip-higher,
@@ -26,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+import attention
+import decode
 
 
 @dataclass
@@ -75,40 +80,34 @@ def sample_next(logits, generators, temperature=1.0, top_k=0, top_p=1.0):
 
 @torch.no_grad()
 def generate_groups(model, batch, generators, group_size, max_new_tokens, end_ids, pad_id,
-                    suppress_ids=(), temperature=1.0, top_k=50, top_p=1.0):
+                    suppress_ids=(), temperature=1.0, top_k=50, top_p=1.0, check_every=8, compile_options=None):
     """Sample group_size completions for each prompt of a left-padded batch (from model.collate).
-    Encode + prefill once per prompt, fork the KV cache G ways, decode. Returns a Rollout."""
-    G, ids, attn = group_size, batch["input_ids"], batch["attention_mask"]  # [B, P], [B, P]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                               # [B, P] positions skip the left padding
-    out = model.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                      input_features=batch["input_features"],
-                      feature_attention_mask=batch["feature_attention_mask"])
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)                                       # fork: B -> N = B*G rows
-    logits = model.lm_head(out.last_hidden_state[:, -1]).repeat_interleave(G, 0)  # [N, V]
-    attn = attn.repeat_interleave(G, 0)                                    # [N, P]
-    next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                     # [N, 1]
-    suppress = torch.as_tensor(list(suppress_ids), dtype=torch.long, device=ids.device)
-    end = torch.as_tensor(end_ids, device=ids.device)
-    done = torch.zeros(ids.size(0) * G, dtype=torch.bool, device=ids.device)  # [N]
-    tokens = []
+    Encode + prefill once per prompt, fork the KV cache G ways into a preallocated one, decode
+    (decode.py). Finished rows emit pad; the host asks whether all rows have finished only every
+    check_every tokens (each question waits for the device), and the result is cut back to the
+    longest completion, so the tokens do not depend on check_every. compile_options: arguments of
+    torch.compile for the decode step, e.g. {"mode": "reduce-overhead"} (CUDA graphs); None = eager.
+    Returns a Rollout."""
+    logits, state = decode.prefill_and_fork(model, batch, group_size, max_new_tokens)  # [N, V]
+    N, device = logits.size(0), logits.device
+    suppress = torch.as_tensor(list(suppress_ids), dtype=torch.long, device=device)
+    end = torch.as_tensor(end_ids, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)                # [N]
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, T]
     for t in range(max_new_tokens):
         logits = logits.float().index_fill(-1, suppress, float("-inf"))   # [N, V]
         tok = sample_next(logits, generators, temperature, top_k, top_p)   # [N]
         tok = tok.masked_fill(done, pad_id)                                # [N] finished rows emit pad
-        tokens.append(tok)
+        tokens[:, t] = tok
         done |= torch.isin(tok, end)
-        if done.all() or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and done.all()):
             break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)     # [N, P+t]
-        out = model.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
-                          past_key_values=cache, use_cache=True)
-        logits = model.lm_head(out.last_hidden_state[:, -1])               # [N, V]
-        next_pos = next_pos + 1
-    completion_ids = torch.stack(tokens, dim=1)                            # [N, T]
-    prompts = [row[m.bool()] for row, m in zip(ids, batch["attention_mask"])]
+        logits = decode.step(model, state, tok, compile_options)           # [N, V]
+    mask = completion_mask(tokens[:, :t + 1], end_ids)                     # [N, t+1]
+    T = int(mask.sum(1).max())                                             # the longest completion
+    prompts = [row[m.bool()] for row, m in zip(batch["input_ids"], batch["attention_mask"])]
     return Rollout(prompts, batch["input_features"], batch["feature_attention_mask"],
-                   completion_ids, completion_mask(completion_ids, end_ids), G)
+                   tokens[:, :T].contiguous(), mask[:, :T].contiguous(), group_size)
 
 
 def prompt_generators(seed, step, prompt_indices, device="cpu"):
@@ -171,7 +170,7 @@ class Packed:
     """B rows [prompt_b, c_b1, ..., c_bG], each completion cut at its mask, right-padded to L."""
     input_ids: torch.Tensor       # [B, L]
     position_ids: torch.Tensor    # [B, L] restart after the prompt for every completion
-    attention_mask: torch.Tensor  # [B, 1, L, L] bool, True = query may attend to key
+    segments: torch.Tensor        # [B, L] 0 = prompt, i = completion i, -1 = pad (attention.visible)
     source: torch.Tensor          # [N, T] flat index into [B*L] of the state predicting each token
 
 
@@ -201,21 +200,20 @@ def pack_groups(rollout, pad_id):
     pos = torch.stack([F.pad(p, (0, L - len(p))) for p in positions])                 # [B, L]
     seg = torch.stack([F.pad(s, (0, L - len(s)), value=-1) for s in segments])        # [B, L] -1 = pad
     source += torch.arange(len(rows)).repeat_interleave(G)[:, None] * L                # [N, T] flat index
-    q, k = seg[:, :, None], seg[:, None, :]                                            # [B, L, 1], [B, 1, L]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()                                 # [L, L]
-    visible = causal & (k >= 0) & ((k == 0) | (k == q))                                # [B, L, L]
-    visible |= torch.eye(L, dtype=torch.bool) & (q < 0)                                # pads see themselves (no NaN rows)
-    return Packed(ids, pos, visible[:, None], source * mask)
+    return Packed(ids, pos, seg, source * mask)
 
 
-def completion_logprobs(model, rollout, pad_id, temperature=1.0):
+def completion_logprobs(model, rollout, pad_id, temperature=1.0, flex=None):
     """log pi(token) of every completion token, fp32, 0 where the mask is False. The audio is
-    encoded once per group, and lm_head + log_softmax run only at completion-predicting positions."""
+    encoded once per group, and lm_head + log_softmax run only at completion-predicting positions.
+    flex: attention through a FlexAttention BlockMask (True) or a dense [B, 1, L, L] mask (False);
+    None = attention.flex_default: FlexAttention on CUDA, the dense mask elsewhere."""
     packed = pack_groups(rollout, pad_id)
     device = rollout.completion_ids.device
+    flex = attention.flex_default(device) if flex is None else flex
     hidden = model.model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                         attention_mask=packed.attention_mask.to(device), use_cache=False,
-                         input_features=rollout.input_features,
+                         attention_mask=attention.packed_mask(model, packed.segments.to(device), flex),
+                         use_cache=False, input_features=rollout.input_features,
                          feature_attention_mask=rollout.feature_attention_mask).last_hidden_state  # [B, L, H]
     mask = rollout.mask                                                    # [N, T]
     states = hidden.flatten(0, 1)[packed.source.to(device)[mask]]          # [M, H] M = trained tokens

@@ -4,7 +4,8 @@ Purpose: show, per phase of a GRPO step, how much work grpo.py saves over the wa
 GRPOTrainer (and so R1-AQA) computes the same numbers, and how close it is to the minimum.
 
 The three phases of a step, each done by two implementations on the same model and inputs:
-  rollout    ours: grpo.generate_groups (encode + prefill once per prompt, fork the KV cache G ways)
+  rollout    ours: grpo.generate_groups (encode + prefill once per prompt, fork the KV cache G ways
+             into a preallocated one, decode.py)
              baseline: model.generate(num_return_sequences=G), which encodes the audio and
              prefills the prompt G times. Both counts include every decode step.
   reference  log-probs of the sampled tokens under the frozen model, no grad
@@ -33,6 +34,11 @@ attention counted dense, masked entries included, as the kernels compute them), 
 over RUNS after a warm-up, the two sides interleaved), and peak memory = the most bytes that torch's
 CPU allocator had handed out during the phase and not yet taken back, from the profiler's
 allocation events (tracemalloc does not see torch's allocations; RSS hides frees in malloc).
+Attention on the CPU: completion_logprobs takes the dense mask there (attention.flex_default:
+FlexAttention only on CUDA; torch has no CPU backward for it), and the decode step attends over its
+whole preallocated cache, unwritten slots masked; both are counted as computed. What FlexAttention
+computes on a GPU is printed beside the table, counted from the real BlockMask: the (query, key)
+pairs of its 128 x 128 blocks, against dense and visible pairs, here and at R1-AQA's lengths.
 Other processes on the machine add noise to the wall times, hence the median. Worse, when other
 processes keep the cores busy, 2 intra-op threads wait on each other at every op and wall times
 grow 10-100x, unevenly; the script prints the load and says so, and --threads 1 is then reliable.
@@ -63,7 +69,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import grpo  # noqa: E402  (after the path insert, for `python tests/bench_step.py`)
+import attention  # noqa: E402  (after the path insert, for `python tests/bench_step.py`)
+import grpo  # noqa: E402
 import model as qwen  # noqa: E402
 from data import SAMPLE_RATE, Sample  # noqa: E402
 
@@ -309,6 +316,21 @@ def measure(bench, runs=RUNS):
     return table
 
 
+def attention_pairs(segments):
+    """(query, key) pairs per layer of one packed forward with these segment ids [B, L]: all of them
+    (a kernel that takes a dense mask), those of FlexAttention's computed 128 x 128 blocks (whole
+    blocks, as its kernel computes them), and the visible ones (the ideal)."""
+    B, L = segments.shape
+    blocks = int(attention.block_mask(segments).to_dense().sum())
+    return {"dense": B * L * L, "flex": blocks * 128 * 128, "visible": int(attention.dense_mask(segments).sum())}
+
+
+def r1_aqa_segments(prompt=850, group_size=8, new=256):
+    """One packed row at R1-AQA's lengths: a prompt of 850 tokens and 8 completions of 256."""
+    completions = [torch.full((new,), i + 1) for i in range(group_size)]
+    return torch.cat([torch.zeros(prompt, dtype=torch.long), *completions])[None]  # [1, L]
+
+
 # -----------------------------------------------------------------------------
 # Report
 
@@ -358,6 +380,12 @@ def main():
     print(f"flops_ours_vs_baseline: {step['flops']['ours'] / step['flops']['baseline']:.2f}")
     print(f"flops_ours_vs_ideal: {step['flops']['ours'] / step['flops']['ideal']:.2f}")
     print(f"wall_ours_vs_baseline: {step['wall']['ours'] / step['wall']['baseline']:.2f}")
+    for name, seg in [("this packed pass", grpo.pack_groups(bench.rollout, bench.pad_id).segments),
+                      ("R1-AQA, P=850 G=8 T=256", r1_aqa_segments())]:
+        pairs = attention_pairs(seg)
+        print(f"attention pairs per layer, {name}: dense {pairs['dense']:,}, FlexAttention blocks "
+              f"{pairs['flex']:,}, visible {pairs['visible']:,} (dense / visible "
+              f"{pairs['dense'] / pairs['visible']:.2f}, flex / visible {pairs['flex'] / pairs['visible']:.2f})")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,11 @@ def test_peak_memory_sees_torch_allocations():
     """A 4 MB temporary shows up in the peak even though it is freed before the function returns."""
     peak = bench_step.peak_memory(lambda: torch.ones(1000, 1000).sum())
     assert 4_000_000 <= peak < 5_000_000
+
+
+def test_attention_pairs_at_r1_aqa_lengths():
+    """P = 850, G = 8, T = 256, L = 2898. dense: 2898^2 = 8,398,404. visible: the prompt's triangle
+    850 * 851 / 2 = 361,675, each completion 256 * 850 + 256 * 257 / 2 = 250,496, so 361,675 +
+    8 * 250,496 = 2,365,643. FlexAttention: 178 blocks (plan.visible_blocks) * 128^2 = 2,916,352."""
+    pairs = bench_step.attention_pairs(bench_step.r1_aqa_segments())
+    assert pairs == {"dense": 8_398_404, "flex": 2_916_352, "visible": 2_365_643}
