@@ -21,7 +21,11 @@ prompt, N = B*G completions, T completion length, P prompt length, L packed leng
 
 The functions take the Hugging Face Qwen2AudioForConditionalGeneration and call its two halves,
 `model.model` (audio encoder + projector + language model -> hidden states) and `model.lm_head`,
-so that the vocabulary projection runs only where a completion token is predicted.
+so that the vocabulary projection runs only where a completion token is predicted. This file knows
+nothing of the rest of the project; it imports only its two engine pieces, decode.py (the KV cache
+and the decode step) and attention.py (the packed mask), which import only torch and transformers,
+so that the loop here reads as the algorithm. 6. sft_loss is the supervised baseline the paper
+compares GRPO with, on the same log-probs.
 """
 
 from dataclasses import dataclass

@@ -26,12 +26,13 @@ says so. No headroom is counted for the CUDA context, NCCL buffers or the alloca
 fragmentation. device="cpu" gives the same plan for torch's CPU kernels, which
 tests/measure_memory.py checks against the peaks the allocator held on a CPU.
 
-Attention: the packed passes (grpo.completion_logprobs) hand sdpa a dense [B, 1, L, L] boolean
-mask, L = P + G*T. On a GPU sdpa cannot use flash attention with a mask; it runs the
-memory-efficient kernel, which turns the mask into an additive bf16 bias [B, 1, L, L] (kept for
-backward) and never materialises the [B, heads, L, L] scores. A kernel that takes a mask computes
-all L^2 (query, key) pairs, the masked ones too: attention="dense" counts that (today's code);
-"block" counts only the 128 x 128 blocks with a visible pair (a block-sparse FlexAttention path).
+Attention: on a GPU the packed passes (grpo.completion_logprobs) run FlexAttention over a BlockMask
+(attention.py), which computes only the 128 x 128 blocks holding a visible (query, key) pair and
+needs no [L, L] tensor: attention="block", the default for device="cuda". With the dense fallback
+(train.py --dense-attention, and always on a CPU) they hand sdpa a [B, 1, L, L] boolean mask,
+L = P + G*T: sdpa then runs the memory-efficient kernel (flash takes no mask), which turns the mask
+into an additive bf16 bias [B, 1, L, L] (kept for backward), never materialises the [B, heads, L, L]
+scores, and computes all L^2 pairs, the masked ones too: attention="dense" counts that.
 
 Variants (the same rows, switched): --algo sft (no rollout, no reference: one forward + backward
 over [prompt, target], logits at the target's positions) and --lora-rank R (adapters A: r x in,
@@ -95,9 +96,12 @@ class Step:
     lora_audio: bool = False      # adapters on the audio encoder too
     target_tokens: int = TARGET_TOKENS
     device: str = "cuda"
+    attention: str = ""           # "block" (FlexAttention) or "dense" (the mask); "" = the device's default
 
     def __post_init__(self):
         assert self.algo in ("grpo", "sft") and self.device in ("cuda", "cpu"), (self.algo, self.device)
+        self.attention = self.attention or ("block" if self.device == "cuda" else "dense")
+        assert self.attention in ("block", "dense"), self.attention
 
     G = property(lambda self: self.group_size if self.algo == "grpo" else 1)
     T = property(lambda self: self.new_tokens if self.algo == "grpo" else self.target_tokens)
@@ -106,6 +110,7 @@ class Step:
     N = property(lambda self: self.prompts * self.G)                          # completions
     M = property(lambda self: self.N * self.T)                                # positions with logits
     lora = property(lambda self: self.lora_rank > 0)
+    masked = property(lambda self: self.attention == "dense")                  # a dense [B, 1, L, L] mask
     reference = property(lambda self: self.algo == "grpo" and self.beta != 0)
     audio_trains = property(lambda self: not self.lora or self.lora_audio)
 
@@ -194,8 +199,10 @@ def state_rows(p, st):
 
 def rollout_rows(p, s, st):
     """Sampling: every unit gathered once in bf16 on entering model.unsharded, before any activation
-    exists (the last gather's buffer, lm_head's, is alive only then), kept for the whole decode loop;
-    the KV cache forked G ways after the prefill, then grown one token at a time (torch.cat per layer)."""
+    exists (the last gather's buffer, lm_head's, is alive only then), kept for the whole decode loop.
+    The fork copies the prompt's keys and values G ways into a cache preallocated for P + T tokens
+    (decode.py), layer by layer, so one layer's copy is in flight at a time; decoding then writes in
+    place."""
     if st.algo != "grpo":
         return []
     N, P, T, kv, V = st.N, st.prompt_tokens, st.T, s["kv"], s["vocab"]
@@ -206,9 +213,10 @@ def rollout_rows(p, s, st):
         rows = [Row("weights bf16, gathered for sampling", p["total"] * 2, "rollout", "params * 2"),
                 Row("all-gather buffer of lm_head (gathered last)", p["lm_head"] * 2, "rollout:gather", "lm_head * 2")]
     return rows + [
-        Row("KV cache at full length", cache(P + T), "rollout:decode", "2 (k, v) * layers * kv * (P + T) * N * 2"),
-        Row("KV append: one layer's keys copied by cat", kv * (P + T) * N * 2, "rollout:decode", "kv * (P + T) * N * 2"),
-        Row("sampling: logits, filtered, probs, noise, ratio", 5 * N * V * 4, "rollout:decode", "5 * N * V * 4"),
+        Row("KV cache, preallocated for P + T", cache(P + T), "rollout:cache", "2 (k, v) * layers * kv * (P + T) * N * 2"),
+        Row("fork: one layer's prompt keys and values, G copies", 2 * kv * P * N * 2, "rollout:cache:fork",
+            "2 * kv * P * N * 2"),
+        Row("sampling: logits, filtered, probs, noise, ratio", 5 * N * V * 4, "rollout:cache:decode", "5 * N * V * 4"),
     ]
 
 
@@ -229,8 +237,7 @@ def reference_rows(p, s, st):
                 Row("reference decoder layer + its all-gather buffer", ahead(st) * p["lm_layer"] * 2,
                     "reference:trunk", "2 * lm_layer * 2 (1 GPU: lm_layer * 2)"),
                 Row("reference lm_head gathered bf16", p["lm_head"] * 2, "reference:logits", "lm_head * 2")]
-    return rows + [
-        Row("packed attention mask (bool)", B * L * L, "reference", "B * L^2"),
+    return rows + [Row("packed attention mask (bool)", B * L * L, "reference", "B * L^2")] * st.masked + [
         Row("a decoder layer's forward without grad", tokens * (6 * i + 4 * h), "reference:trunk",
             "tokens * (3 * inter * 2 + 2 * hidden * 2)"),
         Row("hidden states, states at completion positions", (tokens + st.M) * h * 2, "reference:logits",
@@ -277,7 +284,7 @@ def policy_rows(p, s, st):
     B, L, tokens, M, V, g = st.prompts, st.L, st.tokens, st.M, s["vocab"], st.gpus
     pos, d = s["positions"], s["d_audio"]
     rows = [Row("gradient shards fp32", trained(p, st) * 4 // g, "policy", "trained * 4 / gpus"),
-            Row("packed attention mask (bool)", B * L * L, "policy:graph", "B * L^2"),
+            *[Row("packed attention mask (bool)", B * L * L, "policy:graph", "B * L^2")] * st.masked,
             Row("LM checkpoints (each decoder layer's input)", s["layers"] * tokens * s["hidden"] * 2, "policy:graph",
                 "layers * tokens * hidden * 2"),
             Row("trunk output: final norm's saved tensors, states", (8 * tokens + 2 * M) * s["hidden"], "policy:graph",
@@ -313,7 +320,8 @@ def backward_rows(p, s, st):
                 *unit_rows("decoder layer", p["lm_layer"], "policy:graph:backward:decoder", st)]
     rows += [Row("decoder layer recomputed: saved + MLP grads", tokens * (24 * h + 4 * kv + 12 * i),
                  "policy:graph:backward:decoder", "tokens * (22 hidden + 4 kv + 8 inter + 2 hidden + 4 inter)"),
-             Row("attention bias bf16 (from the bool mask)", B * L * L * 2, "policy:graph:backward:decoder", "B * L^2 * 2")]
+             *[Row("attention bias bf16 (from the bool mask)", B * L * L * 2, "policy:graph:backward:decoder",
+                   "B * L^2 * 2")] * st.masked]
     if st.audio_trains:
         audio_unit = st.lora_rank * p["lora_audio"] // s["audio_layers"] if st.lora else p["audio_layer"]
         rows += unit_rows("audio adapters" if st.lora else "audio layer", audio_unit, "policy:graph:backward:audio", st)
@@ -450,7 +458,7 @@ def pass_flops(p, s, group_size, prompt, new, packed, attention="visible"):
 
 
 def step_flops(config, prompts=16, group_size=8, prompt_tokens=PROMPT_TOKENS, new_tokens=256, beta=0.04,
-               checkpointing=True, packed=True, attention="dense", algo="grpo", lora_rank=0,
+               checkpointing=True, packed=True, attention="block", algo="grpo", lora_rank=0,
                target_tokens=TARGET_TOKENS, lora_audio=False):
     """Projected FLOPs of one optimizer step, per phase, all GPUs together. rollout = 1 pass over the
     visible pairs; reference = 1 pass (0 if beta = 0); policy = forward + backward (2x forward) plus
@@ -485,7 +493,7 @@ def flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, be
     ours = step_flops(config, prompts, group_size, prompt_tokens, new_tokens, beta, **variant)
     hf = step_flops(config, prompts, group_size, prompt_tokens, new_tokens, beta, packed=False, **variant)
     lines = [f"FLOPs per optimizer step: {prompts} prompts x G={group_size}, prompt {prompt_tokens} "
-             f"tokens, completions of {new_tokens} tokens, checkpointing, attention {variant.get('attention', 'dense')}",
+             f"tokens, completions of {new_tokens} tokens, checkpointing, attention {variant.get('attention', 'block')}",
              f"{'phase':10s} {'ours PFLOP':>11s} {'HF/TRL PFLOP':>13s} {'ratio':>6s}"]
     for phase in ours:
         ratio = f"{ours[phase] / hf[phase]:6.2f}" if hf[phase] else f"{'-':>6s}"
@@ -496,11 +504,12 @@ def flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, be
 
 def report(config, gpus=8, prompts_per_gpu=1, prompts=16, group_size=8, prompt_tokens=PROMPT_TOKENS,
            new_tokens=256, gpu_mem_gb=80, beta=0.04, algo="grpo", lora_rank=0, target_tokens=TARGET_TOKENS,
-           attention="dense"):
-    """The whole plan as text: the memory table, then the FLOPs. train.py --plan prints this too."""
+           attention="block"):
+    """The whole plan as text: the memory table, then the FLOPs. train.py --plan prints this too.
+    attention: "block" (FlexAttention, what the code runs on a GPU) or "dense" (the fallback mask)."""
     variant = dict(algo=algo, lora_rank=lora_rank, target_tokens=target_tokens)
     plan = memory_plan(config, gpus, prompts_per_gpu, group_size, prompt_tokens, new_tokens, gpu_mem_gb, beta,
-                       **variant)
+                       attention=attention, **variant)
     what = (f"{prompts_per_gpu} prompt(s) x G={group_size} per GPU, prompt {prompt_tokens} tokens + {new_tokens} "
             f"new, beta={beta}" if algo == "grpo" else
             f"{prompts_per_gpu} sequence(s) per GPU, prompt {prompt_tokens} tokens + target {target_tokens}")
@@ -540,8 +549,9 @@ def main(argv=None):
     parser.add_argument("--algo", choices=("grpo", "sft"), default="grpo")
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     parser.add_argument("--target-tokens", type=int, default=TARGET_TOKENS, help="SFT target length")
-    parser.add_argument("--attention", choices=("dense", "block"), default="dense",
-                        help="FLOPs of masked attention: all L^2 pairs (sdpa today) or visible blocks only")
+    parser.add_argument("--attention", choices=("dense", "block"), default="block",
+                        help="the packed passes' attention: visible blocks only (FlexAttention, on a GPU), or all "
+                             "L^2 pairs over a dense mask (the fallback, train.py --dense-attention)")
     parser.add_argument("--summary", action="store_true", help="full vs LoRA, SFT vs GRPO, 1 and 8 GPUs")
     args = parser.parse_args(argv)
     config = load_config(args.model)

@@ -75,6 +75,7 @@ class Config:
     prompt: str = "answer"  # the paper's prompt: direct (<1>), answer (<2>, R1-AQA), think (<3>); sets the format reward
     dtype: str = "bfloat16"  # compute dtype (bfloat16 or float32); weights and optimizer stay fp32
     gradient_checkpointing: bool = True  # recompute layer activations in backward to save memory
+    dense_attention: bool = False  # packed passes over a dense [B, 1, L, L] mask (the fallback), not FlexAttention on a GPU
     lora_rank: int = 0  # LoRA adapters of this rank on a frozen base (0 = train every weight)
     lora_alpha: float = 16.0  # LoRA scaling is alpha / rank
     lora_dropout: float = 0.0  # dropout on the adapters' input (> 0: 1 and 2 processes no longer agree)
@@ -342,7 +343,7 @@ def train_step(run, step):
             if cfg.beta:
                 g.ref_logp = reference_logprobs(run, g.rollout)
             if cfg.num_iterations > 1:  # the policy as it sampled; with mu = 1 it is logp.detach()
-                g.old_logp = grpo.completion_logprobs(run.policy, g.rollout, run.pad_id, cfg.temperature)
+                g.old_logp = logprobs(run, run.policy, g.rollout)
     if run.ref is not None:
         M.reshard(run.ref)  # it never runs backward, which is where FSDP would free its root units
     denominator = loss_denominator(run, groups)
@@ -382,9 +383,17 @@ def reference_logprobs(run, rollout):
     """Log-probs under the frozen reference: its own sharded copy, or with LoRA the policy itself with
     its adapters switched off (the base model, with no second copy of the weights)."""
     if run.ref is not None:
-        return grpo.completion_logprobs(run.ref, rollout, run.pad_id, run.cfg.temperature)
+        return logprobs(run, run.ref, rollout)
     with L.adapters_disabled(run.policy):
-        return grpo.completion_logprobs(run.policy, rollout, run.pad_id, run.cfg.temperature)
+        return logprobs(run, run.policy, rollout)
+
+
+def logprobs(run, model, rollout, temperature=None):
+    """grpo.completion_logprobs with the run's temperature and attention: FlexAttention on a GPU, the dense
+    mask on a CPU or with --dense-attention."""
+    flex = False if run.cfg.dense_attention else None
+    temperature = run.cfg.temperature if temperature is None else temperature
+    return grpo.completion_logprobs(model, rollout, run.pad_id, temperature, flex)
 
 
 def loss_denominator(run, groups):
@@ -402,7 +411,7 @@ def optimizer_step(run, groups, denominator):
     """Accumulate the loss over micro-batches, clip, and step (or skip on a non-finite norm)."""
     cfg, sums = run.cfg, torch.zeros(5, device=run.device)
     for g in groups:
-        logp = grpo.completion_logprobs(run.policy, g.rollout, run.pad_id, cfg.temperature)  # [N, T]
+        logp = logprobs(run, run.policy, g.rollout)                                       # [N, T]
         old = logp.detach() if g.old_logp is None else g.old_logp
         loss, m = grpo.grpo_loss(logp, old, g.ref_logp, g.advantages, g.rollout.mask, cfg.beta, cfg.clip_low,
                                  cfg.clip_high, cfg.loss_aggregation, denominator, cfg.ratio_level)
@@ -480,7 +489,7 @@ def supervised_step(run, optimizer, samples, targets, counts=None):
     tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
     sums = torch.zeros(3, device=run.device)
     for r in batches:
-        logp = grpo.completion_logprobs(run.policy, r, run.pad_id)                 # [B, T]
+        logp = logprobs(run, run.policy, r, temperature=1.0)                      # [B, T] targets: no temperature
         loss, m = grpo.sft_loss(logp, r.mask, tokens)
         loss.backward()
         sums += torch.stack([m["nll"] * m["tokens"], m["answer_prob"] * m["sequences"], m["sequences"]])
@@ -626,7 +635,7 @@ def print_plan(cfg):
     config = plan.load_config(cfg.model if Path(cfg.model).is_dir() else None)
     print(plan.report(config, cfg.gpus, cfg.micro_batch, cfg.prompts_per_step, cfg.group_size,
                       new_tokens=cfg.max_new_tokens, gpu_mem_gb=cfg.gpu_mem, beta=cfg.beta, algo=cfg.algo,
-                      lora_rank=cfg.lora_rank))
+                      lora_rank=cfg.lora_rank, attention="dense" if cfg.dense_attention else "block"))
 
 
 def main(argv=None):

@@ -61,7 +61,9 @@ def test_rollout_rows(rows):
     gathered last on entering model.unsharded (before any activation exists), passes through a bf16
     buffer of its size: 639,107,072 * 2 = 1,278,214,144."""
     assert rows[("weights bf16, gathered for sampling", "rollout")] == 16_794_189_824
-    assert rows[("KV cache at full length", "rollout:decode")] == 4_638_900_224
+    assert rows[("KV cache, preallocated for P + T", "rollout:cache")] == 4_638_900_224
+    # the fork copies one layer's prompt keys and values at a time: 2 * 4096 * 850 * 8 * 2 bytes
+    assert rows[("fork: one layer's prompt keys and values, G copies", "rollout:cache:fork")] == 111_411_200
     assert rows[("all-gather buffer of lm_head (gathered last)", "rollout:gather")] == 1_278_214_144
     assert not [r for r in rows if r[1] == "rollout:gather" and r[0] != "all-gather buffer of lm_head (gathered last)"]
 
@@ -109,11 +111,15 @@ def test_reference_phase(rows, config):
     assert plan.step_flops(config, beta=0)["reference"] == 0
 
 
-def test_attention_mask_rows(rows):
-    """The packed mask is bool [B, 1, L, L]: 2898^2 = 8,398,404 bytes; sdpa turns it into an
-    additive bf16 bias kept for backward: 16,796,808."""
-    assert rows[("packed attention mask (bool)", "policy:graph")] == L7B**2 == 8_398_404
-    assert rows[("attention bias bf16 (from the bool mask)", "policy:graph:backward:decoder")] == 16_796_808
+def test_attention_mask_rows(config, rows):
+    """On a GPU the packed passes run FlexAttention: no [L, L] tensor at all. With the dense fallback
+    the mask is bool [B, 1, L, L]: 2898^2 = 8,398,404 bytes, and sdpa turns it into an additive bf16
+    bias kept for backward: 16,796,808; a CPU plan always has them."""
+    assert not [name for name, _ in rows if "mask" in name or "bias" in name]
+    for dense in (plan.memory_plan(config, attention="dense"), plan.memory_plan(config, device="cpu")):
+        by_key = {(r.name, r.phase): r.bytes for r in dense.rows}
+        assert by_key[("packed attention mask (bool)", "policy:graph")] == L7B**2 == 8_398_404
+        assert by_key[("attention bias bf16 (from the bool mask)", "policy:graph:backward:decoder")] == 16_796_808
 
 
 def test_moments_include_their_phase():
@@ -171,7 +177,7 @@ def test_lora_rows(config):
 def test_sft_rows(config):
     """SFT: no rollout, no reference; one [prompt, target] per sequence, logits at the 10 target
     positions only: 10 * 156,032 * 4 = 6,241,280 bytes per row; packed length 860."""
-    p = plan.memory_plan(config, algo="sft")
+    p = plan.memory_plan(config, algo="sft", attention="dense")
     assert set(plan.phase_peaks(p)) == {"policy", "optimizer"}
     by_name = {r.name: r.bytes for r in p.rows}
     assert by_name["log_softmax output fp32 (saved)"] == 6_241_280
@@ -203,11 +209,12 @@ def test_cli(capsys):
 
 
 def test_cpu_rows(config):
-    """device="cpu" (for the measured check) differs from the GPU plan in two rows only: the CPU
-    copy-in temporary in each reduction, and AdamW's per-tensor temporaries, 2 * the largest
-    tensor (lm_head, 639,107,072) * 4 / 8 = 639,107,072, instead of one foreach temporary
-    of all moments, 8,395,174,912 * 4 / 8 = 4,197,587,456."""
-    gpu = {(r.name, r.phase): r.bytes for r in plan.memory_plan(config).rows}
+    """device="cpu" (for the measured check) differs from the GPU plan with the dense attention
+    fallback (the CPU's only attention) in two rows only: the CPU copy-in temporary in each
+    reduction, and AdamW's per-tensor temporaries, 2 * the largest tensor (lm_head, 639,107,072)
+    * 4 / 8 = 639,107,072, instead of one foreach temporary of all moments, 8,395,174,912 * 4 / 8
+    = 4,197,587,456."""
+    gpu = {(r.name, r.phase): r.bytes for r in plan.memory_plan(config, attention="dense").rows}
     cpu = {(r.name, r.phase): r.bytes for r in plan.memory_plan(config, device="cpu").rows}
     assert gpu[("AdamW foreach temporary", "optimizer")] == 4_197_587_456
     assert cpu[("AdamW per-tensor temporaries (CPU)", "optimizer")] == 639_107_072
@@ -245,15 +252,15 @@ def test_step_flops(config):
     is below the reference pass under dense attention and equal to it under the ideal; dense
     attention adds 4 * 4096 * 32 * (L^2 - block pairs) per pass and prompt over "block"; LoRA's
     backward is 1x forward; packing costs less than G separate sequences."""
-    ours = plan.step_flops(config)
+    ours = plan.step_flops(config, attention="dense")
     assert ours["policy"] == 4 * ours["reference"] and ours["rollout"] < ours["reference"]
-    assert plan.step_flops(config, checkpointing=False)["policy"] == 3 * ours["reference"]
-    block = plan.step_flops(config, attention="block")
+    assert plan.step_flops(config, checkpointing=False, attention="dense")["policy"] == 3 * ours["reference"]
+    block = plan.step_flops(config)  # the default: FlexAttention's blocks
     extra = 4 * 4096 * 32 * (L7B**2 - plan.packed_pairs(850, 8, 256, "block")) * 16
     assert ours["reference"] - block["reference"] == extra
     assert plan.step_flops(config, attention="visible")["reference"] == ours["rollout"]
-    assert ours["total"] < plan.step_flops(config, packed=False)["total"]
-    lora = plan.step_flops(config, lora_rank=8, lora_audio=True)
+    assert ours["total"] < plan.step_flops(config, packed=False, attention="dense")["total"]
+    lora = plan.step_flops(config, lora_rank=8, lora_audio=True, attention="dense")
     assert lora["policy"] == 3 * ours["reference"]
     assert 3e15 < ours["total"] < 6e15
 

@@ -287,6 +287,10 @@ def test_plan_prints_the_7b_table_for_this_runs_batch():
         text = buf.getvalue()
         assert verdict in text and "G=4" in text and "+ 128 new" in text
     buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # --dense-attention plans the fallback's mask and L^2 attention
+        T.main(["--plan", "--dense-attention"])
+    assert "packed attention mask (bool)" in buf.getvalue() and "attention dense" in buf.getvalue()
+    buf = io.StringIO()
     with contextlib.redirect_stdout(buf):  # the run's algorithm and LoRA rank reach the plan
         T.main(["--plan", "--algo", "sft", "--lora-rank", "64", "--gpus", "1", "--gpu-mem", "48"])
     assert buf.getvalue().startswith("SFT, LoRA r=64, memory per GPU: 1 GPUs") and "fits in 48 GiB" in buf.getvalue()
@@ -415,3 +419,17 @@ def test_reward_weights_weigh_the_logged_reward(warm_dir, pitch_task, tmp_path):
     plain, weighted = metrics(tmp_path / "a")[0], metrics(tmp_path / "b")[0]
     assert plain["reward"] == pytest.approx(plain["accuracy"] + plain["format"])
     assert weighted["reward"] == pytest.approx(2 * weighted["accuracy"]) and weighted["format"] == plain["format"]
+
+
+def test_dense_attention_forces_the_fallback(warm_dir, pitch_task, tmp_path, monkeypatch):
+    """Every packed forward gets flex=None (FlexAttention on a GPU, the dense mask on a CPU) unless
+    --dense-attention, which forces flex=False everywhere: reference, policy and supervised passes."""
+    seen, real = [], grpo.completion_logprobs
+    monkeypatch.setattr(T.grpo, "completion_logprobs", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "auto", "--max-steps", "1", "--num-iterations", "2"))
+    auto = list(seen)
+    seen.clear()
+    T.main(quick_args(warm_dir, pitch_task, tmp_path / "dense", "--max-steps", "1", "--num-iterations", "2",
+                      "--dense-attention"))
+    # 2 micro-batches x (reference + old log-probs + 2 policy passes) = 8 packed forwards each
+    assert auto == [None] * 8 and seen == [False] * 8
