@@ -114,20 +114,26 @@ class Family:
     special_tokens: tuple     # the tokenizer's added tokens, in the real model's order
     named_tokens: dict        # tokenizer attributes its processor reads ({}: none)
     chat_template: str | None = None  # for the tiny copy (None: the processor class's own)
+    frozen: tuple = ()        # parameters that never get a gradient: kept out of training (and of AdamW's state)
     unused: tuple = ()        # submodules audio never runs: dropped before sharding, their weights never loaded
     trims_features: bool = False  # the encoder reads only the real frames, so padding past the longest clip can go
     checks_audio_tokens: bool = False  # the model does not check the <|AUDIO|> count against the audio: we do
 
 
+# Qwen2-Audio's Whisper position table is a fixed sinusoid stored as a parameter; the class freezes it,
+# from_pretrained unfreezes it.
 QWEN2_AUDIO = Family("Qwen2-Audio", ("qwen2_audio",), Qwen2AudioForConditionalGeneration, Qwen2AudioConfig,
-                     Qwen2AudioProcessor, "model.multi_modal_projector", SPECIAL_TOKENS, {})
+                     Qwen2AudioProcessor, "model.multi_modal_projector", SPECIAL_TOKENS, {},
+                     frozen=("model.audio_tower.embed_positions",))
 # Qwen2.5-Omni: the whole model's folder (thinker, talker, token2wav) or a thinker's alone. The feature
 # extractor pads every clip to 300 s, but the encoder reads only the real frames (in windows of 2 s), and
 # its masked_scatter takes the audio embeddings without checking that the prompt has as many <|AUDIO|>.
+# The encoder's audio_bos_eos_token embedding is in no forward: with no gradient ever, AdamW would keep
+# no state for it, and a resumed run would look for that state in the checkpoint.
 OMNI = Family("Qwen2.5-Omni", ("qwen2_5_omni", "qwen2_5_omni_thinker"), Qwen2_5OmniThinkerForConditionalGeneration,
               Qwen2_5OmniThinkerConfig, OmniAudioProcessor, "model.audio_tower.proj", OMNI_SPECIAL_TOKENS,
-              OMNI_NAMED_TOKENS, OMNI_CHAT_TEMPLATE, unused=("model.visual",), trims_features=True,
-              checks_audio_tokens=True)
+              OMNI_NAMED_TOKENS, OMNI_CHAT_TEMPLATE, frozen=("model.audio_tower.audio_bos_eos_token",),
+              unused=("model.visual",), trims_features=True, checks_audio_tokens=True)
 FAMILIES = {"qwen2-audio": QWEN2_AUDIO, "omni": OMNI}
 # --model names of the tiny models built offline (train.py), and the family each one is
 TINY_MODELS = {"tiny": "qwen2-audio", "tiny-omni": "omni"}
@@ -238,9 +244,6 @@ def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False)
     reset_rotary(model, device)  # from_pretrained keeps the rotary frequencies in fp32; .to(dtype) rounded them
     for config in (model.config, *(getattr(model.config, k) for k in model.config.sub_configs)):
         config.dtype = dtype  # as from_pretrained(dtype=...) records it
-    # The Whisper position table (Qwen2-Audio) is a fixed sinusoid the class freezes; from_pretrained unfreezes it.
-    if hasattr(model.model.audio_tower, "embed_positions"):
-        model.model.audio_tower.embed_positions.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, load_processor(path)
@@ -251,7 +254,7 @@ def read_pretrained(family, path, **kwargs):
     train.py wrote holds none of their weights: from_pretrained would report each one as missing (and
     initialise it), so its report is kept quiet and any OTHER missing weight stops here by name."""
     if not family.unused:
-        return family.model_class.from_pretrained(path, **kwargs)
+        return for_audio(family.model_class.from_pretrained(path, **kwargs), family)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -268,7 +271,10 @@ def read_pretrained(family, path, **kwargs):
 def for_audio(model, family):
     """The model as this project runs it: the submodules audio never runs are deleted (Omni's vision tower:
     0.68B parameters at 7B; audio-only logits are unchanged, and a full state dict then has none of their
-    keys), and where the model does not check the <|AUDIO|> count against the audio, a hook does."""
+    keys), the parameters that never get a gradient are frozen, and where the model does not check the
+    <|AUDIO|> count against the audio, a hook does."""
+    for name in family.frozen:
+        model.get_submodule(name).requires_grad_(False)
     for name in family.unused:
         parent, _, child = name.rpartition(".")
         delattr(model.get_submodule(parent), child)
