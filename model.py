@@ -92,10 +92,10 @@ class OmniAudioProcessor(Qwen2_5OmniProcessor):
         # ProcessorMixin takes its parts from this signature; Qwen2_5OmniProcessor.__init__ would add the
         # image and video slots, so it is skipped and the token attributes it sets are set here.
         ProcessorMixin.__init__(self, feature_extractor, tokenizer, chat_template=chat_template)
-        for name in OMNI_NAMED_TOKENS:
-            setattr(self, name, getattr(tokenizer, name))
+        for name, token in OMNI_NAMED_TOKENS.items():  # a tokenizer that does not name them gets the real ones
+            setattr(self, name, getattr(tokenizer, name, None) or token)
         for name in ("audio_token", "image_token", "video_token"):
-            setattr(self, f"{name}_id", getattr(tokenizer, f"{name}_id"))
+            setattr(self, f"{name}_id", tokenizer.convert_tokens_to_ids(getattr(self, name)))
 
     @property
     def model_input_names(self):
@@ -143,7 +143,10 @@ def family_of(path):
     """The family of a model folder (its config.json's model_type) or of a LoRA checkpoint's base model."""
     path = Path(adapter_base(path) or path)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    return next(f for f in FAMILIES.values() if model_type in f.model_types)
+    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    if family is None:
+        raise ValueError(f"{path}: config.json has model_type {model_type!r}, not one of {MODEL_TYPES}")
+    return family
 
 
 def family_of_config(config):
