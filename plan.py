@@ -41,12 +41,16 @@ unsharded and ignored by FSDP2; the reference is the base with the adapters swit
 
 FLOPs per optimizer step (step_flops): 2 FLOPs per parameter per token for every matmul, plus
 attention (q.k and p.v: 4 * hidden FLOPs per (query, key) pair per layer); the encoder always runs
-on its full 30 s window (1500 positions) because the processor pads every clip to it.
+on its full 30 s window (1500 positions) because the processor pads every clip to it. Qwen2.5-Omni's
+thinker (--model omni-7b) runs the same formulas on its own sizes: its encoder reads only the real
+frames (a 30 s clip, as PROMPT_TOKENS assumes, is the same 1500 positions) and attends within windows
+of 100 positions; its vision tower is not part of the model that trains.
 
     python plan.py                          # the 7B on 8 x 80 GB, R1-AQA settings
     python plan.py --model DIR --gpus 4 --gpu-mem 40 --prompt-tokens 350   # 10 s clips: 250 audio tokens
     python plan.py --algo sft --lora-rank 64 --gpus 1 --gpu-mem 24
     python plan.py --summary                # full vs LoRA, SFT vs GRPO, on 1 GPU and on 8
+    python plan.py --model omni-7b          # Qwen2.5-Omni-7B's thinker, without its weights
 """
 
 import argparse
@@ -56,6 +60,10 @@ import model as qwen
 
 GIB = 2**30
 PARAMS_7B = 8_397_094_912
+# Qwen2.5-Omni-7B's thinker as trained here, without its vision tower: language model 7,070,619,136 +
+# lm_head 544,997,376 + audio encoder 639,647,232 (the vision tower, 676,550,144, is dropped)
+PARAMS_OMNI_7B = 8_255_263_744
+ARCHITECTURES = {"qwen2-audio-7b": "qwen2-audio", "omni-7b": "omni"}  # --model names of the built-in 7B configs
 # R1-AQA's prompt for a 30 s clip: 750 audio placeholders (25 per second) + ~100 text tokens (chat
 # frame, question, choices, instruction; about 75 with the Qwen2 tokenizer, rounded up).
 PROMPT_TOKENS = 850
@@ -125,7 +133,8 @@ def adapter_width(layers, targets):
 
 
 def param_counts(model):
-    """Parameters per part of a Qwen2AudioForConditionalGeneration (meta or real)."""
+    """Parameters per part of a model of either family as model.py runs it (meta or real; Omni's thinker
+    without its vision tower)."""
     count = lambda module: sum(p.numel() for p in module.parameters())
     parts = model.model
     lm, audio = parts.language_model, parts.audio_tower
@@ -134,7 +143,7 @@ def param_counts(model):
         "total": count(model),
         "audio_layers": count(audio.layers),
         "audio_layer": count(audio.layers[0]),
-        "projector": count(parts.multi_modal_projector),
+        "projector": count(model.get_submodule(qwen.family_of_config(model.config).projector)),
         "lm_layers": count(lm.layers),
         "lm_layer": count(lm.layers[0]),
         "lm_head": count(model.lm_head),
@@ -150,22 +159,26 @@ def param_counts(model):
 
 
 def count_model(config):
-    """(parameter counts, sizes) of the architecture, from a model built on the meta device. The 7B's
-    shapes must give its known parameter count: a check on model.config_7b() and on a loaded config."""
+    """(parameter counts, sizes) of the architecture, from a model built on the meta device. A 7B's
+    shapes must give its known parameter count: a check on model.config_7b(family) and on a loaded config."""
     counts, sizes = param_counts(qwen.meta_model(config)), shapes(config)
-    if sizes == shapes(qwen.config_7b()):
-        assert counts["total"] == PARAMS_7B, f"7B shapes but {counts['total']:,} parameters"
+    for family, known in (("qwen2-audio", PARAMS_7B), ("omni", PARAMS_OMNI_7B)):
+        if sizes == shapes(qwen.config_7b(family)):
+            assert counts["total"] == known, f"{family} 7B shapes but {counts['total']:,} parameters"
     return counts, sizes
 
 
 def shapes(config):
-    """The sizes the formulas use, from a Qwen2AudioConfig."""
+    """The sizes the formulas use, from a Qwen2AudioConfig or a Qwen2.5-Omni thinker config. audio_window:
+    the positions each audio position attends to (Qwen2-Audio: the whole 30 s window; Omni's encoder
+    attends within windows of n_window positions, 2 s of audio)."""
     text, audio = config.text_config, config.audio_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return dict(layers=text.num_hidden_layers, hidden=text.hidden_size, kv=text.num_key_value_heads * head_dim,
                 inter=text.intermediate_size, vocab=text.vocab_size, audio_layers=audio.encoder_layers,
                 d_audio=audio.d_model, ffn_audio=audio.encoder_ffn_dim, mels=audio.num_mel_bins,
-                frames=2 * audio.max_source_positions, positions=audio.max_source_positions)
+                frames=2 * audio.max_source_positions, positions=audio.max_source_positions,
+                audio_window=min(getattr(audio, "n_window", audio.max_source_positions), audio.max_source_positions))
 
 
 def adapters(p, st):
@@ -396,11 +409,13 @@ def format_plan(plan):
 # FLOPs per optimizer step
 
 def encoder_flops(p, s):
-    """One clip through the audio encoder and projector, always the full window:
-    conv1 + conv2 + 2 * layer params * positions + attention 4 * d * positions^2 per layer + projector."""
+    """One clip through the audio encoder and projector, always the full window: conv1 + conv2 + 2 * layer
+    params * positions + attention 4 * d * positions * window per layer (window = positions for Qwen2-Audio,
+    100 for Omni) + projector."""
     conv1 = 2 * s["mels"] * 3 * s["d_audio"] * s["frames"]
     conv2 = 2 * s["d_audio"] * 3 * s["d_audio"] * s["positions"]
-    layers = 2 * p["audio_layers"] * s["positions"] + 4 * s["d_audio"] * s["positions"] ** 2 * s["audio_layers"]
+    attention = 4 * s["d_audio"] * s["positions"] * s["audio_window"] * s["audio_layers"]
+    layers = 2 * p["audio_layers"] * s["positions"] + attention
     return conv1 + conv2 + layers + 2 * p["projector"] * (s["positions"] // 2)
 
 
@@ -480,12 +495,13 @@ def step_flops(config, prompts=16, group_size=8, prompt_tokens=PROMPT_TOKENS, ne
 
 # -----------------------------------------------------------------------------
 
-def load_config(model_dir):
-    """The config of a local Qwen2-Audio directory, or the 7B's."""
-    if model_dir is None:
-        return qwen.config_7b()
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(model_dir)
+def load_config(model):
+    """The config to plan for: None or a built-in name (ARCHITECTURES: qwen2-audio-7b, omni-7b) gives that
+    7B's architecture; a local model folder of either family gives its own (Omni's thinker config, also
+    out of a whole Omni model's config.json)."""
+    if model is None or model in ARCHITECTURES:
+        return qwen.config_7b(ARCHITECTURES.get(model, "qwen2-audio"))
+    return qwen.family_of(model).config_class.from_pretrained(model)
 
 
 def flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, beta=0.04, **variant):
@@ -537,7 +553,8 @@ def fit_summary(config, lora_rank=64, sft_batch=8, cards=(24, 48, 80)):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="local Qwen2-Audio directory (default: the 7B architecture)")
+    parser.add_argument("--model", help="local model folder (Qwen2-Audio or Qwen2.5-Omni), or a built-in 7B "
+                        "architecture: qwen2-audio-7b (the default) or omni-7b (Qwen2.5-Omni-7B's thinker)")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU")
     parser.add_argument("--prompts-per-gpu", type=int, default=1, help="prompts (SFT: sequences) per forward")
