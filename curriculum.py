@@ -63,7 +63,8 @@ def sample_rates(run, indices):
     cfg, K = run.cfg, run.cfg.curriculum
     samples = [run.train[i] for i in indices]
     audios, ok = B.read_audio(samples, cfg.downmix)
-    inputs = M.collate(run.processor, samples, audios, cfg.prompt).to(run.device)
+    inputs = M.collate(run.processor, samples, audios, cfg.prompt, cfg.system_prompt or None,
+                       cfg.think_words).to(run.device)
     gens = grpo.prompt_generators(cfg.seed, PREPASS_STEP, indices, run.device)
     r = grpo.generate_groups(run.policy, inputs, gens, K, cfg.max_new_tokens, run.end_ids, run.pad_id,
                              run.suppress_ids, cfg.temperature, cfg.top_k, cfg.top_p)

@@ -381,14 +381,19 @@ _ASK = {
 }
 
 
-def build_prompt(question: str, choices: list[str], prompt: str = "answer") -> str:
+def build_prompt(question: str, choices: list[str], prompt: str = "answer", think_words: int = 0) -> str:
     """The user text of the paper's three prompts; choices are shown as Python's str(list).
     answer (Prompt <2>) is R1-AQA's training prompt and think (Prompt <3>) its think variant, both
     as in its code. direct (Prompt <1>, the paper's SFT rows) is not in R1-AQA's code: it is Prompt
-    <2> without the answer-tag instruction, the question and the choices alone."""
+    <2> without the answer-tag instruction, the question and the choices alone. think_words > 0 asks
+    the think prompt for a short reasoning, as Ke-Omni-R trained: "the thinking process (less than
+    50 words)"."""
     if prompt not in _ASK:
         raise ValueError(f"unknown prompt {prompt!r}: choose one of {PROMPTS}")
-    return f"{question} Please choose the answer from the following options: {choices}.{_ASK[prompt]}"
+    ask = _ASK[prompt]
+    if think_words and prompt == "think":
+        ask = ask.replace("thinking process", f"thinking process (less than {think_words} words)")
+    return f"{question} Please choose the answer from the following options: {choices}.{ask}"
 
 
 def target_text(answer: str, prompt: str = "answer") -> str:

@@ -85,6 +85,8 @@ class EvalConfig:
     max_new_tokens: int = 256
     dtype: str = "bfloat16"
     prompt: str = "answer"  # data.PROMPTS: evaluate with the prompt the model was trained on
+    system_prompt: str = ""  # the chat's system turn ("" = the chat template's default), as in training
+    think_words: int = 0  # with the think prompt: the word limit training asked for (0 = none)
     downmix: str = "first"  # data.DOWNMIX: channel 0 of multi-channel audio (R1-AQA), or the mean
     limit: int | None = None  # evaluate the first N items only
 
@@ -100,7 +102,8 @@ class Prediction:
 # -----------------------------------------------------------------------------
 # Inference
 
-def generate(model, processor, samples: list[Sample], audios, prompt: str, max_new_tokens: int) -> list[str]:
+def generate(model, processor, samples: list[Sample], audios, prompt: str, max_new_tokens: int,
+             system_prompt: str | None = None, think_words: int = 0) -> list[str]:
     """Greedy completions for one batch, decoded with special tokens skipped. Other generation
     settings (e.g. a repetition penalty) come from the checkpoint, as in R1-AQA's test script.
 
@@ -108,7 +111,7 @@ def generate(model, processor, samples: list[Sample], audios, prompt: str, max_n
     held-out score). There every unit was gathered on entering, so each rank decodes alone, without a
     collective per token (synced_gpus=False), and ranks may make different numbers of calls, or none."""
     tokenizer = processor.tokenizer
-    batch = M.collate(processor, samples, audios, prompt).to(model.device)
+    batch = M.collate(processor, samples, audios, prompt, system_prompt, think_words).to(model.device)
     out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=False,
                          eos_token_id=M.end_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          suppress_tokens=M.suppressed_token_ids(tokenizer, model.config.text_config.vocab_size))
@@ -126,7 +129,8 @@ def predict_batch(model, processor, samples: list[Sample], indices: list[int], c
         except AudioError as e:
             predictions.append(Prediction(i, "", "", error=str(e)))
     if ok:
-        texts = generate(model, processor, [samples[i] for i in ok], audios, cfg.prompt, cfg.max_new_tokens)
+        texts = generate(model, processor, [samples[i] for i in ok], audios, cfg.prompt, cfg.max_new_tokens,
+                         cfg.system_prompt or None, cfg.think_words)
         predictions += [Prediction(i, text, extract_answer(text)) for i, text in zip(ok, texts)]
     return predictions
 
@@ -191,7 +195,8 @@ def run_key(cfg: EvalConfig, data_sha256: str) -> dict:
     folder and the rank count do not."""
     weights = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in Path(cfg.model).glob("*.safetensors"))
     return {"model": str(Path(cfg.model).resolve()), "weights": weights, "data_sha256": data_sha256,
-            "prompt": cfg.prompt, "downmix": cfg.downmix, "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype,
+            "prompt": cfg.prompt, "system_prompt": cfg.system_prompt, "think_words": cfg.think_words,
+            "downmix": cfg.downmix, "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype,
             "batch_size": cfg.batch_size}
 
 
@@ -400,7 +405,8 @@ def plan(args: argparse.Namespace) -> Plan:
     folders = model_folders(model)
     samples = read_data(args.data, args.audio_dir)[:args.limit]
     settings = dict(audio_dir=args.audio_dir, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                    dtype=args.dtype or "bfloat16", prompt=args.prompt, downmix=args.downmix, limit=args.limit)
+                    dtype=args.dtype or "bfloat16", prompt=args.prompt, system_prompt=args.system_prompt,
+                    think_words=args.think_words, downmix=args.downmix, limit=args.limit)
     if is_run_folder(model):
         out_dir = Path(args.out) if args.out else model / "eval" / Path(args.data).stem
         if out_dir.exists() and not out_dir.is_dir():
@@ -627,6 +633,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "uses float32, several times faster on a CPU")
     parser.add_argument("--prompt", choices=PROMPTS, default="answer", help="the paper's prompt the model was "
                         "trained with: direct (<1>), answer (<2>, R1-AQA), think (<3>)")
+    parser.add_argument("--system-prompt", default="", help="the chat's system turn the model was trained with "
+                        "(default: the chat template's own)")
+    parser.add_argument("--think-words", type=int, default=0, help="with --prompt think: the word limit the "
+                        "model was trained with (Ke-Omni-R: 50; default: none)")
     parser.add_argument("--downmix", choices=DOWNMIX, default="first",
                         help="multi-channel audio: keep channel 0 (R1-AQA) or average the channels")
     parser.add_argument("--limit", type=positive, help="evaluate the first N items only")

@@ -500,12 +500,13 @@ def chat_text(processor, prompt, system_prompt=None):
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def collate(processor, samples: list[Sample], audios, prompt="answer", system_prompt=None):
+def collate(processor, samples: list[Sample], audios, prompt="answer", system_prompt=None, think_words=0):
     """Turn samples and their decoded audio (float32, 16 kHz) into one left-padded batch:
     input_ids, attention_mask, input_features [B, 128, frames], feature_attention_mask.
     Where the encoder reads only real frames (Omni), frames stop at the longest clip of the batch instead
     of the feature extractor's padded window: the same model output, without the padding to carry."""
-    texts = [chat_text(processor, build_prompt(s.question, s.choices, prompt), system_prompt) for s in samples]
+    texts = [chat_text(processor, build_prompt(s.question, s.choices, prompt, think_words), system_prompt)
+             for s in samples]
     batch = processor(text=texts, audio=list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True)
     if family_of_processor(processor).trims_features:
         frames = int(batch["feature_attention_mask"].sum(1).max())

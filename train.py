@@ -42,7 +42,7 @@ from model import print0
 
 @dataclass
 class Config:
-    model: str = "tiny"  # a local Qwen2-Audio directory, or "tiny" (built offline into --cache-dir)
+    model: str = "tiny"  # a local Qwen2-Audio or Qwen2.5-Omni folder, or "tiny" / "tiny-omni" (built offline in --cache-dir)
     data: str = "synthetic"  # training data (R1-AQA JSONL, MMAU JSON or plain JSONL), or "synthetic"
     audio_dir: str = ""  # folder that relative audio paths in the data refer to ("" = the data file's folder)
     downmix: str = "first"  # multi-channel audio: keep channel 0 ("first", R1-AQA) or average the channels ("mean")
@@ -73,6 +73,8 @@ class Config:
     grad_clip: float = 1.0  # max global gradient norm
     seed: int = 42  # data order and sampling noise
     prompt: str = "answer"  # the paper's prompt: direct (<1>), answer (<2>, R1-AQA), think (<3>); sets the format reward
+    think_words: int = 0  # with --prompt think: ask for a reasoning of fewer words than this (Ke-Omni-R: 50; 0 = no limit)
+    system_prompt: str = ""  # the chat's system turn ("" = the chat template's default, as R1-AQA and Ke-Omni-R)
     dtype: str = "bfloat16"  # compute dtype (bfloat16 or float32); weights and optimizer stay fp32
     gradient_checkpointing: bool = True  # recompute layer activations in backward to save memory
     dense_attention: bool = False  # packed passes over a dense [B, 1, L, L] mask (the fallback), not FlexAttention on a GPU
@@ -124,7 +126,8 @@ def parse_args(argv=None):
         action = argparse.BooleanOptionalAction if f.type is bool else "store"
         parser.add_argument(flag, action=action, default=None, help=f"{helps[f.name]} (default {f.default})", **kind)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    demo = given.get("model", "tiny") == "tiny" and given.get("data", "synthetic") == "synthetic" and not given.get("plan")
+    demo = (given.get("model", "tiny") in M.TINY_MODELS and given.get("data", "synthetic") == "synthetic"
+            and not given.get("plan"))
     cfg = replace(Config(), **{**(DEMO if demo else {}), **given})
     if "lr" not in given and not demo:
         cfg.lr = DEFAULT_LR.get((cfg.algo, cfg.lora_rank > 0), cfg.lr)
@@ -194,6 +197,8 @@ def mode_rules(cfg):
     return [
         (cfg.dtype in ("bfloat16", "float32"), "dtype", "must be bfloat16 or float32"),
         (cfg.prompt in data.PROMPTS, "prompt", f"must be one of {', '.join(data.PROMPTS)}"),
+        (cfg.think_words >= 0 and (cfg.think_words == 0 or cfg.prompt == "think"), "think_words",
+         "must be >= 0, and only the think prompt asks for a reasoning"),
         (cfg.downmix in data.DOWNMIX, "downmix", f"must be one of {', '.join(data.DOWNMIX)}"),
         (cfg.prompt != "think" or (cfg.algo == "grpo" and not cfg.warm_start_steps), "prompt",
          "has no supervised target for --algo sft or --warm-start-steps: the data holds answers, not reasoning"),
@@ -217,7 +222,7 @@ def reward_weights(cfg):
 
 def check_paths(cfg):
     """The model folder, the data files and the audio folder exist, before anything is built."""
-    if cfg.model != "tiny":
+    if cfg.model not in M.TINY_MODELS:
         M.check_model_dir(cfg.model)
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if path and path != "synthetic" and not Path(path).is_file():
@@ -278,7 +283,7 @@ def rollout(run, step, positions, samples):
     with M.unsharded(run.policy):
         for pos, batch in zip(B.chunks(positions, cfg.micro_batch), B.chunks(samples, cfg.micro_batch)):
             audios, ok = B.read_audio(batch, cfg.downmix, run.counts)
-            inputs = M.collate(run.processor, batch, audios, cfg.prompt).to(run.device)
+            inputs = collate(run, batch, audios)
             gens = grpo.prompt_generators(cfg.seed, step, pos, run.device)
             r = grpo.generate_groups(run.policy, inputs, gens, cfg.group_size,
                                      cfg.max_new_tokens, run.end_ids, run.pad_id, run.suppress_ids,
@@ -377,6 +382,13 @@ def set_advantages(run, groups):
         batch_std = grpo.reward_std(all_sum(sums))
     for g, t in zip(groups, trained):
         g.advantages = grpo.group_advantages(g.rewards, cfg.group_size, cfg.advantage_scale, batch_std) * t
+
+
+def collate(run, samples, audios):
+    """The model's batch for these samples, asked the run's way (prompt, word limit, system turn)."""
+    cfg = run.cfg
+    return M.collate(run.processor, samples, audios, cfg.prompt, cfg.system_prompt or None,
+                     cfg.think_words).to(run.device)
 
 
 def reference_logprobs(run, rollout):
@@ -503,7 +515,7 @@ def teacher_forced(run, samples, targets, counts=None):
     """A Rollout whose completions are given texts (group size 1), for supervised log-probs. A sample
     with unreadable audio keeps its place with silence and an empty mask."""
     audios, ok = B.read_audio(samples, run.cfg.downmix, counts)
-    inputs = M.collate(run.processor, samples, audios, run.cfg.prompt).to(run.device)
+    inputs = collate(run, samples, audios)
     ids = run.processor.tokenizer(targets, add_special_tokens=False, padding="longest", padding_side="right",
                                   return_tensors="pt")["input_ids"].to(run.device)
     prompts = [row[m.bool()] for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
@@ -538,7 +550,7 @@ def heldout(run, samples):
         for batch in B.chunks(B.my_share(list(enumerate(samples)), rank, world), cfg.micro_batch):
             audios, _ = B.read_audio([s for _, s in batch], cfg.downmix)
             texts = evaluate.generate(run.policy, run.processor, [s for _, s in batch], audios, cfg.prompt,
-                                      cfg.max_new_tokens)
+                                      cfg.max_new_tokens, cfg.system_prompt or None, cfg.think_words)
             records += [evaluate.output_record(s, evaluate.Prediction(i, t, reward.extract_answer(t)))
                         for (i, s), t in zip(batch, texts)]
     everyone = [None] * world
@@ -632,7 +644,7 @@ def check_bad_fraction(run):
 
 def print_plan(cfg):
     """Memory per GPU and FLOPs per step for this run's batch settings, from the config on the meta device."""
-    config = plan.load_config(cfg.model if Path(cfg.model).is_dir() else None)
+    config = plan.load_config(cfg.model if Path(cfg.model).is_dir() else {"tiny-omni": "omni-7b"}.get(cfg.model))
     print(plan.report(config, cfg.gpus, cfg.micro_batch, cfg.prompts_per_step, cfg.group_size,
                       new_tokens=cfg.max_new_tokens, gpu_mem_gb=cfg.gpu_mem, beta=cfg.beta, algo=cfg.algo,
                       lora_rank=cfg.lora_rank, attention="dense" if cfg.dense_attention else "block"))
@@ -671,8 +683,8 @@ def setup(cfg, device):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.tidy(out)
-        if cfg.model == "tiny":
-            M.tiny(cfg.cache_dir, window_seconds=2)
+        if cfg.model in M.TINY_MODELS:
+            M.tiny(cfg.cache_dir, window_seconds=2, family=M.TINY_MODELS[cfg.model])
         if cfg.data == "synthetic":
             data.make_synthetic(Path(cfg.cache_dir) / "synthetic")
     dist.barrier()  # the folder is tidy and the tiny model and task exist before any rank reads them
@@ -682,7 +694,8 @@ def setup(cfg, device):
     if cfg.overwrite and rank == 0:
         print0(f"--overwrite: deleting the run in {out}")
         checkpoint.wipe(out)
-    model_dir = M.tiny(cfg.cache_dir, window_seconds=2) if cfg.model == "tiny" else cfg.model
+    model_dir = (M.tiny(cfg.cache_dir, window_seconds=2, family=M.TINY_MODELS[cfg.model])
+                 if cfg.model in M.TINY_MODELS else cfg.model)
     run = build_run(cfg, model_dir, train, device)
     if resume_from is None and (cfg.warm_start_steps or cfg.curriculum):
         if cfg.warm_start_steps:

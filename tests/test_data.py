@@ -469,6 +469,11 @@ def test_build_prompt_matches_recipe():
         "following options: ['Man', 'Woman', 'Child', 'Robot'].")
     with pytest.raises(ValueError, match="unknown prompt 'cot'"):
         data.build_prompt(q, choices, "cot")
+    # Ke-Omni-R's think prompt asks for a short reasoning; a word limit leaves the other prompts alone
+    assert data.build_prompt(q, choices, "think", think_words=50).endswith(
+        "['Man', 'Woman', 'Child', 'Robot']. Output the thinking process (less than 50 words) in <think> </think> "
+        "and final answer in <answer> </answer>.")
+    assert data.build_prompt(q, choices, "answer", think_words=50) == data.build_prompt(q, choices)
 
 
 # -----------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def fails(argv, capsys, monkeypatch=None):
     ("--reward-weights", "2", "must be two numbers >= 0: accuracy,format"),
     ("--curriculum", "-1", "must be >= 0"),
     ("--eval-every", "3", "a multiple of --save-every"),
+    ("--think-words", "50", "only the think prompt asks for a reasoning"),
     ("--micro-batch", "3", "must divide each process's 4 prompts"),
     ("--keep-last", "0", "the newest checkpoint is what --resume continues from"),
     ("--prompt", "cot", "must be one of direct, answer, think"),

@@ -839,3 +839,19 @@ def test_demo_evaluates_before_and_after(tiny_dir, tmp_path, monkeypatch, capsys
     records = json.loads(Path("runs/demo/eval/checkpoint-3.json").read_text())
     assert len(records) == 8 and {"question", "choices", "answer", "model_prediction"} <= set(records[0])
     assert records[0]["answer"] in records[0]["choices"]  # the AVQA index became the choice string
+
+
+@needs_mmau
+def test_the_prompt_settings_reach_generation_and_the_resume_key(tiny_dir, audio_dir, tmp_path, monkeypatch):
+    """--prompt think --think-words 50 --system-prompt: every batch is asked that way, and a re-run with
+    another system prompt is refused rather than mixed into the same predictions."""
+    import model as M
+    calls, real = [], M.collate
+    monkeypatch.setattr(M, "collate", lambda *a: calls.append(a[3:]) or real(*a))
+    out = tmp_path / "preds.json"
+    settings = ["--limit", "4", "--prompt", "think", "--think-words", "50", "--system-prompt", "You judge audio."]
+    assert E.main(eval_args(tiny_dir, audio_dir, out, *settings)) == 0
+    assert calls and set(calls) == {("think", "You judge audio.", 50)}
+    with pytest.raises(SystemExit) as e:
+        M.run_main(E.main, eval_args(tiny_dir, audio_dir, out, *settings[:-1], "Another."))
+    assert e.value.code == 2

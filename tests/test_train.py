@@ -433,3 +433,21 @@ def test_dense_attention_forces_the_fallback(warm_dir, pitch_task, tmp_path, mon
                       "--dense-attention"))
     # 2 micro-batches x (reference + old log-probs + 2 policy passes) = 8 packed forwards each
     assert auto == [None] * 8 and seen == [False] * 8
+
+
+def test_the_runs_prompt_settings_reach_every_forward(tiny2_dir, pitch_task, tmp_path, monkeypatch):
+    """--prompt think --think-words 50 --system-prompt: the rollout, the held-out decoding and its
+    scoring all ask the question that way (each call to model.collate carries the three settings)."""
+    calls, real = [], M.collate
+    monkeypatch.setattr(M, "collate", lambda *a: calls.append(a[3:]) or real(*a))
+    T.main(quick_args(tiny2_dir, pitch_task, tmp_path, "--max-steps", "1", "--prompt", "think", "--think-words", "50",
+                      "--system-prompt", "You judge pitch.", "--eval-data", str(pitch_task[1]), "--eval-samples", "2",
+                      "--beta", "0"))
+    assert len(calls) == 4 and set(calls) == {("think", "You judge pitch.", 50)}  # before, 2 rollouts, after
+
+
+def test_tiny_omni_is_a_demo_model():
+    """--model tiny-omni, like tiny, is built offline and runs the workshop preset."""
+    cfg, demo = T.parse_args(["--model", "tiny-omni"])
+    assert demo and cfg.lr == T.DEMO["lr"]
+    T.check_paths(cfg)  # no folder to check: it is built in setup()
