@@ -457,14 +457,19 @@ SHIFTS = {
 
 def make_shifted(out_dir, kind: str, n: int = 200, seed: int = 0) -> Path:
     """Write a held-out split of the pitch task with SHIFTS[kind]'s clips or wording; return its JSONL.
-    The labels are balanced; the same arguments give the same files."""
+    The labels are balanced; the same arguments give the same files, and a second call reuses them."""
     out_dir = Path(out_dir) / f"shifted-{kind}"
+    jsonl, manifest = out_dir / "test.jsonl", out_dir / "manifest.json"
+    params = {"task": "pitch-band", "shift": kind, "n": n, "seed": seed}
+    if manifest.exists() and json.loads(manifest.read_text()) == params and jsonl.exists():
+        return jsonl
+    manifest.unlink(missing_ok=True)  # written last, so an interrupted call is never reused
     (out_dir / "wavs").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 2 + list(SHIFTS).index(kind)])
     labels = rng.permutation(np.arange(n) % len(PITCH_CHOICES))
     records = [_write_tone(out_dir, f"{kind}_{i:05d}", int(label), rng, SHIFTS[kind]) for i, label in enumerate(labels)]
-    jsonl = out_dir / "test.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    manifest.write_text(json.dumps(params))
     return jsonl
 
 
