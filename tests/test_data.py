@@ -763,3 +763,24 @@ def test_from_avqa_unusable_qa_file(tmp_path, capsys, make, problem):
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"error: {qa}") and problem in err and err.count("\n") == 1
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_shifted_splits_lie_outside_the_training_task(tmp_path):
+    """compare.py's shifted splits: "audio" clips are 0.4-0.9 s (training: 1-2 s) and quiet (level
+    0.01-0.04 with 20-40% noise: never above 0.04 * (1 + 5 * 0.4) = 0.12, while training levels reach
+    0.8), each still a tone in its labelled band; "wording" asks another question with the choices
+    reversed, its answer index pointing at the right band. Both balanced, both reused when asked again."""
+    audio = data.read_samples(data.make_shifted(tmp_path, "audio", n=8))
+    assert sorted(s.answer for s in audio) == sorted(data.PITCH_CHOICES * 2)
+    for s in audio:
+        clip = data.load_audio(s.audio_path)
+        assert 0.4 * SAMPLE_RATE <= len(clip) <= 0.9 * SAMPLE_RATE and np.abs(clip).max() <= 0.12
+        peak_hz = np.argmax(np.abs(np.fft.rfft(clip))) * SAMPLE_RATE / len(clip)
+        centre = data.PITCH_CENTERS_HZ[data.PITCH_CHOICES.index(s.answer)]
+        assert 0.85 * centre - 2.5 <= peak_hz <= 1.15 * centre + 2.5  # bins are 2.5 Hz apart at 0.4 s
+    worded = data.read_samples(data.make_shifted(tmp_path, "wording", n=8))
+    assert {s.question for s in worded} == {"Which frequency band is this tone in?"}
+    assert all(s.choices == data.PITCH_CHOICES[::-1] and s.answer == s.meta["category"] for s in worded)
+    stamp = (tmp_path / "shifted-audio" / "test.jsonl").stat().st_mtime_ns
+    data.make_shifted(tmp_path, "audio", n=8)
+    assert (tmp_path / "shifted-audio" / "test.jsonl").stat().st_mtime_ns == stamp
