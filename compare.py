@@ -11,9 +11,9 @@ runs see the same training questions in the same order, for the same number of s
 Each final checkpoint, and the start, is scored by evaluate.py (greedy, MMAU's string match) on:
   held-out       the test split: the training distribution
   shifted audio  clips shorter (0.4-0.9 s), quieter (level 0.01-0.04) and noisier (20-40%) than any
-                 training clip (data.SHIFTS["audio"])
+                 training clip (synthetic.SHIFTS["audio"])
   reworded       a question the model never saw, with the choices listed in reverse order
-                 (data.SHIFTS["wording"])
+                 (synthetic.SHIFTS["wording"])
 Finished runs and evaluations are kept, so a second call only prints the table.
 
     python compare.py                      # seed 0, 500 steps: about 20 minutes on 2 cores
@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import data
+import synthetic
 import evaluate
 import model as M
 import train
@@ -46,9 +47,9 @@ def prepare(cache):
     """The tiny model and the task's four splits: train, held-out test, shifted audio, reworded (the same
     for every seed: the seed is the training's)."""
     model = M.tiny(cache, window_seconds=2)
-    train_jsonl, test_jsonl = data.make_synthetic(Path(cache) / "synthetic")
-    splits = {"held-out": test_jsonl, "shifted audio": data.make_shifted(Path(cache) / "synthetic", "audio"),
-              "reworded": data.make_shifted(Path(cache) / "synthetic", "wording")}
+    train_jsonl, test_jsonl = synthetic.make_synthetic(Path(cache) / "synthetic")
+    splits = {"held-out": test_jsonl, "shifted audio": synthetic.make_shifted(Path(cache) / "synthetic", "audio"),
+              "reworded": synthetic.make_shifted(Path(cache) / "synthetic", "wording")}
     return model, train_jsonl, splits
 
 

@@ -1,5 +1,5 @@
 """
-Data for audio question answering: audio loading, question files, prompts, a synthetic task.
+Data for audio question answering: audio loading, question files, prompts, AVQA preparation.
 
 The model hears 16 kHz mono audio and reads a multiple-choice question. This file turns what is
 on disk into exactly that:
@@ -14,8 +14,8 @@ on disk into exactly that:
   so does a file that cannot be used at all (missing, a folder, not UTF-8, no records).
   A test set whose answers are withheld (MMAU's test split) reads only when asked to allow it
   (allow_unanswered=True, for evaluation): its samples have answer None. Training never asks.
-- build_prompt() writes the R1-AQA question text.
-- make_synthetic() writes a small pitch-band task (real wav files) to train on a CPU.
+- build_prompt() writes the paper's three prompts (R1-AQA's and its direct and think variants),
+  target_text() what supervised fine-tuning teaches the model to reply.
 - convert_avqa() turns AVQA's own QA file (train_qa.json) into R1-AQA's JSONL for the clips you have.
 
 Run it as a data checker; it lists every bad record and every missing or unreadable clip:
@@ -403,89 +403,6 @@ def target_text(answer: str, prompt: str = "answer") -> str:
     if prompt == "think":
         raise ValueError("the think prompt has no supervised target: the data holds answers, not reasoning")
     return answer if prompt == "direct" else f"<answer>{answer}</answer>"
-
-
-# -----------------------------------------------------------------------------
-# synthetic task: which pitch band is this tone in?
-
-PITCH_CHOICES = ["very low", "low", "high", "very high"]
-PITCH_CENTERS_HZ = [200.0, 500.0, 1200.0, 3000.0]  # with +-15% jitter the bands never overlap
-PITCH_JITTER = 0.15
-PITCH_QUESTION = "What is the pitch of the tone in the audio?"
-
-
-def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> tuple[Path, Path]:
-    """
-    Write wavs/ and R1-AQA-style train.jsonl and test.jsonl under out_dir; return the two paths.
-    Labels are balanced; the same arguments give the same files, and a second call with the
-    same arguments reuses them (manifest.json records what was made). The default 2000 training
-    clips take about 4 s and 100 MB to write; 250 steps of 32 prompts see each about 4 times.
-    """
-    out_dir = Path(out_dir)
-    train, test = out_dir / "train.jsonl", out_dir / "test.jsonl"
-    manifest = out_dir / "manifest.json"
-    params = {"task": "pitch-band", "n_train": n_train, "n_test": n_test, "seed": seed}
-    if manifest.exists() and json.loads(manifest.read_text()) == params and train.exists() and test.exists():
-        return train, test
-    manifest.unlink(missing_ok=True)  # written last, so an interrupted run is never reused
-    (out_dir / "wavs").mkdir(parents=True, exist_ok=True)
-    for split, n, jsonl in (("train", n_train, train), ("test", n_test, test)):
-        rng = np.random.default_rng([seed, split == "test"])
-        labels = rng.permutation(np.arange(n) % len(PITCH_CHOICES))
-        records = [_write_tone(out_dir, f"{split}_{i:05d}", int(label), rng) for i, label in enumerate(labels)]
-        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    manifest.write_text(json.dumps(params))
-    return train, test
-
-
-@dataclass
-class Tones:
-    """What a synthetic clip and its question are drawn from (the training task's ranges by default)."""
-    seconds: tuple = (1.0, 2.0)  # clip length
-    level: tuple = (0.05, 0.8)   # peak amplitude of the sine
-    noise: tuple = (0.0, 0.1)    # white noise std, as a share of the level
-    question: str = PITCH_QUESTION
-    choices: tuple = tuple(PITCH_CHOICES)  # in the order the prompt lists them
-
-
-# Held-out splits outside the training distribution, for the SFT-against-GRPO comparison (compare.py).
-SHIFTS = {
-    "audio": Tones(seconds=(0.4, 0.9), level=(0.01, 0.04), noise=(0.2, 0.4)),  # shorter, quieter, noisier
-    "wording": Tones(question="Which frequency band is this tone in?", choices=tuple(reversed(PITCH_CHOICES))),
-}
-
-
-def make_shifted(out_dir, kind: str, n: int = 200, seed: int = 0) -> Path:
-    """Write a held-out split of the pitch task with SHIFTS[kind]'s clips or wording; return its JSONL.
-    The labels are balanced; the same arguments give the same files, and a second call reuses them."""
-    out_dir = Path(out_dir) / f"shifted-{kind}"
-    jsonl, manifest = out_dir / "test.jsonl", out_dir / "manifest.json"
-    params = {"task": "pitch-band", "shift": kind, "n": n, "seed": seed}
-    if manifest.exists() and json.loads(manifest.read_text()) == params and jsonl.exists():
-        return jsonl
-    manifest.unlink(missing_ok=True)  # written last, so an interrupted call is never reused
-    (out_dir / "wavs").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([seed, 2 + list(SHIFTS).index(kind)])
-    labels = rng.permutation(np.arange(n) % len(PITCH_CHOICES))
-    records = [_write_tone(out_dir, f"{kind}_{i:05d}", int(label), rng, SHIFTS[kind]) for i, label in enumerate(labels)]
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    manifest.write_text(json.dumps(params))
-    return jsonl
-
-
-def _write_tone(out_dir: Path, name: str, label: int, rng: np.random.Generator, tones: Tones = Tones()) -> dict:
-    """One sine in band `label` (random length, level and phase, and some noise) -> its record."""
-    freq = PITCH_CENTERS_HZ[label] * rng.uniform(1 - PITCH_JITTER, 1 + PITCH_JITTER)
-    t = np.arange(int(rng.uniform(*tones.seconds) * SAMPLE_RATE)) / SAMPLE_RATE
-    amplitude = rng.uniform(*tones.level)
-    tone = amplitude * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
-    noise = rng.uniform(*tones.noise) * amplitude * rng.standard_normal(len(t))
-    audio_path = f"wavs/{name}.wav"  # relative to the JSONL file, so the folder can move
-    sf.write(out_dir / audio_path, np.clip(tone + noise, -1, 1), SAMPLE_RATE, subtype="PCM_16")
-    choices = list(tones.choices)
-    return {"id": name, "question_text": tones.question, "multi_choice": choices,
-            "answer": choices.index(PITCH_CHOICES[label]), "audio_path": audio_path,
-            "category": PITCH_CHOICES[label], "frequency_hz": round(freq, 1)}
 
 
 # -----------------------------------------------------------------------------

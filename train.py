@@ -2,10 +2,13 @@
 
 GRPO (the default), each step: take prompts_per_step questions, sample group_size answers to each,
 score them with the R1-AQA rewards, turn the rewards into group-relative advantages, and take an
-AdamW step on the clipped-surrogate + KL loss (all the math is in grpo.py). SFT (--algo sft, the
-paper's baseline): the same questions, cross-entropy on the correct answer. The model is always
-sharded with FSDP2: fp32 master weights (or, with --lora-rank, a frozen base and fp32 adapters),
-bf16 compute, and a process group of one when not launched by torchrun.
+AdamW step on the clipped-surrogate + KL loss. SFT (--algo sft, the paper's baseline): the same
+questions, cross-entropy on the correct answer. This file is the run: its one Config (every field a
+flag), the checks of every flag and path before anything is built, the model, optimizer and
+reference, resume or warm start, and the loop with its checkpoints and logs. What one step does is
+in steps.py, its math in grpo.py. The model is always sharded with FSDP2: fp32 master weights (or,
+with --lora-rank, a frozen base and fp32 adapters), bf16 compute, and a process group of one when
+not launched by torchrun.
 
     python train.py                      # the CPU workshop demo: tiny model, synthetic pitch task
     torchrun --nproc_per_node 8 train.py --model /path/Qwen2-Audio-7B-Instruct --data train.jsonl
@@ -18,11 +21,9 @@ import json
 import os
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -31,12 +32,12 @@ import batches as B
 import checkpoint
 import curriculum
 import data
-import evaluate
+import synthetic
 import grpo
 import lora as L
 import model as M
 import plan
-import reward
+import steps as S
 from model import print0
 
 
@@ -134,9 +135,6 @@ def parse_args(argv=None):
     return cfg, demo
 
 
-WARM_START_BATCH = 16  # questions per warm-start step, all processes together
-
-
 def validate(cfg, world):
     """Flags that make no sense stop the run before anything is built, each named with the reason."""
     problems = [f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}"
@@ -167,7 +165,7 @@ def sampling_rules(cfg):
         (cfg.ratio_level in grpo.RATIO_LEVELS, "ratio_level", f"must be one of {', '.join(grpo.RATIO_LEVELS)}"),
         (cfg.dynamic_sampling >= 0, "dynamic_sampling", "must be >= 0 (extra rounds; 0 = off)"),
         (cfg.curriculum >= 0, "curriculum", "must be >= 0 (completions per question; 0 = off)"),
-        (reward_weights(cfg) is not None, "reward_weights", "must be two numbers >= 0: accuracy,format"),
+        (S.reward_weights(cfg) is not None, "reward_weights", "must be two numbers >= 0: accuracy,format"),
     ]
 
 
@@ -179,8 +177,8 @@ def batch_rules(cfg, world):
          f"the global batch must split evenly over the {world} process(es)"),
         (cfg.micro_batch >= 1 and share % min(cfg.micro_batch, max(share, 1)) == 0, "micro_batch",
          f"must divide each process's {share} prompts (or be at least that many)"),
-        (cfg.warm_start_steps >= 0 and (cfg.warm_start_steps == 0 or WARM_START_BATCH % world == 0),
-         "warm_start_steps", f"must be >= 0, and its batch of {WARM_START_BATCH} must split over {world} processes"),
+        (cfg.warm_start_steps >= 0 and (cfg.warm_start_steps == 0 or S.WARM_START_BATCH % world == 0),
+         "warm_start_steps", f"must be >= 0, and its batch of {S.WARM_START_BATCH} must split over {world} processes"),
         (cfg.save_every >= 1, "save_every", "must be >= 1"),
         (cfg.keep_last >= 1, "keep_last", "must be >= 1: the newest checkpoint is what --resume continues from"),
         (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]"),
@@ -211,15 +209,6 @@ def mode_rules(cfg):
     ]
 
 
-def reward_weights(cfg):
-    """(accuracy weight, format weight) from --reward-weights, or None if it does not parse."""
-    try:
-        weights = tuple(float(w) for w in cfg.reward_weights.split(","))
-    except ValueError:
-        return None
-    return weights if len(weights) == 2 and min(weights) >= 0 else None
-
-
 def check_paths(cfg):
     """The model folder, the data files and the audio folder exist, before anything is built."""
     if cfg.model not in M.TINY_MODELS:
@@ -238,340 +227,7 @@ def check_paths(cfg):
 
 
 # -----------------------------------------------------------------------------
-# One GRPO step
-
-@dataclass
-class Run:
-    """Everything a step needs, built once."""
-    cfg: Config
-    policy: torch.nn.Module
-    ref: torch.nn.Module | None  # a frozen copy; None with beta 0, or with LoRA (the adapters are switched off)
-    processor: object
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    train: list
-    device: torch.device
-    end_ids: list
-    pad_id: int
-    suppress_ids: list
-    counts: dict  # samples seen and unreadable, on this rank
-    base: Path  # the model folder the policy was loaded from
-    lora: L.LoRASettings | None = None
-    pass_rates: list | None = None  # the curriculum's, per training question
-
-
-@dataclass
-class Group:
-    """One micro-batch of rollouts with its scores."""
-    rollout: grpo.Rollout
-    samples: list
-    completions: list          # N decoded texts
-    rewards: torch.Tensor      # [N]
-    accuracy: torch.Tensor     # [N]
-    format: torch.Tensor       # [N]
-    valid: torch.Tensor        # [N] bool, False = unreadable audio (never trained on)
-    lengths: torch.Tensor      # [N] completion tokens, up to and including the first end token
-    advantages: torch.Tensor | None = None  # [N]
-    ref_logp: torch.Tensor | None = None  # [N, T]
-    old_logp: torch.Tensor | None = None  # [N, T]
-
-
-def rollout(run, step, positions, samples):
-    """Sample and score this rank's groups, micro-batch by micro-batch, with the weights gathered once."""
-    cfg, groups = run.cfg, []
-    run.policy.eval()  # generation must not run with gradient checkpointing (it would drop the KV cache)
-    with M.unsharded(run.policy):
-        for pos, batch in zip(B.chunks(positions, cfg.micro_batch), B.chunks(samples, cfg.micro_batch)):
-            audios, ok = B.read_audio(batch, cfg.downmix, run.counts)
-            inputs = collate(run, batch, audios)
-            gens = grpo.prompt_generators(cfg.seed, step, pos, run.device)
-            r = grpo.generate_groups(run.policy, inputs, gens, cfg.group_size,
-                                     cfg.max_new_tokens, run.end_ids, run.pad_id, run.suppress_ids,
-                                     cfg.temperature, cfg.top_k, cfg.top_p)
-            groups.append(score(run, r, batch, ok))
-    return groups
-
-
-def score(run, r, samples, ok):
-    """Rewards of every completion. Unreadable audio, and with --mask-truncated completions cut off at
-    the length limit, are masked out of the loss."""
-    texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
-    answers = [s.answer for s in samples for _ in range(r.group_size)]
-    scores = [reward.score(t, a, run.cfg.prompt, *reward_weights(run.cfg)) for t, a in zip(texts, answers)]
-    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=run.device)
-    valid = torch.tensor(ok, device=run.device).repeat_interleave(r.group_size)  # [N]
-    lengths = r.mask.sum(1)                                                  # [N]
-    r.mask &= valid[:, None]                                                 # [N, T]
-    if run.cfg.mask_truncated:
-        r.mask = grpo.mask_truncated(r.mask, r.completion_ids, run.end_ids)  # [N, T]
-    return Group(r, samples, texts, as_tensor([s.total for s in scores]), as_tensor([s.accuracy for s in scores]),
-                 as_tensor([s.format for s in scores]), valid, lengths)
-
-
-def sample_groups(run, step):
-    """This rank's groups for the step, and (prompts sampled, groups dropped) over all ranks. With
-    --dynamic-sampling R, groups whose rewards are all equal (no policy gradient) are dropped and up to
-    R extra rounds of prompts are sampled, until the global batch holds prompts_per_step informative
-    groups (DAPO's dynamic sampling, Yu et al., arXiv 2503.14476). Every rank decides from all-reduced
-    flags, so all stop together; every round's prompts are a pure function of (seed, step, round)."""
-    cfg, P, answers = run.cfg, run.cfg.prompts_per_step, [s.answer for s in run.train]
-    positions = B.my_share(list(range(P)), dist.get_rank(), dist.get_world_size())
-    groups, informative = [], []
-    for extra in range(cfg.dynamic_sampling + 1):
-        indices = B.step_indices(cfg, answers, step, extra, run.pass_rates)
-        new = rollout(run, step, [extra * P + p for p in positions], [run.train[indices[p]] for p in positions])
-        flags = torch.zeros(P, device=run.device)                             # [P] over all ranks
-        flags[positions] = torch.cat([grpo.informative_groups(g.rewards, cfg.group_size).float() for g in new])
-        groups, informative = groups + new, informative + [all_sum(flags)]
-        if not cfg.dynamic_sampling or torch.cat(informative).sum() >= P:
-            break
-    if not cfg.dynamic_sampling:
-        return groups, P, 0
-    keep = torch.cat(informative).bool()                                      # [rounds * P]
-    keep &= keep.cumsum(0) <= P                                               # the first P informative groups
-    mine = torch.cat([keep[r * P:(r + 1) * P][positions] for r in range(len(informative))])  # this rank's prompts
-    for g, kept in zip(groups, B.chunks(mine, cfg.micro_batch)):
-        g.rollout.mask &= kept.repeat_interleave(cfg.group_size)[:, None]
-    return groups, len(informative) * P, len(informative) * P - int(keep.sum())
-
-
-def train_step(run, step):
-    cfg, world = run.cfg, dist.get_world_size()
-    t0 = time.time()
-    sampled_groups, sampled, dropped = sample_groups(run, step)
-    per_round = len(B.chunks(B.my_share(range(cfg.prompts_per_step), 0, world), cfg.micro_batch))
-    stats = rollout_stats(run, sampled_groups[:per_round])  # the step's own prompts, before any is dropped
-    groups = trained_groups(run, sampled_groups)
-    set_advantages(run, groups)
-    with torch.no_grad():
-        for g in groups:
-            if cfg.beta:
-                g.ref_logp = reference_logprobs(run, g.rollout)
-            if cfg.num_iterations > 1:  # the policy as it sampled; with mu = 1 it is logp.detach()
-                g.old_logp = logprobs(run, run.policy, g.rollout)
-    if run.ref is not None:
-        M.reshard(run.ref)  # it never runs backward, which is where FSDP would free its root units
-    denominator = loss_denominator(run, groups)
-    run.policy.train()
-    skipped = 0
-    for _ in range(cfg.num_iterations):
-        losses = optimizer_step(run, groups, denominator)  # the metrics of the last pass are logged
-        skipped += losses["skipped"]
-    stats.update(losses, skipped=skipped, prompts_sampled=sampled, groups_dropped=dropped)
-    metrics = {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}
-    return metrics, sample_records(run, sampled_groups, step + 1)
-
-
-def trained_groups(run, groups):
-    """The micro-batches that go through the policy pass: all of them, but with dynamic sampling only
-    those in which some rank kept a group. Every rank keeps the same micro-batch slots, so each runs
-    the same number of forwards and backwards (FSDP's collectives line up)."""
-    if not run.cfg.dynamic_sampling:
-        return groups
-    used = all_sum(torch.stack([g.rollout.mask.any().float() for g in groups]))  # [micro-batches] over ranks
-    return [g for g, n in zip(groups, used.tolist()) if n > 0]
-
-
-def set_advantages(run, groups):
-    """Group-relative advantages; with --advantage-scale batch, the std of every trained reward of the
-    global batch (summed over ranks, so one process equals two). Masked samples get 0."""
-    cfg, batch_std = run.cfg, None
-    trained = [g.rollout.mask.any(1) for g in groups]                                  # [N] each
-    if cfg.advantage_scale == "batch":
-        sums = sum(grpo.reward_sums(g.rewards[t]) for g, t in zip(groups, trained))    # [3]
-        batch_std = grpo.reward_std(all_sum(sums))
-    for g, t in zip(groups, trained):
-        g.advantages = grpo.group_advantages(g.rewards, cfg.group_size, cfg.advantage_scale, batch_std) * t
-
-
-def collate(run, samples, audios):
-    """The model's batch for these samples, asked the run's way (prompt, word limit, system turn)."""
-    cfg = run.cfg
-    return M.collate(run.processor, samples, audios, cfg.prompt, cfg.system_prompt or None,
-                     cfg.think_words).to(run.device)
-
-
-def reference_logprobs(run, rollout):
-    """Log-probs under the frozen reference: its own sharded copy, or with LoRA the policy itself with
-    its adapters switched off (the base model, with no second copy of the weights)."""
-    if run.ref is not None:
-        return logprobs(run, run.ref, rollout)
-    with L.adapters_disabled(run.policy):
-        return logprobs(run, run.policy, rollout)
-
-
-def logprobs(run, model, rollout, temperature=None):
-    """grpo.completion_logprobs with the run's temperature and attention: FlexAttention on a GPU, the dense
-    mask on a CPU or with --dense-attention."""
-    flex = False if run.cfg.dense_attention else None
-    temperature = run.cfg.temperature if temperature is None else temperature
-    return grpo.completion_logprobs(model, rollout, run.pad_id, temperature, flex)
-
-
-def loss_denominator(run, groups):
-    """Normalise by the whole global batch, not per micro-batch or per rank: its trained sequences, its
-    trained tokens, or sequences x max_new_tokens (grpo.aggregate). FSDP averages gradients over ranks,
-    so each rank divides by (global count / world size)."""
-    cfg = run.cfg
-    rows = sum(g.rollout.mask.any(1).sum() for g in groups)
-    local = {"sequence_mean": rows, "token_mean": sum(g.rollout.mask.sum() for g in groups),
-             "token_sum": rows * cfg.max_new_tokens}[cfg.loss_aggregation]
-    return all_sum(torch.stack([torch.as_tensor(local, device=run.device).float()]))[0].clamp(min=1) / dist.get_world_size()
-
-
-def optimizer_step(run, groups, denominator):
-    """Accumulate the loss over micro-batches, clip, and step (or skip on a non-finite norm)."""
-    cfg, sums = run.cfg, torch.zeros(5, device=run.device)
-    for g in groups:
-        logp = logprobs(run, run.policy, g.rollout)                                       # [N, T]
-        old = logp.detach() if g.old_logp is None else g.old_logp
-        loss, m = grpo.grpo_loss(logp, old, g.ref_logp, g.advantages, g.rollout.mask, cfg.beta, cfg.clip_low,
-                                 cfg.clip_high, cfg.loss_aggregation, denominator, cfg.ratio_level)
-        loss.backward()
-        sums += torch.stack([m[k] * m["tokens"] for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high")]
-                            + [m["tokens"]])
-    grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
-    run.scheduler.step()
-    kl, clip, low, high, tokens = all_sum(sums).tolist()
-    tokens = max(tokens, 1)
-    return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
-            "clip_frac_high": high / tokens, "grad_norm": grad_norm, "skipped": int(not finite)}
-
-
-def clip_and_step(model, optimizer, max_norm):
-    """Clip the accumulated gradients and step; a non-finite norm (it is global, so every rank sees the
-    same value) skips the update on all ranks. Returns (grad norm, whether the step was taken)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), max_norm)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    finite = bool(torch.isfinite(grad_norm))
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item(), finite
-
-
-def rollout_stats(run, groups):
-    """Means over the global batch of readable samples: what the policy does, before any is dropped."""
-    G = run.cfg.group_size
-    rows = []
-    for g in groups:
-        valid = g.valid.float()                                         # [N]
-        zero_std = (g.rewards.view(-1, G).std(1) == 0).float().repeat_interleave(G)  # [N]
-        rows.append(torch.stack([valid, g.rewards * valid, g.accuracy * valid, g.format * valid,
-                                 g.lengths * valid, zero_std * valid]).sum(1))
-    n, rew, acc, fmt, length, zero = all_sum(torch.stack(rows).sum(0)).tolist()
-    n = max(n, 1)
-    return {"reward": rew / n, "accuracy": acc / n, "format": fmt / n, "completion_len": length / n,
-            "frac_zero_std": zero / n}
-
-
-def all_sum(x):
-    dist.all_reduce(x)
-    return x
-
-
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-# -----------------------------------------------------------------------------
-# Supervised steps: SFT (--algo sft) and the format warm start, on the same packed forward as GRPO
-
-def sft_step(run, step):
-    """Supervised fine-tuning on the questions GRPO would see at this step: the target is the correct
-    choice in the prompt's format (data.target_text), then the end token."""
-    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
-    t0 = time.time()
-    indices = B.step_indices(cfg, [s.answer for s in run.train], step, pass_rates=run.pass_rates)
-    batch = B.my_share([run.train[i] for i in indices], rank, world)
-    targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
-    run.policy.train()
-    stats = supervised_step(run, run.optimizer, batch, targets, run.counts)
-    run.scheduler.step()
-    return {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}, []
-
-
-def supervised_step(run, optimizer, samples, targets, counts=None):
-    """One optimizer step of cross-entropy on the target texts of this rank's share of a global batch,
-    micro-batch by micro-batch (as GRPO's steps, so the forwards are the same on 1 process as on 2).
-    The loss is the sum of -log p over the global batch's target tokens over their number (grpo.sft_loss).
-    Logged: that loss, and p(answer), the mean probability of a whole target."""
-    batches = [teacher_forced(run, s, t, counts) for s, t in zip(B.chunks(samples, run.cfg.micro_batch),
-                                                                 B.chunks(targets, run.cfg.micro_batch))]
-    tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
-    sums = torch.zeros(3, device=run.device)
-    for r in batches:
-        logp = logprobs(run, run.policy, r, temperature=1.0)                      # [B, T] targets: no temperature
-        loss, m = grpo.sft_loss(logp, r.mask, tokens)
-        loss.backward()
-        sums += torch.stack([m["nll"] * m["tokens"], m["answer_prob"] * m["sequences"], m["sequences"]])
-    grad_norm, finite = clip_and_step(run.policy, optimizer, run.cfg.grad_clip)
-    nll, prob, n = all_sum(sums).tolist()
-    return {"loss": nll / max(float(tokens) * dist.get_world_size(), 1), "answer_prob": prob / max(n, 1),
-            "grad_norm": grad_norm, "skipped": int(not finite)}
-
-
-def teacher_forced(run, samples, targets, counts=None):
-    """A Rollout whose completions are given texts (group size 1), for supervised log-probs. A sample
-    with unreadable audio keeps its place with silence and an empty mask."""
-    audios, ok = B.read_audio(samples, run.cfg.downmix, counts)
-    inputs = collate(run, samples, audios)
-    ids = run.processor.tokenizer(targets, add_special_tokens=False, padding="longest", padding_side="right",
-                                  return_tensors="pt")["input_ids"].to(run.device)
-    prompts = [row[m.bool()] for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
-    mask = grpo.completion_mask(ids, run.end_ids) & torch.tensor(ok, device=run.device)[:, None]
-    return grpo.Rollout(prompts, inputs["input_features"], inputs["feature_attention_mask"], ids, mask, group_size=1)
-
-
-def warm_start(run, steps, lr):
-    """Teach a random model the answer FORMAT only: `<answer>{a random choice}</answer>`. It then
-    starts GRPO at chance accuracy with a good format, and has to learn to listen. The questions and
-    the random answers are drawn for the whole global batch before each process takes its share, so
-    the warm start, like everything after it, does not depend on the number of processes."""
-    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
-    rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.AdamW(trainable(run.policy), lr=lr, weight_decay=0.0)
-    run.policy.train()
-    for _ in tqdm(range(steps), desc="warm start (format only)", disable=rank != 0):
-        batch = [run.train[i] for i in rng.choice(len(run.train), WARM_START_BATCH)]
-        targets = [data.target_text(rng.choice(s.choices), cfg.prompt) + M.END_TOKENS[0] for s in batch]
-        supervised_step(run, opt, B.my_share(batch, rank, world), B.my_share(targets, rank, world))
-
-
-@torch.no_grad()
-def heldout(run, samples):
-    """The held-out questions scored as evaluate.py scores a checkpoint: greedy completions from its
-    generate (the checkpoint's generation settings), MMAU's string match on the first answer tag, per
-    category too; plus the rate of completions in the prompt's format. Every rank decodes its share."""
-    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
-    run.policy.eval()
-    records = []
-    with M.unsharded(run.policy):
-        for batch in B.chunks(B.my_share(list(enumerate(samples)), rank, world), cfg.micro_batch):
-            audios, _ = B.read_audio([s for _, s in batch], cfg.downmix)
-            texts = evaluate.generate(run.policy, run.processor, [s for _, s in batch], audios, cfg.prompt,
-                                      cfg.max_new_tokens, cfg.system_prompt or None, cfg.think_words)
-            records += [evaluate.output_record(s, evaluate.Prediction(i, t, reward.extract_answer(t)))
-                        for (i, s), t in zip(batch, texts)]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, records)
-    records = [r for part in everyone for r in part]
-    s = evaluate.score(records, "model_prediction")
-    groups = {f"{field}={value}": t.accuracy / 100 for field, tallies in s.groups.items() for value, t in tallies.items()}
-    return {"eval_accuracy": s.total.accuracy / 100, "eval_format":
-            sum(reward.format_reward(r["model_output"], cfg.prompt) for r in records) / max(len(records), 1),
-            "eval_questions": s.total.total, "eval_groups": groups}
-
-
-# -----------------------------------------------------------------------------
 # Logs
-
-def sample_records(run, groups, step):
-    g = groups[0]
-    return [{"step": step, "question": g.samples[i // g.rollout.group_size].question,
-             "answer": g.samples[i // g.rollout.group_size].answer, "completion": g.completions[i],
-             "reward": g.rewards[i].item()} for i in range(min(run.cfg.log_samples, len(g.completions)))]
-
 
 def text_chart(values, height=8, width=60, label=""):
     """A plain-text line chart of values in [0, 1], resampled to `width` columns."""
@@ -604,13 +260,13 @@ def build_run(cfg, model_dir, train, device):
     except L.LoRAError as e:
         raise M.UsageError(f"--lora-targets/--lora-rank: {e}") from None
     processor = M.load_processor(model_dir)
-    optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+    optimizer = torch.optim.AdamW(S.trainable(policy), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     updates = max(cfg.max_steps * (cfg.num_iterations if cfg.algo == "grpo" else 1), 1)
     decay = (lambda u: max(0.0, 1 - u / updates)) if cfg.lr_decay else (lambda u: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     tok = processor.tokenizer
-    return Run(cfg, policy, None, processor, optimizer, scheduler, train, device, M.end_token_ids(tok),
+    return S.Run(cfg, policy, None, processor, optimizer, scheduler, train, device, M.end_token_ids(tok),
                tok.pad_token_id, M.suppressed_token_ids(tok, policy.config.text_config.vocab_size),
                {"seen": 0, "bad": 0}, Path(model_dir).resolve(), lora)
 
@@ -635,7 +291,7 @@ def check_bad_fraction(run):
     """Stop (on every rank at once) when more than max_bad_fraction of the samples seen were unreadable;
     the first few bad ones are always tolerated (the fraction is taken of at least 100)."""
     counts = torch.tensor([run.counts["bad"], run.counts["seen"]], dtype=torch.float64, device=run.device)
-    bad, seen = all_sum(counts).tolist()
+    bad, seen = S.all_sum(counts).tolist()
     if bad > run.cfg.max_bad_fraction * max(seen, 100):
         raise SystemExit(f"stopping: {int(bad)} of {int(seen)} samples had unreadable audio "
                          f"(more than --max-bad-fraction {run.cfg.max_bad_fraction}); run `python data.py` on the data")
@@ -660,13 +316,13 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     print0(f"{'demo preset' if demo else 'config'}: {json.dumps(asdict(cfg))}")
     run, held_out, start = setup(cfg, device)
-    before = heldout(run, held_out) if held_out and start == 0 else None
+    before = S.heldout(run, held_out) if held_out and start == 0 else None
     if before:
         print0(f"held-out before: accuracy {before['eval_accuracy']:.1%}, format {before['eval_format']:.1%} "
                f"({len(held_out)} questions)")
     history = loop(run, start, held_out)
     if held_out:
-        after = heldout(run, held_out)
+        after = S.heldout(run, held_out)
         print0(f"held-out after: accuracy {after['eval_accuracy']:.1%}, format {after['eval_format']:.1%}"
                + (f" (before: {before['eval_accuracy']:.1%})" if before else ""))
     if history:
@@ -686,7 +342,7 @@ def setup(cfg, device):
         if cfg.model in M.TINY_MODELS:
             M.tiny(cfg.cache_dir, window_seconds=2, family=M.TINY_MODELS[cfg.model])
         if cfg.data == "synthetic":
-            data.make_synthetic(Path(cfg.cache_dir) / "synthetic")
+            synthetic.make_synthetic(Path(cfg.cache_dir) / "synthetic")
     dist.barrier()  # the folder is tidy and the tiny model and task exist before any rank reads them
     resume_from = checkpoint.check_run_folder(cfg, asdict(Config()))
     train, held_out = B.load_data(cfg)
@@ -699,7 +355,7 @@ def setup(cfg, device):
     run = build_run(cfg, model_dir, train, device)
     if resume_from is None and (cfg.warm_start_steps or cfg.curriculum):
         if cfg.warm_start_steps:
-            warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
+            S.warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
         checkpoint.save(run, 0)  # the starting policy: the reference, and the curriculum's pre-pass resumes from it
     run.ref = reference(cfg, out / "checkpoint-0" if cfg.warm_start_steps else model_dir)
     start = checkpoint.load(run, resume_from) if resume_from else 0
@@ -716,13 +372,13 @@ def setup(cfg, device):
 
 def loop(run, start, held_out=()):
     cfg, out, history = run.cfg, Path(run.cfg.out), []
-    step_fn = sft_step if cfg.algo == "sft" else train_step
+    step_fn = S.sft_step if cfg.algo == "sft" else S.train_step
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=dist.get_rank() != 0)
     for step in bar:
         metrics, samples = step_fn(run, step)
         metrics["bad_samples"] = check_bad_fraction(run)
         if held_out and cfg.eval_every and metrics["step"] % cfg.eval_every == 0:
-            metrics.update(heldout(run, held_out))  # the same weights as the checkpoint saved below
+            metrics.update(S.heldout(run, held_out))  # the same weights as the checkpoint saved below
         history.append(metrics)
         bar.set_postfix_str(progress(cfg, metrics))
         if dist.get_rank() == 0:

@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT))  # the project is a folder of scripts, not a packa
 
 import model as M  # noqa: E402
 import train  # noqa: E402
-from data import Sample, make_synthetic  # noqa: E402
+from data import Sample  # noqa: E402
+from synthetic import make_synthetic  # noqa: E402
 
 torch.set_num_threads(2)
 

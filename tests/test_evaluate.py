@@ -28,7 +28,8 @@ import benchmarks as B
 import evaluate as E
 import model as M
 from conftest import ROOT, pitch_samples
-from data import SAMPLE_RATE, Sample, make_synthetic
+from data import SAMPLE_RATE, Sample
+from synthetic import make_synthetic
 from reward import extract_answer, mmau_correct
 
 MMAU_DIR = Path(os.environ.get("MMAU_DIR", ROOT.parent / "shared" / "mmau"))

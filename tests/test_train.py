@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 from transformers import Qwen2AudioForConditionalGeneration
 
 import data
+import synthetic
 import grpo
 import model as M
 import checkpoint
 import batches as B
+import steps as S
 import train as T
 from conftest import quick_args
 
@@ -165,7 +167,7 @@ def test_first_grpo_update_equals_a_fresh_adamw(fresh_run, monkeypatch):
         return norm
 
     monkeypatch.setattr(T.torch.nn.utils, "clip_grad_norm_", recording_clip)
-    metrics_1, _ = T.train_step(run, 0)
+    metrics_1, _ = S.train_step(run, 0)
     assert metrics_1["frac_zero_std"] < 1 and metrics_1["skipped"] == 0  # there was something to learn
     fresh = [torch.nn.Parameter(b.clone()) for b in before]
     for p, g in zip(fresh, grads):
@@ -181,7 +183,7 @@ def test_the_reference_is_resharded_after_its_pass(fresh_run):
     """The frozen reference never runs backward, where FSDP frees the root units: after a step every one
     of its parameters is back to its sharded DTensor (nothing left gathered)."""
     from torch.distributed.tensor import DTensor
-    T.train_step(fresh_run, 0)
+    S.train_step(fresh_run, 0)
     params = list(fresh_run.ref.parameters())
     assert len(params) == 66 and all(isinstance(p, DTensor) for p in params)
 
@@ -189,8 +191,8 @@ def test_the_reference_is_resharded_after_its_pass(fresh_run):
 def test_kl_is_zero_at_the_first_step(fresh_run):
     """Before the first update the policy is the reference (checkpoint-0), so the k3 KL of step 1 is 0
     in float32 (a wrong reference, e.g. the model before the warm start, gives a clearly positive KL)."""
-    metrics_1, _ = T.train_step(fresh_run, 0)
-    metrics_2, _ = T.train_step(fresh_run, 1)
+    metrics_1, _ = S.train_step(fresh_run, 0)
+    metrics_2, _ = S.train_step(fresh_run, 1)
     assert metrics_1["kl"] == 0.0 and metrics_2["kl"] > 0
 
 
@@ -300,8 +302,8 @@ def test_mask_truncated_leaves_cut_off_completions_out(warm_dir, pitch_task, tmp
     """With 6 new tokens some completions reach their end token and some are cut off. --mask-truncated
     trains on exactly the rows that ended; without it every row is trained on. Lengths and rewards are
     logged the same way either way."""
-    groups, real_score = [], T.score
-    monkeypatch.setattr(T, "score", lambda *a: groups.append(real_score(*a)) or groups[-1])
+    groups, real_score = [], S.score
+    monkeypatch.setattr(S, "score", lambda *a: groups.append(real_score(*a)) or groups[-1])
     args = lambda out, *extra: quick_args(warm_dir, pitch_task, out, "--max-steps", "1", "--max-new-tokens", "6",
                                           *extra)
     T.main(args(tmp_path / "kept"))
@@ -330,7 +332,7 @@ def fake_rollouts(informative_by_round, G=2):
             rewards = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags]).flatten()
             r = grpo.Rollout([], None, None, torch.zeros(len(rewards), 3, dtype=torch.long),
                              torch.ones(len(rewards), 3, dtype=torch.bool), G)
-            groups.append(T.Group(r, [], [""] * len(rewards), rewards, rewards, rewards,
+            groups.append(S.Group(r, [], [""] * len(rewards), rewards, rewards, rewards,
                                   torch.ones(len(rewards), dtype=torch.bool), torch.full((len(rewards),), 3)))
         return groups
     return rollout, calls
@@ -344,10 +346,10 @@ def test_dynamic_sampling_keeps_the_first_informative_groups(monkeypatch):
     M.init_distributed(always=True)
     cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=3, seed=5)
     train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
-    run = types.SimpleNamespace(cfg=cfg, train=train, device=torch.device("cpu"))
+    run = types.SimpleNamespace(cfg=cfg, train=train, device=torch.device("cpu"), pass_rates=None)
     fake, calls = fake_rollouts([[1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
-    monkeypatch.setattr(T, "rollout", fake)
-    groups, sampled, dropped = T.sample_groups(run, step=3)
+    monkeypatch.setattr(S, "rollout", fake)
+    groups, sampled, dropped = S.sample_groups(run, step=3)
     assert (sampled, dropped) == (8, 4) and len(calls) == 2 and len(groups) == 4
     kept = [g.rollout.mask.view(-1, 2, 3).any(2).all(1).tolist() for g in groups]  # per prompt
     assert sum(kept, []) == [True, False, True, False, False, True, True, False]
@@ -362,10 +364,10 @@ def test_dynamic_sampling_stops_at_its_cap(monkeypatch):
     M.init_distributed(always=True)
     train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
     fake, calls = fake_rollouts([[0, 0, 1, 0], [0, 0, 0, 0]])
-    monkeypatch.setattr(T, "rollout", fake)
+    monkeypatch.setattr(S, "rollout", fake)
     for rounds, expected in ((1, (8, 7)), (0, (4, 0))):
         cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=rounds)
-        groups, sampled, dropped = T.sample_groups(types.SimpleNamespace(cfg=cfg, train=train, device="cpu"), 0)
+        groups, sampled, dropped = S.sample_groups(types.SimpleNamespace(cfg=cfg, train=train, device="cpu", pass_rates=None), 0)
         assert (sampled, dropped) == expected
         assert sum(int(g.rollout.mask.any(1).sum()) for g in groups) == (2 if rounds else 8)
 
@@ -380,7 +382,7 @@ def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
     groups = fake(run, 0, range(4), [])
     groups[0].rewards = torch.tensor([1.0, 0.0, 2.0, 0.5])
     groups[1].rollout.mask[3] = False
-    T.set_advantages(run, groups)
+    S.set_advantages(run, groups)
     rewards = torch.cat([g.rewards for g in groups])
     std = rewards[:7].std()  # the 7 trained rewards
     centred = rewards.view(-1, 2) - rewards.view(-1, 2).mean(1, keepdim=True)
@@ -407,7 +409,7 @@ def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tm
     for logged in records:
         row = rows[logged["step"]]
         assert row["accuracy"]["total"] == pytest.approx(100 * logged["eval_accuracy"], abs=1e-9)
-        for band in data.PITCH_CHOICES:
+        for band in synthetic.PITCH_CHOICES:
             assert row["accuracy"][band] == pytest.approx(100 * logged["eval_groups"][f"category={band}"], abs=1e-9)
 
 
