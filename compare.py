@@ -25,7 +25,6 @@ import json
 import sys
 from pathlib import Path
 
-import data
 import synthetic
 import evaluate
 import model as M

@@ -13,7 +13,6 @@ writes OUT/adapters (lora.save_adapters) and OUT/checks.pt with, per rank:
 The test then trains the same adapters in one process with `train` below and compares.
 """
 
-import json
 import sys
 from pathlib import Path
 
