@@ -99,7 +99,7 @@ def test_checks_run_on_the_cpu(monkeypatch):
     monkeypatch.setattr(gpu_check, "seconds", lambda fn, *args, repeats=0: (fn(*args), float(next(ticks)))[1])
     monkeypatch.setattr(attention, "flex_kernel", sdpa_on_mask_mod([]))
     tokenizer = M.build_tokenizer()
-    config = M.tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|AUDIO|>"), window_seconds=2)
+    config = M.tiny_config(tokenizer, window_seconds=2)
     M.init_distributed(always=True)
     try:
         args = gpu_check.parse(["--group-size", "2", "--new-tokens", "4"])
