@@ -15,11 +15,12 @@ are forced to their full length (end tokens suppressed), as the plan assumes. Un
 numbers are rank 0's, without the copies gloo's collectives make of their inputs (NCCL works in
 place), which gloo keeps until a worker thread lets go.
 
-Another policy (LoRA, say) is measured by building a Step around it: ref = the same model and
-ref_context = a context that switches its adapters off, variant = plan.memory_plan's variant
-(lora_rank=...), then measure_phases(step) and compare(step, peaks, rollout).
+With --lora-rank R the policy is built as train.py builds it for LoRA (the frozen base whole in bf16,
+fp32 adapters sharded) and the reference is the policy with its adapters off. With --algo sft the step
+is SFT's: no rollout and no reference, cross-entropy on a target of --new-tokens tokens per prompt.
 
     python tests/measure_memory.py                                             # 1 process, ~2 min
+    python tests/measure_memory.py --lora-rank 8 --algo sft                    # LoRA SFT
     torchrun --standalone --nproc_per_node 2 tests/measure_memory.py            # 2 processes
     python tests/measure_memory.py --width 256 --layers 4 --vocab 8192 --audio-width 128 \
         --window-seconds 2 --group-size 4 --new-tokens 32                       # the test's model
@@ -27,8 +28,6 @@ ref_context = a context that switches its adapters off, variant = plan.memory_pl
 
 import argparse
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import grpo  # noqa: E402  (after the path insert, for `python tests/measure_memory.py`)
+import lora as L  # noqa: E402
 import model as M  # noqa: E402
 import plan  # noqa: E402
 from data import SAMPLE_RATE, Sample  # noqa: E402
@@ -89,9 +89,9 @@ def build_model(out_dir, seed=0, window_seconds=10, **sizes):
 
 @dataclass
 class Step:
-    """Built models and one prompt batch; the hook for any policy (full or LoRA) and reference."""
+    """Built models and one prompt batch, for full fine-tuning or LoRA, GRPO or SFT."""
     policy: torch.nn.Module
-    ref: torch.nn.Module | None
+    ref: torch.nn.Module | None  # None: the policy with its adapters off (LoRA), or no reference (SFT)
     optimizer: torch.optim.Optimizer
     batch: dict
     end_ids: list
@@ -100,16 +100,19 @@ class Step:
     group_size: int
     new_tokens: int
     beta: float = 0.04
-    variant: dict = field(default_factory=dict)  # plan.memory_plan's variant for this policy (lora_rank=...)
-    ref_context: Callable = nullcontext  # entered around the reference's pass (LoRA: adapters off)
+    variant: dict = field(default_factory=dict)  # plan.memory_plan's variant: algo, lora_rank, target_tokens
+    targets: torch.Tensor | None = None          # SFT: [B, new_tokens] target ids
 
 
-def load_step(model_dir, group_size, new_tokens, prompts=1):
-    """The policy (fp32 master, bf16 compute, checkpointing) and the bf16 reference, sharded as in
-    train.py, AdamW, and `prompts` copies of one question with a tone filling the audio window."""
+def load_step(model_dir, group_size, new_tokens, prompts=1, lora_rank=0, algo="grpo"):
+    """The policy (fp32 master, bf16 compute, checkpointing; with lora_rank a frozen bf16 base and fp32
+    adapters) and, for full GRPO, the bf16 reference, sharded as in train.py; AdamW on what trains, and
+    `prompts` copies of one question with a tone filling the audio window. SFT's target repeats " low"."""
     policy = M.sharded_load(model_dir, param_dtype=torch.bfloat16, storage_dtype=torch.float32,
-                            gradient_checkpointing=True)
-    ref = M.sharded_load(model_dir, storage_dtype=torch.bfloat16).requires_grad_(False).eval()
+                            gradient_checkpointing=True, lora=L.LoRASettings(rank=lora_rank) if lora_rank else None)
+    ref = None
+    if algo == "grpo" and not lora_rank:
+        ref = M.sharded_load(model_dir, storage_dtype=torch.bfloat16).requires_grad_(False).eval()
     processor = M.load_processor(model_dir)
     seconds = processor.feature_extractor.chunk_length
     tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(seconds * SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
@@ -117,14 +120,20 @@ def load_step(model_dir, group_size, new_tokens, prompts=1):
     tok = processor.tokenizer
     end_ids = M.end_token_ids(tok)
     suppress = M.suppressed_token_ids(tok, policy.config.text_config.vocab_size) + end_ids
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    return Step(policy, ref, optimizer, batch, end_ids, tok.pad_token_id, suppress, group_size, new_tokens)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
+    targets = torch.tensor([(tok.encode(" low") * new_tokens)[:new_tokens]] * prompts) if algo == "sft" else None
+    variant = dict(algo=algo, lora_rank=lora_rank, target_tokens=new_tokens)
+    return Step(policy, ref, optimizer, batch, end_ids, tok.pad_token_id, suppress,
+                group_size if algo == "grpo" else 1, new_tokens, variant=variant, targets=targets)
 
 
 def run_step(step, micro_batches=2):
     """One GRPO step as train.py runs it, each phase under a profiler label "phase:NAME": sample all
     micro-batches under one model.unsharded, then the reference's log-probs, then forward + backward
-    per micro-batch (the gradients accumulate), then clip and step. Returns the last rollout."""
+    per micro-batch (the gradients accumulate), then clip and step. Returns the last rollout.
+    SFT: its forward + backward on the teacher-forced targets per micro-batch, then clip and step."""
+    if step.targets is not None:
+        return run_sft_step(step, micro_batches)
     B = step.batch["input_ids"].size(0)
     with record_function("phase:rollout"):
         step.policy.eval()
@@ -141,21 +150,41 @@ def run_step(step, micro_batches=2):
             logp = grpo.completion_logprobs(step.policy, r, step.pad_id)          # [N, T]
             loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, r.mask, step.beta)
             loss.backward()
+    optimizer_phase(step)
+    return rollouts[-1]
+
+
+def run_sft_step(step, micro_batches):
+    """SFT as steps.supervised_step runs it: a prompt + target sequence per prompt (group size 1)."""
+    prompts = [row[m.bool()] for row, m in zip(step.batch["input_ids"], step.batch["attention_mask"])]
+    r = grpo.Rollout(prompts, step.batch["input_features"], step.batch["feature_attention_mask"], step.targets,
+                     torch.ones_like(step.targets, dtype=torch.bool), group_size=1)
+    with record_function("phase:policy"):
+        step.policy.train()
+        for _ in range(micro_batches):
+            loss, _ = grpo.sft_loss(grpo.completion_logprobs(step.policy, r, step.pad_id), r.mask)
+            loss.backward()
+    optimizer_phase(step)
+    return r
+
+
+def optimizer_phase(step):
     with record_function("phase:optimizer"):
-        torch.nn.utils.clip_grad_norm_(step.policy.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in step.policy.parameters() if p.requires_grad], 1.0)
         step.optimizer.step()
         step.optimizer.zero_grad(set_to_none=True)
-    return rollouts[-1]
 
 
 @torch.no_grad()
 def reference(step, r):
-    """Reference log-probs, then every reference unit resharded: FSDP2 keeps a root's weights
-    gathered after forward (it expects a backward), which the reference never runs."""
-    with step.ref_context():
-        logp = grpo.completion_logprobs(step.ref, r, step.pad_id)
-    for unit in M.fsdp_units(step.ref):
-        unit.reshard()
+    """Reference log-probs. Its own copy is resharded after: FSDP2 keeps a root's weights gathered after
+    forward (it expects a backward), which the reference never runs. With LoRA it is the policy with
+    its adapters off, as in steps.reference_logprobs."""
+    if step.ref is None:
+        with L.adapters_disabled(step.policy):
+            return grpo.completion_logprobs(step.policy, r, step.pad_id)
+    logp = grpo.completion_logprobs(step.ref, r, step.pad_id)
+    M.reshard(step.ref)
     return logp
 
 
@@ -199,7 +228,8 @@ def local_bytes(tensors):
 
 
 def state_bytes(step):
-    """What lives through the step, counted from the tensors: master weights, AdamW moments, reference."""
+    """What lives through the step, counted from the tensors: the policy's weights (fp32 master shards;
+    with LoRA the whole bf16 base and the adapters' shards), AdamW moments, reference."""
     moments = [v for s in step.optimizer.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
     return {"master": local_bytes(step.policy.parameters()), "moments": local_bytes(moments),
             "reference": local_bytes(step.ref.parameters()) if step.ref is not None else 0}
@@ -215,7 +245,7 @@ def compare(step, peaks, r):
                          group_size=step.group_size, prompt_tokens=max(len(x) for x in r.prompt_ids),
                          max_new_tokens=step.new_tokens, beta=step.beta, device="cpu", **step.variant)
     planned = plan.phase_peaks(p)
-    return [(phase, peaks[phase], planned[phase]) for phase in PHASES], p
+    return [(phase, peaks[phase], planned[phase]) for phase in PHASES if phase in planned], p
 
 
 def report(step, peaks, own, r):
@@ -243,13 +273,15 @@ def main():
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--audio-width", type=int, default=256)
     parser.add_argument("--window-seconds", type=int, default=10, help="audio window (50 encoder positions per second)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0 = full fine-tuning)")
+    parser.add_argument("--algo", default="grpo", choices=["grpo", "sft"], help="GRPO's step or SFT's")
     args = parser.parse_args()
     M.init_distributed(always=True)
     torch.set_num_threads(1)  # the CPU attention kernel's scratch buffers are per thread
     sizes = dict(width=args.width, layers=args.layers, vocab=args.vocab, audio_width=args.audio_width)
     name = "mid-qwen2-audio-" + "-".join(f"{k}{v}" for k, v in sizes.items()) + f"-{args.window_seconds}s"
     model_dir = build_model(REPO / ".cache" / name, window_seconds=args.window_seconds, **sizes)
-    step = load_step(model_dir, args.group_size, args.new_tokens)
+    step = load_step(model_dir, args.group_size, args.new_tokens, lora_rank=args.lora_rank, algo=args.algo)
     M.print0(report(step, *measure_phases(step)))
     dist.destroy_process_group()
 
