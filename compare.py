@@ -16,7 +16,7 @@ Each final checkpoint, and the start, is scored by evaluate.py (greedy, MMAU's s
                  (synthetic.SHIFTS["wording"])
 Finished runs and evaluations are kept, so a second call only prints the table.
 
-    python compare.py                      # seed 0, 500 steps: about 20 minutes on 2 cores
+    python compare.py                      # seed 0, 500 steps: about 40 minutes on one CPU thread
     python compare.py --seed 1 --out runs/compare-s1
 """
 
