@@ -106,8 +106,9 @@ class Config:
 # R1-AQA's values above stay the defaults for real models; flags given explicitly override these.
 # beta 0.1 rather than 0.04: a stronger pull towards the reference keeps some probability on every
 # answer, so a class the policy gets wrong still yields a correct sample to learn from. At 0.04 (and
-# with G = 16 too) some seeds stalled at 50% or 75%, every group of the unlearned classes all wrong.
-# 0.04 with --dynamic-sampling 4 learned on seed 0 at 4x the sampling; not yet shown on more seeds (README).
+# with G = 16 too) an earlier version stalled at 50% or 75% on some seeds. Now 0.04 learned on seeds 0-3
+# here but stalled at 75% on one of four with --model tiny-omni, and with --dynamic-sampling 4 on one of
+# four here too; 0.1 learned on all eight (README).
 # A constant lr: with R1-AQA's linear decay the tiny model had not started to listen by step 250.
 DEMO = dict(max_steps=600, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=False, beta=0.1,
             max_new_tokens=16, dtype="float32", gradient_checkpointing=False, balance_answers=True,
