@@ -13,9 +13,9 @@ holds the merged weights, so from_pretrained opens it as a plain model. Beside t
 metrics.jsonl and samples.jsonl log the run, one JSON record a step.
 
 Finished work is never lost:
-- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced (each by
-  the process that wrote it), then it is renamed. Saving a step that exists first renames the old one to checkpoint-{step}.old, so a
-  complete copy of every saved step is on disk at every moment. tidy() clears what a crash left
+- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced (each file
+  by the process that wrote it), then it is renamed. Saving a step that exists first renames the old
+  one to checkpoint-{step}.old, so a complete copy of every saved step is on disk at every moment. tidy() clears what a crash left
   (stale .tmp folders; an .old whose replacement never arrived is put back).
 - A run that is not --resume refuses a folder that holds another run (--overwrite starts over);
   --resume refuses a run made with settings that change the run (check_run_folder).

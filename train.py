@@ -99,7 +99,7 @@ class Config:
     max_bad_fraction: float = 0.01  # stop if more than this share of samples has unreadable audio
     eval_samples: int = 200  # held-out questions scored (the first N of --eval-data)
     eval_every: int = 0  # also score them at every checkpoint whose step is a multiple of this (0 = never)
-    dist_timeout_minutes: float = 30.0  # how long a process may wait for the others in one collective before the run aborts
+    dist_timeout_minutes: float = 30.0  # a process waiting longer than this in one collective aborts the run (NCCL)
     plan: bool = False  # print the per-GPU memory plan and FLOPs of this config (the 7B unless --model is a folder), exit
     gpus: int = 8  # number of GPUs the --plan is for
     gpu_mem: float = 80.0  # GiB per GPU that the --plan checks against
@@ -211,6 +211,7 @@ def mode_rules(cfg):
         (cfg.lora_rank == 0 or not cfg.warm_start_steps, "lora_rank",
          "with --warm-start-steps: warm start a full model first, then start LoRA from its checkpoint-0"),
         (0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
+        (cfg.dist_timeout_minutes > 0, "dist_timeout_minutes", "must be > 0"),
     ]
 
 
@@ -329,10 +330,11 @@ def check_disk(cfg, model_dir, resume_from, device):
                         device=device)
     dist.broadcast(free, src=0)
     if need.total > free.item():
+        zero = " and checkpoint-0" if first else ""
         raise M.UsageError(f"--out {cfg.out}: the run needs about {need.total / 1e9:.1f} GB for its checkpoints "
-                           f"({need.at_once} of {need.checkpoint / 1e9:.1f} GB at once{' and checkpoint-0' if first else ''}) "
-                           f"but {free.item() / 1e9:.1f} GB are free there: free some space, lower --keep-last, "
-                           f"or choose another --out")
+                           f"({need.at_once} of {need.checkpoint / 1e9:.1f} GB at once{zero}) but "
+                           f"{free.item() / 1e9:.1f} GB are free there: free some space, lower --keep-last, or "
+                           f"choose another --out")
     return need
 
 
