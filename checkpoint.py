@@ -7,10 +7,12 @@ model.load and evaluate.py open it) plus the exact training state:
   trainer_state.pt    the step, the lr scheduler, the RNG, the run's sample counters and the config
   train_config.json   the config, readable
 Nothing else is needed to continue bit for bit: the data order is a pure function of (seed, step).
-With LoRA a checkpoint holds the adapters in PEFT's layout (adapter_model.safetensors and an
-adapter_config.json naming the base model), which model.load merges onto the base; the last one also
-holds the merged weights, so from_pretrained opens it as a plain model. Beside the checkpoints,
-metrics.jsonl and samples.jsonl log the run, one JSON record a step.
+With LoRA every checkpoint holds, in place of the model, the adapters in PEFT's layout
+(adapter_model.safetensors and an adapter_config.json naming the base model), which model.load merges
+onto the base and PeftModel.from_pretrained(base, checkpoint) opens; the last one also holds the merged
+model in merged/, a plain Hugging Face folder. No folder holds both a model's weights and adapter
+files: from_pretrained with PEFT installed would add the adapters to weights that already hold them.
+Beside the checkpoints, metrics.jsonl and samples.jsonl log the run, one JSON record a step.
 
 Finished work is never lost:
 - A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced, then it
@@ -46,6 +48,7 @@ MAY_CHANGE_ON_RESUME = {"out", "max_steps", "save_every", "keep_last", "resume",
                         "max_bad_fraction", "eval_data", "eval_samples", "eval_every", "micro_batch", "gradient_checkpointing",
                         "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem"}
 RUN_FILES = ("metrics.jsonl", "samples.jsonl")  # what a run writes besides its checkpoints
+MERGED = "merged"  # the subfolder of a LoRA run's last checkpoint that holds the merged model
 
 
 # -----------------------------------------------------------------------------
@@ -136,11 +139,13 @@ def save(run, step):
     weights = hf_weights(run, step)
     adapters = L.adapter_state_dict(run.policy) if run.lora else None  # a collective: every rank calls it
     if rank == 0:
-        if weights is not None:
-            run.policy.save_pretrained(tmp, state_dict=weights)
+        if weights is not None:  # a LoRA run's merged model goes in merged/, away from its adapter files
+            model_folder = tmp / MERGED if run.lora else tmp
+            run.policy.save_pretrained(model_folder, state_dict=weights)
+            run.processor.save_pretrained(model_folder)
         if adapters is not None:
             L.save_adapters(tmp, adapters, run.lora, base_model=str(run.base))
-        run.processor.save_pretrained(tmp)
+            run.processor.save_pretrained(tmp)
     dcp.save(training_state(run), checkpoint_id=tmp / "train_state")
     counts = torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)
     dist.all_reduce(counts)  # the run's totals, kept by rank 0
