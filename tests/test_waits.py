@@ -52,7 +52,7 @@ def test_the_timeout_reaches_the_process_group(monkeypatch):
     dist.destroy_process_group()
     assert seen == [timedelta(minutes=7)]
     with pytest.raises(M.UsageError, match="--dist-timeout-minutes 0.0: must be > 0"):
-        T.validate(T.Config(dist_timeout_minutes=0), 1)
+        T.validate(T.Config(dist_timeout_minutes=0.0), 1)
 
     def stop(always=False, timeout=None):
         seen.append(timeout)
