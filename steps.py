@@ -136,7 +136,8 @@ def sample_groups(run, step):
     keep = torch.cat(informative).bool()                                      # [rounds * P]
     keep &= keep.cumsum(0) <= P                                               # the first P informative groups
     mine = torch.cat([keep[r * P:(r + 1) * P][positions] for r in range(len(informative))])  # this rank's prompts
-    for g, kept in zip(groups, B.chunks(mine, cfg.micro_batch)):
+    sizes = [len(g.rewards) // cfg.group_size for g in groups]                # prompts per micro-batch, by round
+    for g, kept in zip(groups, mine.split(sizes)):
         g.rollout.mask &= kept.repeat_interleave(cfg.group_size)[:, None]
     return groups, len(informative) * P, len(informative) * P - int(keep.sum())
 
