@@ -73,12 +73,12 @@ def run_grid(model_dir, train_jsonl, out_dir):
                 records[name] = {"steps": log}
             except M.UsageError as e:
                 records[name] = {"refused": str(e)}
+        if dist.get_rank() == 0:
+            (Path(out_dir) / "grid.json").write_text(json.dumps(records))
     finally:
         S.sample_groups, dist.destroy_process_group = sample_groups, destroy
         torch.set_num_threads(threads)
-    if dist.get_rank() == 0:
-        (Path(out_dir) / "grid.json").write_text(json.dumps(records))
-    dist.destroy_process_group()
+        dist.destroy_process_group()
     return records
 
 

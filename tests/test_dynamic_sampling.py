@@ -24,10 +24,11 @@ def grids(warm_dir, pitch_task, tmp_path_factory):
     """{processes: (records by combination, out folder)}: the grid in this process, then under torchrun on 2."""
     one, two = tmp_path_factory.mktemp("grid1"), tmp_path_factory.mktemp("grid2")
     D.run_grid(warm_dir, pitch_task[0], one)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "tests" / "dynsample_grid.py"), str(warm_dir), str(pitch_task[0]), str(two)],
-                   cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, timeout=600,
-                   capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "dynsample_grid.py"), str(warm_dir), str(pitch_task[0]), str(two)],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     return {n: (json.loads((out / "grid.json").read_text()), out) for n, out in ((1, one), (2, two))}
 
 
