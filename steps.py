@@ -80,6 +80,14 @@ class Group:
     advantages: torch.Tensor | None = None  # [N]
     ref_logp: torch.Tensor | None = None  # [N, T]
     old_logp: torch.Tensor | None = None  # [N, T]
+    # [N] bool, True = in the batch: counted in the loss's scale and in the batch std. The readable rows
+    # (valid) until dynamic sampling drops a group. A truncated completion under --mask-truncated stays
+    # counted though its mask (what is trained on) is empty, as in TRL.
+    counted: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.counted is None:
+            self.counted = self.valid.clone()
 
 
 def rollout(run, step, positions, samples):
@@ -100,7 +108,7 @@ def rollout(run, step, positions, samples):
 
 def score(run, r, samples, ok):
     """Rewards of every completion. Unreadable audio, and with --mask-truncated completions cut off at
-    the length limit, are masked out of the loss."""
+    the length limit, are masked out of the loss; only unreadable audio is out of the batch's count."""
     texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
     answers = [s.answer for s in samples for _ in range(r.group_size)]
     scores = [reward.score(t, a, run.cfg.prompt, *reward_weights(run.cfg)) for t, a in zip(texts, answers)]
@@ -136,8 +144,11 @@ def sample_groups(run, step):
     keep = torch.cat(informative).bool()                                      # [rounds * P]
     keep &= keep.cumsum(0) <= P                                               # the first P informative groups
     mine = torch.cat([keep[r * P:(r + 1) * P][positions] for r in range(len(informative))])  # this rank's prompts
-    for g, kept in zip(groups, B.chunks(mine, cfg.micro_batch)):
-        g.rollout.mask &= kept.repeat_interleave(cfg.group_size)[:, None]
+    sizes = [len(g.rewards) // cfg.group_size for g in groups]                # prompts per micro-batch, by round
+    for g, kept in zip(groups, mine.split(sizes)):
+        rows = kept.repeat_interleave(cfg.group_size)                         # [N]
+        g.rollout.mask &= rows[:, None]
+        g.counted &= rows
     return groups, len(informative) * P, len(informative) * P - int(keep.sum())
 
 
@@ -148,7 +159,7 @@ def train_step(run, step):
     per_round = len(B.chunks(B.my_share(range(cfg.prompts_per_step), 0, world), cfg.micro_batch))
     stats = rollout_stats(run, sampled_groups[:per_round])  # the step's own prompts, before any is dropped
     groups = trained_groups(run, sampled_groups)
-    set_advantages(run, groups)
+    set_advantages(run, sampled_groups)  # all: a micro-batch with nothing to train on may still count (truncated)
     with torch.no_grad():
         for g in groups:
             if cfg.beta:
@@ -157,7 +168,7 @@ def train_step(run, step):
                 g.old_logp = logprobs(run, run.policy, g.rollout)
     if run.ref is not None:
         M.reshard(run.ref)  # it never runs backward, which is where FSDP would free its root units
-    denominator = loss_denominator(run, groups)
+    denominator = loss_denominator(run, sampled_groups)
     run.policy.train()
     skipped = 0
     for _ in range(cfg.num_iterations):
@@ -170,8 +181,9 @@ def train_step(run, step):
 
 def trained_groups(run, groups):
     """The micro-batches that go through the policy pass: all of them, but with dynamic sampling only
-    those in which some rank kept a group. Every rank keeps the same micro-batch slots, so each runs
-    the same number of forwards and backwards (FSDP's collectives line up)."""
+    those in which some rank trains on a completion (of a kept group, not truncated). Every rank keeps
+    the same micro-batch slots, so each runs the same number of forwards and backwards (FSDP's
+    collectives line up)."""
     if not run.cfg.dynamic_sampling:
         return groups
     used = all_sum(torch.stack([g.rollout.mask.any().float() for g in groups]))  # [micro-batches] over ranks
@@ -179,12 +191,13 @@ def trained_groups(run, groups):
 
 
 def set_advantages(run, groups):
-    """Group-relative advantages; with --advantage-scale batch, the std of every trained reward of the
-    global batch (summed over ranks, so one process equals two). Masked samples get 0."""
+    """Group-relative advantages; with --advantage-scale batch, the std of every counted reward of the
+    global batch (a truncated completion's too, as TRL's; summed over ranks, so one process equals two).
+    Samples not trained on get 0."""
     cfg, batch_std = run.cfg, None
     trained = [g.rollout.mask.any(1) for g in groups]                                  # [N] each
     if cfg.advantage_scale == "batch":
-        sums = sum(grpo.reward_sums(g.rewards[t]) for g, t in zip(groups, trained))    # [3]
+        sums = sum(grpo.reward_sums(g.rewards[g.counted]) for g in groups)             # [3]
         batch_std = grpo.reward_std(all_sum(sums))
     for g, t in zip(groups, trained):
         g.advantages = grpo.group_advantages(g.rewards, cfg.group_size, cfg.advantage_scale, batch_std) * t
@@ -215,11 +228,12 @@ def logprobs(run, model, rollout, temperature=None):
 
 
 def loss_denominator(run, groups):
-    """Normalise by the whole global batch, not per micro-batch or per rank: its trained sequences, its
-    trained tokens, or sequences x max_new_tokens (grpo.aggregate). FSDP averages gradients over ranks,
-    so each rank divides by (global count / world size)."""
+    """Normalise by the whole global batch, not per micro-batch or per rank: its counted sequences (a
+    truncated one too, as TRL's mean over rows), its trained tokens, or counted sequences x
+    max_new_tokens (grpo.aggregate). FSDP averages gradients over ranks, so each rank divides by
+    (global count / world size)."""
     cfg = run.cfg
-    rows = sum(g.rollout.mask.any(1).sum() for g in groups)
+    rows = sum(g.counted.sum() for g in groups)
     local = {"sequence_mean": rows, "token_mean": sum(g.rollout.mask.sum() for g in groups),
              "token_sum": rows * cfg.max_new_tokens}[cfg.loss_aggregation]
     return all_sum(torch.stack([torch.as_tensor(local, device=run.device).float()]))[0].clamp(min=1) / dist.get_world_size()
