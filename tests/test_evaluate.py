@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -449,6 +450,109 @@ def test_score_file_names_the_benchmark(tmp_path, capsys):
                                                                            "total": 3}
 
 
+def test_mmar_predictions_carry_the_key_its_script_reads():
+    """MMAR's code/evaluation.py reads `answer_prediction`: evaluate.py's MMAR record carries it, equal to
+    model_prediction (which MMAR's README names); records of other benchmarks do not get it."""
+    meta = {k: v for k, v in MMAR_RECORDS[0].items() if k != "model_prediction"}
+    record = E.output_record(Sample("x.wav", "?", INSTRUMENTS, "Flute", meta),
+                             E.Prediction(0, "<answer>Flute</answer>", "Flute"))
+    assert record["answer_prediction"] == record["model_prediction"] == "Flute"
+    plain = E.output_record(Sample("a.wav", "?", CHOICES, "Man", {}), E.Prediction(0, "Man", "Man"))
+    assert "answer_prediction" not in plain
+
+
+def test_mmar_file_in_the_official_format_is_scored(tmp_path, capsys):
+    """A file with only MMAR's script's key (answer_prediction, no model_prediction) is scored on it by
+    default, and --key answer_prediction is accepted: the same 2 of 4 as MMAR_RECORDS by model_prediction
+    (the item without a prediction skipped), not "0.00% over 0 samples"."""
+    official = [{("answer_prediction" if k == "model_prediction" else k): v for k, v in r.items()}
+                for r in MMAR_RECORDS]
+    s = E.score(official)
+    assert (s.key, s.total.correct, s.total.total, s.skipped) == ("answer_prediction", 2, 4, 1)
+    assert E.report_lines(s) == E.report_lines(E.score(MMAR_RECORDS))
+    preds = tmp_path / "mmar.json"
+    preds.write_text(json.dumps(official))
+    assert E.main(["--score", str(preds), "--key", "answer_prediction"]) == 0
+    assert "Total Accuracy: 50.00% over 4 samples" in capsys.readouterr().out
+
+
+def official_mmsu(response, answer="Sad"):
+    """A record as MMSU's own inference writes it: no answer or choices, and `response` (none if it is ...)."""
+    record = {k: v for k, v in mmsu("x", answer, "Perception", "Paralinguistics").items() if k != "model_prediction"}
+    return record if response is ... else dict(record, response=response)
+
+
+def test_mmsu_null_response_is_skipped_and_a_missing_one_counted_wrong():
+    """As MMSU's script: it reads record.get('response', ''), so a missing response is "" and counts as
+    wrong; a null one fails its .strip() and is left out of every count."""
+    records = [official_mmsu("B"), official_mmsu(None), official_mmsu(...), official_mmsu("C")]
+    # "B" -> choice B "Sad" == answer_gt: right; null: skipped; missing -> "": counted, wrong; "C" -> "Angry": wrong
+    s = E.score(records)
+    assert (s.key, s.total.correct, s.total.total, s.skipped, s.missing) == ("response", 1, 3, 1, 1)
+    assert B.note_lines(s) == [
+        "1 items have a 'response' that is not a string (null): not counted, as in the official script",
+        "1 items have no 'response' field: read as \"\" and counted wrong, as in the official script"]
+
+
+def test_score_reads_mmsu_files_in_the_official_format(tmp_path, capsys):
+    """--score on what MMSU's own tools write (JSONL; answer_gt and choice_a .. choice_d, `response`, no
+    answer or choices) prints MMSU's lines, by `response`: not "answers withheld", not "not a JSON file"."""
+    records = [dict(official_mmsu(B.mmsu_response(r["model_prediction"], r), r["answer_gt"]),
+                    **{k: r[k] for k in ("choice_a", "choice_b", "choice_c", "choice_d", "category", "sub-category")})
+               for r in MMSU_RECORDS]
+    preds = tmp_path / "mmsu.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert E.main(["--score", str(preds)]) == 0
+    out = capsys.readouterr().out
+    # the same responses as MMSU_RECORDS' predictions give: 3 right of 7 counted, 2 without a letter
+    assert "by 'response'" in out and "Overall Accuracy: 0.4286" in out and "Total count: 7" in out
+
+
+def finish_from_parts(data: Path, out: Path, predictions: list, key: str | None = None) -> B.Score:
+    """evaluate.finish (rank 0's merge, write and score) on predictions put in the part files by hand,
+    as a run leaves them: what the run writes, without a model. key: --key (None: its default)."""
+    parts = E.parts_dir(out)
+    parts.mkdir(parents=True)
+    (parts / "rank0.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in predictions))
+    cfg = E.EvalConfig("model", str(data), str(out), **({} if key is None else {"key": key}))
+    return E.finish(cfg, E.read_data(str(data), None), out, E.sha256(data), 1)
+
+
+def test_mmsu_predictions_are_the_jsonl_its_script_reads(tmp_path):
+    """MMSU's script reads JSONL (json.loads line by line; a JSON list gives it no items): the MMSU
+    predictions file is one record a line, each with the `response` it reads. MMAU's stays a JSON list."""
+    data = tmp_path / "mmsu.jsonl"
+    data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "model_prediction"}) + "\n"
+                            for r in MMSU_RECORDS))
+    predictions = [E.Prediction(i, r["model_prediction"], r["model_prediction"]) for i, r in enumerate(MMSU_RECORDS)]
+    s = finish_from_parts(data, tmp_path / "preds.json", predictions)
+    lines = [json.loads(line) for line in (tmp_path / "preds.json").read_text().splitlines()]
+    assert [r["response"] for r in lines] == ["D", "C", "B", "The answer is A.", "I am not sure", "", "Definitely yes",
+                                              "sad", "A"]  # a choice's text becomes its letter
+    assert (s.total.correct, s.total.total) == (3, 7)  # as test_mmsu_is_scored_and_printed_as_its_script
+    assert E.score(lines, "response").total == s.total  # the file alone, read by the script's key
+    mmau = tmp_path / "mmau.json"
+    mmau.write_text(json.dumps([{"audio_id": "a.wav", "question": "Who?", "choices": CHOICES, "answer": "Man",
+                                 "task": "sound"}]))
+    finish_from_parts(mmau, tmp_path / "mmau-preds.json", [E.Prediction(0, "Man", "Man")])
+    assert isinstance(json.loads((tmp_path / "mmau-preds.json").read_text()), list)
+
+
+def test_the_submission_carries_the_key_asked_for(tmp_path):
+    """A withheld test set's submission carries model_prediction (the input MMAU's README names) by default;
+    --key model_output (the key MMAU's evaluation.py reads) makes it carry the whole reply under that name."""
+    data = tmp_path / "mmau-test.json"
+    items = [{"id": f"q{i}", "audio_id": f"./a/{i}.wav", "question": "Who?", "choices": CHOICES, "answer": "",
+              "task": "sound"} for i in range(2)]
+    data.write_text(json.dumps(items))
+    predictions = [E.Prediction(i, f"<think>hm</think><answer>{c}</answer>", c) for i, c in enumerate(["Man", "Robot"])]
+    for key in ("model_prediction", "model_output"):
+        out = tmp_path / key / "preds.json"
+        assert finish_from_parts(data, out, predictions, key).key == key
+        submission = json.loads(E.submission_path(out).read_text())
+        assert submission == [dict(item, **{key: getattr(p, key)}) for item, p in zip(items, predictions)]
+
+
 # ----------------------------------------------------------------------------- end to end on the tiny model
 
 @pytest.fixture(scope="module")
@@ -703,8 +807,17 @@ def test_missing_audio_dir_is_one_line(tiny_dir, tmp_path, capsys):
     assert f"--audio-dir {audio}: no such folder" in err
 
 
+def test_a_key_the_predictions_will_not_have_is_one_line(tiny_dir, tmp_path, capsys):
+    """--key response (MMSU's script's field) on plain questions, whose predictions will not have it:
+    one line naming the fields they will have, before any model is loaded."""
+    err = usage_error(["--model", str(tiny_dir), "--data", str(questions(tmp_path)), "--out", str(tmp_path / "p.json"),
+                       "--key", "response"], capsys)
+    assert "--key response" in err and "give one of model_prediction, model_output" in err
+
+
 @pytest.mark.parametrize("content, says", [(None, "no such file"), ("[{oops", "not a JSON file"),
-                                           ('{"answer": "Man"}', "a JSON dict"), ("[1, 2]", "item 0"),
+                                           ('{\n  "answer": "Man"\n}', "a JSON dict"), ("[1, 2]", "item 0"),
+                                           ('{"answer": "Man"}', "item 0"),  # JSONL: one record without choices
                                            ('[{"answer": "Man", "choices": ["Man"], "model_output": null}]', "item 0")])
 def test_bad_predictions_file_is_one_line(content, says, tmp_path, capsys):
     """--score: a missing file, a file that is not JSON, JSON that is not a list of question records."""
