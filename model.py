@@ -248,7 +248,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False)
     for config in (model.config, *(getattr(model.config, k) for k in model.config.sub_configs)):
         config.dtype = dtype  # as from_pretrained(dtype=...) records it
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, load_processor(path)
 
 
@@ -419,7 +419,7 @@ def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_c
     if lora:
         L.apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.audio)  # fp32 adapters
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     shard(model, param_dtype, lora=bool(lora))
     model.to_empty(device=device)
     full = {}
