@@ -237,7 +237,8 @@ def optimizer_step(run, groups, denominator):
         sums += torch.stack([m[k] * m["tokens"] for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high")]
                             + [m["tokens"]])
     grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
-    run.scheduler.step()
+    if finite:  # a skipped update leaves the schedule where it is (as transformers' Trainer does)
+        run.scheduler.step()
     kl, clip, low, high, tokens = all_sum(sums).tolist()
     tokens = max(tokens, 1)
     return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
@@ -293,7 +294,8 @@ def sft_step(run, step):
     targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
     run.policy.train()
     stats = supervised_step(run, run.optimizer, batch, targets, run.counts)
-    run.scheduler.step()
+    if not stats["skipped"]:  # a skipped update leaves the schedule where it is
+        run.scheduler.step()
     return {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}, []
 
 
