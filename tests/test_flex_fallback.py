@@ -135,7 +135,7 @@ def test_two_processes_fall_back_together(warm_dir, pitch_task, dense, tmp_path)
     """Two processes under torchrun, FlexAttention forced on the CPU (tests/flex_fallback_run.py): both
     fail in their first policy forward, agree through the all-reduced flag, reset FSDP and redo the
     step together (no hang), rank 0 prints the one line, and the weights equal one dense process's
-    within 1e-5 (the tolerance of 1 = 2 processes in tests/test_distributed.py)."""
+    within 1e-7 (measured 7.5e-9: the two processes sum gradients in another order)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "flex_fallback_run.py"),
            *quick_args(warm_dir, pitch_task, tmp_path, "--max-steps", "2", "--algo", "grpo", "--beta", "0")]
@@ -147,4 +147,4 @@ def test_two_processes_fall_back_together(warm_dir, pitch_task, dense, tmp_path)
     weights = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
     reference = dense("--algo", "grpo", "--beta", "0")
     assert weights.keys() == reference.keys()
-    assert max((weights[k] - reference[k]).abs().max().item() for k in weights) < 1e-5
+    assert max((weights[k] - reference[k]).abs().max().item() for k in weights) < 1e-7
