@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import attention
 import batches as B
 import data
 import evaluate
@@ -64,6 +65,7 @@ class Run:
     base: Path  # the model folder the policy was loaded from
     lora: L.LoRASettings | None = None
     pass_rates: list | None = None  # the curriculum's, per training question
+    flex_failed: bool = False  # FlexAttention's kernel failed: the dense mask for the rest of the run
 
 
 @dataclass
@@ -161,11 +163,7 @@ def train_step(run, step):
     groups = trained_groups(run, sampled_groups)
     set_advantages(run, sampled_groups)  # all: a micro-batch with nothing to train on may still count (truncated)
     with torch.no_grad():
-        for g in groups:
-            if cfg.beta:
-                g.ref_logp = reference_logprobs(run, g.rollout)
-            if cfg.num_iterations > 1:  # the policy as it sampled; with mu = 1 it is logp.detach()
-                g.old_logp = logprobs(run, run.policy, g.rollout)
+        flex_or_dense(run, lambda: fixed_logprobs(run, groups))
     if run.ref is not None:
         M.reshard(run.ref)  # it never runs backward, which is where FSDP would free its root units
     denominator = loss_denominator(run, sampled_groups)
@@ -177,6 +175,15 @@ def train_step(run, step):
     stats.update(losses, skipped=skipped, prompts_sampled=sampled, groups_dropped=dropped)
     metrics = {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}
     return metrics, sample_records(run, sampled_groups, step + 1)
+
+
+def fixed_logprobs(run, groups):
+    """The log-probs the loss holds fixed: the reference's, and with mu > 1 the policy's as it sampled."""
+    for g in groups:
+        if run.cfg.beta:
+            g.ref_logp = reference_logprobs(run, g.rollout)
+        if run.cfg.num_iterations > 1:  # with mu = 1 it is logp.detach()
+            g.old_logp = logprobs(run, run.policy, g.rollout)
 
 
 def trained_groups(run, groups):
@@ -221,10 +228,37 @@ def reference_logprobs(run, rollout):
 
 def logprobs(run, model, rollout, temperature=None):
     """grpo.completion_logprobs with the run's temperature and attention: FlexAttention on a GPU, the dense
-    mask on a CPU or with --dense-attention."""
-    flex = False if run.cfg.dense_attention else None
+    mask on a CPU, with --dense-attention, or once FlexAttention has failed (flex_or_dense)."""
+    flex = False if run.cfg.dense_attention or run.flex_failed else None
     temperature = run.cfg.temperature if temperature is None else temperature
     return grpo.completion_logprobs(model, rollout, run.pad_id, temperature, flex)
+
+
+def flex_or_dense(run, passes):
+    """passes(): the packed forwards (and backwards) of one step. If FlexAttention's kernel fails in them
+    on any process (compiling, forward or backward), every process switches to the dense mask for the
+    rest of the run and redoes the whole of passes() from zeroed gradients: a failure in a later
+    micro-batch leaves earlier ones' gradients added. The verdict is all-reduced, so the processes
+    redo it together and FSDP's collectives stay paired (a kernel failing on one process only, midway
+    through a collective, still hangs them). Returns what passes() returns."""
+    if run.cfg.dense_attention or run.flex_failed or not attention.flex_default(run.device):
+        return passes()
+    result, failure = None, None
+    try:
+        result = passes()
+    except attention.KERNEL_ERRORS as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    if not all_sum(torch.tensor([float(failure is not None)], device=run.device)).item():
+        return result
+    M.print0(f"FlexAttention failed ({failure or 'on another process'}); redoing the step with the dense mask, "
+             f"used for the rest of the run (--dense-attention uses it from the start)")
+    run.flex_failed = True
+    for model in (run.policy, run.ref):
+        if model is not None:
+            M.reset_after_error(model)
+    return passes()
 
 
 def loss_denominator(run, groups):
@@ -241,6 +275,19 @@ def loss_denominator(run, groups):
 
 def optimizer_step(run, groups, denominator):
     """Accumulate the loss over micro-batches, clip, and step (or skip on a non-finite norm)."""
+    cfg = run.cfg
+    sums = flex_or_dense(run, lambda: accumulate(run, groups, denominator))
+    grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
+    if finite:  # a skipped update leaves the schedule where it is (as transformers' Trainer does)
+        run.scheduler.step()
+    kl, clip, low, high, tokens = all_sum(sums).tolist()
+    tokens = max(tokens, 1)
+    return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
+            "clip_frac_high": high / tokens, "grad_norm": grad_norm, "skipped": int(not finite)}
+
+
+def accumulate(run, groups, denominator):
+    """The GRPO loss's backward, micro-batch by micro-batch; returns this rank's metric sums [5]."""
     cfg, sums = run.cfg, torch.zeros(5, device=run.device)
     for g in groups:
         logp = logprobs(run, run.policy, g.rollout)                                       # [N, T]
@@ -250,12 +297,7 @@ def optimizer_step(run, groups, denominator):
         loss.backward()
         sums += torch.stack([m[k] * m["tokens"] for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high")]
                             + [m["tokens"]])
-    grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
-    run.scheduler.step()
-    kl, clip, low, high, tokens = all_sum(sums).tolist()
-    tokens = max(tokens, 1)
-    return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
-            "clip_frac_high": high / tokens, "grad_norm": grad_norm, "skipped": int(not finite)}
+    return sums
 
 
 def clip_and_step(model, optimizer, max_norm):
@@ -307,7 +349,8 @@ def sft_step(run, step):
     targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
     run.policy.train()
     stats = supervised_step(run, run.optimizer, batch, targets, run.counts)
-    run.scheduler.step()
+    if not stats["skipped"]:  # a skipped update leaves the schedule where it is
+        run.scheduler.step()
     return {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}, []
 
 
@@ -319,16 +362,22 @@ def supervised_step(run, optimizer, samples, targets, counts=None):
     batches = [teacher_forced(run, s, t, counts) for s, t in zip(B.chunks(samples, run.cfg.micro_batch),
                                                                  B.chunks(targets, run.cfg.micro_batch))]
     tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
+    sums = flex_or_dense(run, lambda: supervised_passes(run, batches, tokens))
+    grad_norm, finite = clip_and_step(run.policy, optimizer, run.cfg.grad_clip)
+    nll, prob, n = all_sum(sums).tolist()
+    return {"loss": nll / max(float(tokens) * dist.get_world_size(), 1), "answer_prob": prob / max(n, 1),
+            "grad_norm": grad_norm, "skipped": int(not finite)}
+
+
+def supervised_passes(run, batches, tokens):
+    """The cross-entropy's backward, micro-batch by micro-batch; returns this rank's metric sums [3]."""
     sums = torch.zeros(3, device=run.device)
     for r in batches:
         logp = logprobs(run, run.policy, r, temperature=1.0)                      # [B, T] targets: no temperature
         loss, m = grpo.sft_loss(logp, r.mask, tokens)
         loss.backward()
         sums += torch.stack([m["nll"] * m["tokens"], m["answer_prob"] * m["sequences"], m["sequences"]])
-    grad_norm, finite = clip_and_step(run.policy, optimizer, run.cfg.grad_clip)
-    nll, prob, n = all_sum(sums).tolist()
-    return {"loss": nll / max(float(tokens) * dist.get_world_size(), 1), "answer_prob": prob / max(n, 1),
-            "grad_norm": grad_norm, "skipped": int(not finite)}
+    return sums
 
 
 def teacher_forced(run, samples, targets, counts=None):
