@@ -2,8 +2,9 @@
 Each benchmark's own scoring rule and printout, item for item as its official script does it.
 
 evaluate.py runs the model and writes the predictions; this file turns prediction records (the
-original item plus `model_prediction` and `model_output`) into numbers and the official lines.
-The benchmark is recognised from the records' fields, as data.py recognises the question file:
+original item plus `model_prediction`, `model_output` and the key its official script reads, if
+another: OFFICIAL_KEY) into numbers and the official lines. The benchmark is recognised from the
+records' fields, as data.py recognises the question file:
 
 - MMAU (Sakshi113/MMAU, evaluation.py): MMAU's string match (reward.mmau_correct), here on
   model_prediction (the script itself reads model_output: --key model_output); lines per task
@@ -11,20 +12,23 @@ The benchmark is recognised from the records' fields, as data.py recognises the 
   (in order of appearance; a null one in no line), then `Total Accuracy: 64.50% over 1000
   samples` and `No prediction count: 0`.
 - MMAR (ddlBoJack/MMAR, code/evaluation.py, adapted from MMAU's): the same string match on
-  model_prediction, the answer taken as written (an MMAR answer need not be exactly a choice);
+  model_prediction, which the script reads as `answer_prediction` (our records carry both), the
+  answer taken as written (an MMAR answer need not be exactly a choice);
   lines per modality (its 7, always), per category (its 4 layers, always), per sub-category, Total.
-- MMSU (dingdongwang/MMSU_Bench, mmsu_evaluation.py): the script reads a letter A-D from the
-  `response` (its first character, else the one before the last) and counts it right when that
-  choice's text equals answer_gt; a response where it finds no letter is left out of every count.
+- MMSU (dingdongwang/MMSU_Bench, mmsu_evaluation.py, on JSONL): the script reads a letter A-D from
+  the `response` (its first character, else the one before the last) and counts it right when that
+  choice's text equals answer_gt; a response where it finds no letter, and a null one, is left out
+  of every count; a missing one is read as "" and counted wrong.
   Our prompt shows the choices as a list, so the model answers with a choice's text: `response`
   is the letter of the choice the prediction equals exactly, else the prediction itself (a letter
   answer such as "B" or "The answer is B." then reads as the script reads it). Lines per category
   and sub-category, per category, `Overall Accuracy: 0.6050` and `Total count: 5000`.
 - Other data (R1-AQA/AVQA, plain, the synthetic task): MMAU's string match, grouped by `category`.
 
-Items without the scored field are not counted (as in MMAU's and MMAR's scripts); the count is
-reported on a line of its own, after the official ones. A test set whose answers are withheld
-(MMAU's test split) is not scored: submission() writes what MMAU's leaderboard takes.
+Items without the scored field are not counted (as in MMAU's and MMAR's scripts; MMSU's: a null
+one); the count is reported on a line of its own, after the official ones. A test set whose
+answers are withheld (MMAU's test split) is not scored: submission() writes what MMAU's
+leaderboard takes.
 
     s = score(records)                    # or score(records, "model_output")
     print("\n".join(report_lines(s) + note_lines(s)))
@@ -47,6 +51,10 @@ ORDER = {
              "category": ["Signal Layer", "Perception Layer", "Semantic Layer", "Cultural Layer"]},
 }
 LETTERS = "ABCD"  # MMSU's choice_a .. choice_d
+# The field each official script scores, where it is not model_prediction: MMAU's evaluation.py reads
+# model_output (the whole reply), MMAR's code/evaluation.py answer_prediction, MMSU's script response.
+OFFICIAL_KEY = {"mmau": "model_output", "mmar": "answer_prediction", "mmsu": "response"}
+KEYS = ["model_prediction", "model_output", "answer_prediction", "response"]  # what --key may name
 
 
 @dataclass
@@ -76,9 +84,10 @@ class Score:
     key: str  # the field that was scored
     total: Tally
     groups: dict[str, dict]  # section -> value -> Tally, in print order (MMSU's sub-category: (category, sub))
-    skipped: int  # items without the key: not counted, as in the official scripts
+    skipped: int  # items without the key (MMSU: with a null one): not counted, as in the official scripts
     errors: list[dict]  # items whose audio failed (counted wrong)
     unparsed: int = 0  # MMSU: responses with no letter where its script looks, left out of every count as there
+    missing: int = 0  # MMSU: items without the key, read as "" and counted wrong, as its script does
 
 
 def detect(records: list[dict]) -> str:
@@ -91,22 +100,29 @@ def detect(records: list[dict]) -> str:
     return "mmau" if any(f in r for r in records for f in SECTIONS["mmau"]) else "other"
 
 
-def default_key(records: list[dict]) -> str:
-    return "model_prediction" if any("model_prediction" in r for r in records) else "model_output"
+def default_key(records: list[dict], benchmark: str) -> str:
+    """model_prediction if any record has it (evaluate.py's records all do); else the key the
+    benchmark's official script reads (a file in its own format), if any record has it; else
+    model_output."""
+    for key in ("model_prediction", OFFICIAL_KEY.get(benchmark)):
+        if any(key in r for r in records):
+            return key
+    return "model_output"
 
 
 def score(records: list[dict], key: str | None = None, benchmark: str | None = None) -> Score:
-    """Score prediction records by their benchmark's rule on `key` (default: model_prediction, which
-    MMAR's script reads, if any record has it; else model_output, which MMAU's script reads)."""
-    key = key or default_key(records)
+    """Score prediction records by their benchmark's rule on `key` (default: default_key)."""
     benchmark = benchmark or detect(records)
-    scored = [r for r in records if key in r]
+    key = key or default_key(records, benchmark)
     errors = [{"index": i, "id": r.get("id"), "error": r["error"]} for i, r in enumerate(records) if "error" in r]
-    if benchmark == "mmsu":
+    if benchmark == "mmsu":  # its script reads record.get('response', ''), and skips what .strip() fails on
+        scored = [r for r in records if isinstance(r.get(key, ""), str)]
         total, groups, unparsed = _score_mmsu(scored, key)
+        missing = sum(key not in r for r in records)
     else:
-        (total, groups), unparsed = _score_string_match(scored, key, benchmark), 0
-    return Score(benchmark, key, total, groups, len(records) - len(scored), errors, unparsed)
+        scored = [r for r in records if key in r]
+        (total, groups), unparsed, missing = _score_string_match(scored, key, benchmark), 0, 0
+    return Score(benchmark, key, total, groups, len(records) - len(scored), errors, unparsed, missing)
 
 
 # -----------------------------------------------------------------------------
@@ -176,8 +192,7 @@ def mmsu_response(prediction: str, record: dict) -> str:
 def mmsu_letter(response: str) -> str | None:
     """The letter MMSU's script reads from a response, stripped and without newlines: its first
     character if that is A-D, else the one before the last ("The answer is B."). "" for an empty or
-    "None" response: counted, wrong (the script would reuse the previous item's letter there, a
-    variable left over from the loop). None where it finds no letter: not counted at all."""
+    "None" response: counted, wrong. None where it finds no letter: not counted at all."""
     predict = response.strip().replace("\n", "")
     if predict in ("", "None"):
         return ""
@@ -195,10 +210,12 @@ def mmsu_correct(letter: str, record: dict) -> bool:
 
 def _score_mmsu(scored: list[dict], key: str) -> tuple[Tally, dict, int]:
     """Totals per category, per (category, sub-category) and overall, in order of first appearance
-    among the counted items, as the script's nested defaultdicts fill."""
+    among the counted items, as the script's nested defaultdicts fill. The script's own `response` is
+    read as it is; any other key's text is first turned into the response evaluate.py would write."""
     total, by_category, by_pair, unparsed = Tally(), {}, {}, 0
     for r in scored:
-        letter = mmsu_letter(mmsu_response(r[key], r))
+        text = r.get(key, "")
+        letter = mmsu_letter(text if key == "response" else mmsu_response(text, r))
         if letter is None:
             unparsed += 1
             continue
@@ -232,7 +249,12 @@ def note_lines(s: Score) -> list[str]:
     """What the official printout does not show: items left out of the counts, and why."""
     lines = []
     if s.skipped:
-        lines.append(f"{s.skipped} items have no '{s.key}' field: not scored, as in the official script")
+        lines.append(f"{s.skipped} items have " + (f"a '{s.key}' that is not a string (null): not counted"
+                                                    if s.benchmark == "mmsu" else f"no '{s.key}' field: not scored")
+                     + ", as in the official script")
+    if s.missing:
+        lines.append(f"{s.missing} items have no '{s.key}' field: read as \"\" and counted wrong, as in the "
+                     f"official script")
     if s.unparsed:
         lines.append(f"{s.unparsed} items have a response with no letter A-D where MMSU's script looks (the "
                      f"first character or the one before the last): not counted, as in the official script")
@@ -240,17 +262,22 @@ def note_lines(s: Score) -> list[str]:
 
 
 def official_fields(record: dict) -> dict:
-    """Fields a benchmark's own script reads that are not in our prediction record: MMSU's `response`."""
-    if detect([record]) == "mmsu":
+    """Fields a benchmark's own script reads that are not in our prediction record: MMAR's
+    `answer_prediction` (model_prediction, under its name) and MMSU's `response`."""
+    benchmark = detect([record])
+    if benchmark == "mmar":
+        return {"answer_prediction": record["model_prediction"]}
+    if benchmark == "mmsu":
         return {"response": mmsu_response(record["model_prediction"], record)}
     return {}
 
 
-def submission(items: list[dict], predictions: list[str]) -> list[dict]:
-    """The test-set submission: each item as released plus `model_prediction`, in the file's order. It
-    is the input MMAU's README gives for its evaluation.py, which the leaderboard runs against the
-    withheld answers; the id identifies each item."""
-    return [{**item, "model_prediction": p} for item, p in zip(items, predictions, strict=True)]
+def submission(items: list[dict], predictions: list[str], key: str = "model_prediction") -> list[dict]:
+    """The test-set submission: each item as released plus the prediction under `key`, in the file's
+    order. model_prediction is the input MMAU's README gives for its evaluation.py (the script as
+    published reads model_output), which the leaderboard runs against the withheld answers; the id
+    identifies each item."""
+    return [{**item, key: p} for item, p in zip(items, predictions, strict=True)]
 
 
 def summary_groups(s: Score) -> dict:

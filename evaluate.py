@@ -5,10 +5,12 @@ any question file) and score it with the benchmark's own rule (benchmarks.py).
 Inference is R1-AQA's: the training prompt, greedy decoding, left-padded batches, up to 256 new
 tokens, stopping at <|im_end|> or <|endoftext|>. Every item keeps its original record and gains
 `model_output` (the completion, special tokens skipped) and `model_prediction` (the text of its
-first <answer>...</answer>, else the whole output). The result is a JSON list in MMAU's own shape,
-in the data file's order, so MMAU's evaluation.py and R1-AQA-style tools read it. For R1-AQA/AVQA
-and plain JSONL data each record also gets MMAU's `question`, `choices` and `answer` (the correct
-choice string, not an index), so every output file is scored the same way.
+first <answer>...</answer>, else the whole output), and the key its benchmark's official script
+reads if that is another (MMAR: `answer_prediction`; MMSU: `response`). The result is a JSON list in
+MMAU's own shape, in the data file's order, so MMAU's and MMAR's evaluation.py and R1-AQA-style
+tools read it; for MMSU it is JSONL, one record a line, which is what MMSU's script reads. For
+R1-AQA/AVQA and plain JSONL data each record also gets MMAU's `question`, `choices` and `answer`
+(the correct choice string, not an index), so every output file is scored the same way.
 
 Finished work is never lost. Each rank appends its predictions to OUT.parts/rank{r}.jsonl and
 fsyncs after every batch. Re-running the same command evaluates only what is missing (items are
@@ -37,12 +39,12 @@ preds.summary.json) names the benchmark and holds the same numbers, the errored 
 file's path and sha256: the two MMAU test-mini versions (2025-03-25, which R1-AQA used, and the
 revised 2025-05-15) give scores that cannot be compared. A test set whose answers are withheld
 (MMAU's test split) is not scored: OUT.submission.json (preds.submission.json) is what its
-leaderboard takes, each item as released plus `model_prediction`.
+leaderboard takes, each item as released plus `model_prediction` (or the field --key names).
 
     python evaluate.py --model CKPT --data mmau-test-mini.json --audio-dir test-mini-audios --out preds.json
     python evaluate.py --model runs/r1-aqa --data mmau-test-mini.json --audio-dir test-mini-audios  # all checkpoints
     torchrun --nproc_per_node 8 evaluate.py --model CKPT ...   # data parallel, one model copy per rank
-    python evaluate.py --score preds.json [--key model_output]  # score an existing predictions file
+    python evaluate.py --score preds.json [--key model_output]  # score an existing predictions file (JSON or JSONL)
     python evaluate.py                                          # the demo: checkpoint-0 vs the newest
 """
 
@@ -89,6 +91,7 @@ class EvalConfig:
     think_words: int = 0  # with the think prompt: the word limit training asked for (0 = none)
     downmix: str = "first"  # data.DOWNMIX: channel 0 of multi-channel audio (R1-AQA), or the mean
     limit: int | None = None  # evaluate the first N items only
+    key: str = "model_prediction"  # the field scored, and the one a test set's submission carries
 
 
 @dataclass
@@ -221,13 +224,25 @@ def sha256(path) -> str:
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a temp file, fsynced, renamed over the target."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_predictions(path: Path, records: list[dict]) -> None:
+    """The predictions file in the format the benchmark's official script reads: JSONL for MMSU (one
+    record a line), else a JSON list."""
+    if B.detect(records) == "mmsu":
+        write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    else:
+        write_json(path, records)
 
 
 def summary_path(predictions: Path) -> Path:
@@ -294,28 +309,59 @@ def known_provenance(predictions: Path) -> Provenance:
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """--score's file: a JSON list of question records (answer, choices), as evaluate.py and MMAU
-    write them. Anything else is a UsageError naming the file and, for a bad record, its index."""
+    """--score's file: question records as evaluate.py or the benchmark's own tools write them, a JSON
+    list or JSONL (one record a line, as MMSU's). Anything else is a UsageError naming the file and,
+    for a bad record, its index."""
     what = f"--score {path}"
+    records = read_records(path, what)
+    mmsu = B.detect([r for r in records if isinstance(r, dict)]) == "mmsu"
+    answer, choices = ("answer_gt", "choice_a .. choice_d") if mmsu else ("answer", "a 'choices' list")
+    if records and all(isinstance(r, dict) and r.get(answer) is None for r in records):
+        raise M.UsageError(f"{what}: no item has an answer (a test set whose answers are withheld): nothing to "
+                           f"score; its evaluation wrote {submission_path(path)} for the leaderboard")
+    for i, r in enumerate(records):
+        if not is_question_record(r, mmsu):
+            raise M.UsageError(f"{what}: item {i} is not a question record (an '{answer}' string, {choices}, "
+                               f"predictions as strings)")
+    return records
+
+
+def is_question_record(r, mmsu: bool) -> bool:
+    """The answer and choices there (MMSU's: answer_gt, choice_a ..), and every prediction a string
+    (MMSU's `response` may be null: its script skips it, and so does score())."""
+    if not isinstance(r, dict):
+        return False
+    answered = (isinstance(r.get("answer_gt"), str) and isinstance(r.get("choice_a"), str) if mmsu else
+                isinstance(r.get("answer"), str) and isinstance(r.get("choices"), list))
+    return answered and all(isinstance(r[k], str) for k in ("model_prediction", "model_output", "answer_prediction")
+                            if k in r)
+
+
+def read_records(path: Path, what: str) -> list:
+    """The JSON list in the file, else its JSONL lines (one JSON value a line)."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise M.UsageError(f"{what}: no such file (give a predictions JSON that evaluate.py wrote)") from None
     except OSError as e:
         raise M.UsageError(f"{what}: cannot read it ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise M.UsageError(f"{what}: not a JSON file ({e})") from None
-    if not isinstance(records, list):
-        raise M.UsageError(f"{what}: a JSON {type(records).__name__}, but a predictions file is a list of items")
-    if records and all(isinstance(r, dict) and r.get("answer") is None for r in records):
-        raise M.UsageError(f"{what}: no item has an answer (a test set whose answers are withheld): nothing to "
-                           f"score; its evaluation wrote {submission_path(path)} for the leaderboard")
-    for i, r in enumerate(records):
-        if not (isinstance(r, dict) and isinstance(r.get("answer"), str) and isinstance(r.get("choices"), list)
-                and all(isinstance(r[k], str) for k in ("model_prediction", "model_output") if k in r)):
-            raise M.UsageError(f"{what}: item {i} is not a question record (an 'answer' string, a 'choices' "
-                               f"list, predictions as strings)")
-    return records
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as e:
+        whole = e
+    if isinstance(whole, list):
+        return whole
+    try:
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        lines = []
+    if lines:
+        return lines
+    if isinstance(whole, json.JSONDecodeError):
+        raise M.UsageError(f"{what}: not a JSON file, nor JSONL ({whole})")
+    raise M.UsageError(f"{what}: a JSON {type(whole).__name__}, but a predictions file is a list of items (or JSONL)")
 
 
 def score_file(path: Path, key: str | None) -> Score:
@@ -406,7 +452,8 @@ def plan(args: argparse.Namespace) -> Plan:
     samples = read_data(args.data, args.audio_dir)[:args.limit]
     settings = dict(audio_dir=args.audio_dir, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     dtype=args.dtype or "bfloat16", prompt=args.prompt, system_prompt=args.system_prompt,
-                    think_words=args.think_words, downmix=args.downmix, limit=args.limit)
+                    think_words=args.think_words, downmix=args.downmix, limit=args.limit,
+                    key=checked_key(args.key or "model_prediction", samples, args.data))
     if is_run_folder(model):
         out_dir = Path(args.out) if args.out else model / "eval" / Path(args.data).stem
         if out_dir.exists() and not out_dir.is_dir():
@@ -419,6 +466,17 @@ def plan(args: argparse.Namespace) -> Plan:
     else:
         jobs, table = [EvalConfig(str(model), args.data, args.out, **settings)], None
     return checked(Plan(jobs, samples, sha256(args.data), table))
+
+
+def checked_key(key: str, samples: list[Sample], data: str) -> str:
+    """--key, if the predictions of this data will have that field (answer_prediction: MMAR's only;
+    response: MMSU's only)."""
+    benchmark = B.detect([samples[0].meta])
+    fields = ["model_prediction", "model_output"] + [B.OFFICIAL_KEY[b] for b in ("mmar", "mmsu") if b == benchmark]
+    if key not in fields:
+        raise M.UsageError(f"--key {key}: the predictions of --data {data} ({B.NAMES[benchmark]}) have no such "
+                           f"field; give one of {', '.join(fields)}")
+    return key
 
 
 def checked(p: Plan) -> Plan:
@@ -506,26 +564,28 @@ def finish(cfg: EvalConfig, samples: list[Sample], out: Path, data_sha256: str, 
     missing = [i for i in range(len(samples)) if i not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} items have no prediction after the run, e.g. item {missing[0]}")
-    write_json(out, [output_record(s, done[i]) for i, s in enumerate(samples)])
+    records = [output_record(s, done[i]) for i, s in enumerate(samples)]
+    write_predictions(out, records)
     version = KNOWN_DATA.get(data_sha256)
     source = Provenance(cfg.data, data_sha256, version, cfg.model, {**asdict(cfg), "world_size": world})
     M.print0(f"predictions: {out}; data: {cfg.data} ({version or 'sha256 ' + data_sha256})")
     if samples[0].answer is None:  # read_data: all answers withheld, or none
-        return finish_withheld(samples, [done[i] for i in range(len(samples))], out, source)
-    s = score(json.loads(out.read_text(encoding="utf-8")), "model_prediction")
+        return finish_withheld(samples, records, out, source, cfg.key)
+    s = score(records, cfg.key)
     print_score(s)
     write_json(summary_path(out), summary(s, out, source))
     return s
 
 
-def finish_withheld(samples: list[Sample], predictions: list[Prediction], out: Path, source: Provenance) -> Score:
-    """A test set whose answers are withheld: no score; the submission file for the leaderboard, and a
-    summary naming it (and the items whose audio failed)."""
+def finish_withheld(samples: list[Sample], records: list[dict], out: Path, source: Provenance, key: str) -> Score:
+    """A test set whose answers are withheld: no score; the submission file for the leaderboard (each
+    item as released plus the prediction under `key`), and a summary naming it (and the items whose
+    audio failed)."""
     path = submission_path(out)
-    write_json(path, B.submission([s.meta for s in samples], [p.model_prediction for p in predictions]))
-    errors = [{"index": p.index, "id": s.meta.get("id"), "error": p.error}
-              for s, p in zip(samples, predictions) if p.error]
-    s = Score("withheld", "model_prediction", Tally(), {}, 0, errors)
+    write_json(path, B.submission([s.meta for s in samples], [r[key] for r in records], key))
+    errors = [{"index": i, "id": s.meta.get("id"), "error": r["error"]}
+              for i, (s, r) in enumerate(zip(samples, records)) if "error" in r]
+    s = Score("withheld", key, Tally(), {}, 0, errors)
     M.print0(f"answers withheld: no score; the submission for the leaderboard is {path} ({len(samples)} items)")
     print_score(s)
     write_json(summary_path(out), {"predictions": str(out), "predictions_sha256": sha256(out), "benchmark":
@@ -640,9 +700,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--downmix", choices=DOWNMIX, default="first",
                         help="multi-channel audio: keep channel 0 (R1-AQA) or average the channels")
     parser.add_argument("--limit", type=positive, help="evaluate the first N items only")
-    parser.add_argument("--score", metavar="PREDICTIONS", help="only score an existing predictions JSON")
-    parser.add_argument("--key", choices=["model_prediction", "model_output"],
-                        help="field to score (default: model_prediction if present, else model_output)")
+    parser.add_argument("--score", metavar="PREDICTIONS", help="only score an existing predictions file "
+                        "(JSON list or JSONL)")
+    parser.add_argument("--key", choices=B.KEYS, help="field to score, and the one a test set's submission "
+                        "carries: model_prediction (the default, if present), model_output (the whole reply, "
+                        "which MMAU's evaluation.py reads), answer_prediction (MMAR's script's), response (MMSU's)")
     args = parser.parse_args(argv)
     if not args.score and (args.model or args.data or args.out) and not (args.model and args.data):
         parser.error("--model and --data go together (or give none of them for the demo)")

@@ -287,6 +287,8 @@ def aggregate(per_token, m, aggregation="sequence_mean", denominator=None):
         long completions are not diluted.
       token_sum: sum over all tokens / (N * max_new_tokens) (Dr. GRPO): a constant, so neither short
         right nor long wrong completions are favoured. denominator is required.
+    The sequences counted are all N rows, trained on or not: a row with an empty mask (a truncated
+    completion under mask_truncated) adds 0 to the sum but still counts, as in TRL.
     denominator replaces the count when one batch is split over micro-batches and ranks (FSDP
     averages gradients over ranks): the batch's sequences, tokens, or sequences * max_new_tokens,
     summed over all ranks and divided by the world size."""
@@ -301,7 +303,8 @@ def aggregate(per_token, m, aggregation="sequence_mean", denominator=None):
 
 def mask_truncated(mask, completion_ids, end_ids):
     """The mask without the completions that never ended within the length limit (DAPO's overlong
-    filtering, arXiv 2503.14476): a cut-off answer is left out instead of being scored as wrong."""
+    filtering, arXiv 2503.14476): a cut-off answer is left out instead of being scored as wrong. It is
+    left out of training only: the loss's count of sequences and the batch std still include it."""
     is_end = torch.isin(completion_ids, torch.as_tensor(end_ids, device=completion_ids.device))  # [N, T]
     ended = (is_end & mask).any(1, keepdim=True)                           # [N, 1]
     return mask & ended                                                    # [N, T]

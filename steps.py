@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import attention
 import batches as B
 import data
 import evaluate
@@ -64,6 +65,7 @@ class Run:
     base: Path  # the model folder the policy was loaded from
     lora: L.LoRASettings | None = None
     pass_rates: list | None = None  # the curriculum's, per training question
+    flex_failed: bool = False  # FlexAttention's kernel failed: the dense mask for the rest of the run
 
 
 @dataclass
@@ -80,6 +82,14 @@ class Group:
     advantages: torch.Tensor | None = None  # [N]
     ref_logp: torch.Tensor | None = None  # [N, T]
     old_logp: torch.Tensor | None = None  # [N, T]
+    # [N] bool, True = in the batch: counted in the loss's scale and in the batch std. The readable rows
+    # (valid) until dynamic sampling drops a group. A truncated completion under --mask-truncated stays
+    # counted though its mask (what is trained on) is empty, as in TRL.
+    counted: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.counted is None:
+            self.counted = self.valid.clone()
 
 
 def rollout(run, step, positions, samples):
@@ -100,7 +110,7 @@ def rollout(run, step, positions, samples):
 
 def score(run, r, samples, ok):
     """Rewards of every completion. Unreadable audio, and with --mask-truncated completions cut off at
-    the length limit, are masked out of the loss."""
+    the length limit, are masked out of the loss; only unreadable audio is out of the batch's count."""
     texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
     answers = [s.answer for s in samples for _ in range(r.group_size)]
     scores = [reward.score(t, a, run.cfg.prompt, *reward_weights(run.cfg)) for t, a in zip(texts, answers)]
@@ -136,8 +146,11 @@ def sample_groups(run, step):
     keep = torch.cat(informative).bool()                                      # [rounds * P]
     keep &= keep.cumsum(0) <= P                                               # the first P informative groups
     mine = torch.cat([keep[r * P:(r + 1) * P][positions] for r in range(len(informative))])  # this rank's prompts
-    for g, kept in zip(groups, B.chunks(mine, cfg.micro_batch)):
-        g.rollout.mask &= kept.repeat_interleave(cfg.group_size)[:, None]
+    sizes = [len(g.rewards) // cfg.group_size for g in groups]                # prompts per micro-batch, by round
+    for g, kept in zip(groups, mine.split(sizes)):
+        rows = kept.repeat_interleave(cfg.group_size)                         # [N]
+        g.rollout.mask &= rows[:, None]
+        g.counted &= rows
     return groups, len(informative) * P, len(informative) * P - int(keep.sum())
 
 
@@ -148,16 +161,12 @@ def train_step(run, step):
     per_round = len(B.chunks(B.my_share(range(cfg.prompts_per_step), 0, world), cfg.micro_batch))
     stats = rollout_stats(run, sampled_groups[:per_round])  # the step's own prompts, before any is dropped
     groups = trained_groups(run, sampled_groups)
-    set_advantages(run, groups)
+    set_advantages(run, sampled_groups)  # all: a micro-batch with nothing to train on may still count (truncated)
     with torch.no_grad():
-        for g in groups:
-            if cfg.beta:
-                g.ref_logp = reference_logprobs(run, g.rollout)
-            if cfg.num_iterations > 1:  # the policy as it sampled; with mu = 1 it is logp.detach()
-                g.old_logp = logprobs(run, run.policy, g.rollout)
+        flex_or_dense(run, lambda: fixed_logprobs(run, groups))
     if run.ref is not None:
         M.reshard(run.ref)  # it never runs backward, which is where FSDP would free its root units
-    denominator = loss_denominator(run, groups)
+    denominator = loss_denominator(run, sampled_groups)
     run.policy.train()
     skipped = 0
     for _ in range(cfg.num_iterations):
@@ -168,10 +177,20 @@ def train_step(run, step):
     return metrics, sample_records(run, sampled_groups, step + 1)
 
 
+def fixed_logprobs(run, groups):
+    """The log-probs the loss holds fixed: the reference's, and with mu > 1 the policy's as it sampled."""
+    for g in groups:
+        if run.cfg.beta:
+            g.ref_logp = reference_logprobs(run, g.rollout)
+        if run.cfg.num_iterations > 1:  # with mu = 1 it is logp.detach()
+            g.old_logp = logprobs(run, run.policy, g.rollout)
+
+
 def trained_groups(run, groups):
     """The micro-batches that go through the policy pass: all of them, but with dynamic sampling only
-    those in which some rank kept a group. Every rank keeps the same micro-batch slots, so each runs
-    the same number of forwards and backwards (FSDP's collectives line up)."""
+    those in which some rank trains on a completion (of a kept group, not truncated). Every rank keeps
+    the same micro-batch slots, so each runs the same number of forwards and backwards (FSDP's
+    collectives line up)."""
     if not run.cfg.dynamic_sampling:
         return groups
     used = all_sum(torch.stack([g.rollout.mask.any().float() for g in groups]))  # [micro-batches] over ranks
@@ -179,12 +198,13 @@ def trained_groups(run, groups):
 
 
 def set_advantages(run, groups):
-    """Group-relative advantages; with --advantage-scale batch, the std of every trained reward of the
-    global batch (summed over ranks, so one process equals two). Masked samples get 0."""
+    """Group-relative advantages; with --advantage-scale batch, the std of every counted reward of the
+    global batch (a truncated completion's too, as TRL's; summed over ranks, so one process equals two).
+    Samples not trained on get 0."""
     cfg, batch_std = run.cfg, None
     trained = [g.rollout.mask.any(1) for g in groups]                                  # [N] each
     if cfg.advantage_scale == "batch":
-        sums = sum(grpo.reward_sums(g.rewards[t]) for g, t in zip(groups, trained))    # [3]
+        sums = sum(grpo.reward_sums(g.rewards[g.counted]) for g in groups)             # [3]
         batch_std = grpo.reward_std(all_sum(sums))
     for g, t in zip(groups, trained):
         g.advantages = grpo.group_advantages(g.rewards, cfg.group_size, cfg.advantage_scale, batch_std) * t
@@ -208,18 +228,46 @@ def reference_logprobs(run, rollout):
 
 def logprobs(run, model, rollout, temperature=None):
     """grpo.completion_logprobs with the run's temperature and attention: FlexAttention on a GPU, the dense
-    mask on a CPU or with --dense-attention."""
-    flex = False if run.cfg.dense_attention else None
+    mask on a CPU, with --dense-attention, or once FlexAttention has failed (flex_or_dense)."""
+    flex = False if run.cfg.dense_attention or run.flex_failed else None
     temperature = run.cfg.temperature if temperature is None else temperature
     return grpo.completion_logprobs(model, rollout, run.pad_id, temperature, flex)
 
 
+def flex_or_dense(run, passes):
+    """passes(): the packed forwards (and backwards) of one step. If FlexAttention's kernel fails in them
+    on any process (compiling, forward or backward), every process switches to the dense mask for the
+    rest of the run and redoes the whole of passes() from zeroed gradients: a failure in a later
+    micro-batch leaves earlier ones' gradients added. The verdict is all-reduced, so the processes
+    redo it together and FSDP's collectives stay paired (a kernel failing on one process only, midway
+    through a collective, still hangs them). Returns what passes() returns."""
+    if run.cfg.dense_attention or run.flex_failed or not attention.flex_default(run.device):
+        return passes()
+    result, failure = None, None
+    try:
+        result = passes()
+    except attention.KERNEL_ERRORS as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    if not all_sum(torch.tensor([float(failure is not None)], device=run.device)).item():
+        return result
+    M.print0(f"FlexAttention failed ({failure or 'on another process'}); redoing the step with the dense mask, "
+             f"used for the rest of the run (--dense-attention uses it from the start)")
+    run.flex_failed = True
+    for model in (run.policy, run.ref):
+        if model is not None:
+            M.reset_after_error(model)
+    return passes()
+
+
 def loss_denominator(run, groups):
-    """Normalise by the whole global batch, not per micro-batch or per rank: its trained sequences, its
-    trained tokens, or sequences x max_new_tokens (grpo.aggregate). FSDP averages gradients over ranks,
-    so each rank divides by (global count / world size)."""
+    """Normalise by the whole global batch, not per micro-batch or per rank: its counted sequences (a
+    truncated one too, as TRL's mean over rows), its trained tokens, or counted sequences x
+    max_new_tokens (grpo.aggregate). FSDP averages gradients over ranks, so each rank divides by
+    (global count / world size)."""
     cfg = run.cfg
-    rows = sum(g.rollout.mask.any(1).sum() for g in groups)
+    rows = sum(g.counted.sum() for g in groups)
     local = {"sequence_mean": rows, "token_mean": sum(g.rollout.mask.sum() for g in groups),
              "token_sum": rows * cfg.max_new_tokens}[cfg.loss_aggregation]
     return all_sum(torch.stack([torch.as_tensor(local, device=run.device).float()]))[0].clamp(min=1) / dist.get_world_size()
@@ -227,6 +275,19 @@ def loss_denominator(run, groups):
 
 def optimizer_step(run, groups, denominator):
     """Accumulate the loss over micro-batches, clip, and step (or skip on a non-finite norm)."""
+    cfg = run.cfg
+    sums = flex_or_dense(run, lambda: accumulate(run, groups, denominator))
+    grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
+    if finite:  # a skipped update leaves the schedule where it is (as transformers' Trainer does)
+        run.scheduler.step()
+    kl, clip, low, high, tokens = all_sum(sums).tolist()
+    tokens = max(tokens, 1)
+    return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
+            "clip_frac_high": high / tokens, "grad_norm": grad_norm, "skipped": int(not finite)}
+
+
+def accumulate(run, groups, denominator):
+    """The GRPO loss's backward, micro-batch by micro-batch; returns this rank's metric sums [5]."""
     cfg, sums = run.cfg, torch.zeros(5, device=run.device)
     for g in groups:
         logp = logprobs(run, run.policy, g.rollout)                                       # [N, T]
@@ -236,12 +297,7 @@ def optimizer_step(run, groups, denominator):
         loss.backward()
         sums += torch.stack([m[k] * m["tokens"] for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high")]
                             + [m["tokens"]])
-    grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
-    run.scheduler.step()
-    kl, clip, low, high, tokens = all_sum(sums).tolist()
-    tokens = max(tokens, 1)
-    return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
-            "clip_frac_high": high / tokens, "grad_norm": grad_norm, "skipped": int(not finite)}
+    return sums
 
 
 def clip_and_step(model, optimizer, max_norm):
@@ -293,7 +349,8 @@ def sft_step(run, step):
     targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
     run.policy.train()
     stats = supervised_step(run, run.optimizer, batch, targets, run.counts)
-    run.scheduler.step()
+    if not stats["skipped"]:  # a skipped update leaves the schedule where it is
+        run.scheduler.step()
     return {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}, []
 
 
@@ -305,16 +362,22 @@ def supervised_step(run, optimizer, samples, targets, counts=None):
     batches = [teacher_forced(run, s, t, counts) for s, t in zip(B.chunks(samples, run.cfg.micro_batch),
                                                                  B.chunks(targets, run.cfg.micro_batch))]
     tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
+    sums = flex_or_dense(run, lambda: supervised_passes(run, batches, tokens))
+    grad_norm, finite = clip_and_step(run.policy, optimizer, run.cfg.grad_clip)
+    nll, prob, n = all_sum(sums).tolist()
+    return {"loss": nll / max(float(tokens) * dist.get_world_size(), 1), "answer_prob": prob / max(n, 1),
+            "grad_norm": grad_norm, "skipped": int(not finite)}
+
+
+def supervised_passes(run, batches, tokens):
+    """The cross-entropy's backward, micro-batch by micro-batch; returns this rank's metric sums [3]."""
     sums = torch.zeros(3, device=run.device)
     for r in batches:
         logp = logprobs(run, run.policy, r, temperature=1.0)                      # [B, T] targets: no temperature
         loss, m = grpo.sft_loss(logp, r.mask, tokens)
         loss.backward()
         sums += torch.stack([m["nll"] * m["tokens"], m["answer_prob"] * m["sequences"], m["sequences"]])
-    grad_norm, finite = clip_and_step(run.policy, optimizer, run.cfg.grad_clip)
-    nll, prob, n = all_sum(sums).tolist()
-    return {"loss": nll / max(float(tokens) * dist.get_world_size(), 1), "answer_prob": prob / max(n, 1),
-            "grad_norm": grad_norm, "skipped": int(not finite)}
+    return sums
 
 
 def teacher_forced(run, samples, targets, counts=None):
