@@ -10,7 +10,7 @@ one definition of the rule; `dense_mask` and `block_mask` both evaluate it.
 Where it runs: `flex_default(device)` is True on CUDA only. torch 2.13's FlexAttention runs on the
 CPU forward-only (no backward: it raises NotImplementedError), and there only eagerly, computing
 every score (no saving), or compiled, which costs ~20 s per shape on a CPU. On CUDA the kernel is
-compiled once (torch.compile(flex_attention)); new lengths make dynamo mark them dynamic.
+compiled once, for dynamic lengths (torch.compile(flex_attention, dynamic=True)).
 
 How it reaches the model (transformers 5.23): Qwen2Attention looks up its attention function by
 name from config._attn_implementation on every call, and create_causal_mask passes a 4-D mask
@@ -70,8 +70,10 @@ def flex_default(device):
 
 @functools.cache
 def compiled_flex():
-    """torch.compile(flex_attention), made once: a new compile per call would recompile every time."""
-    return torch.compile(flex_attention)
+    """torch.compile(flex_attention), made once: a new compile per call would recompile every time. Compiled
+    for dynamic shapes from the start: the packed length, and with it the BlockMask's number of blocks,
+    changes at every call; the default would compile a static kernel first, then recompile."""
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def flex_kernel(query, key, value, block_mask, scale):

@@ -15,10 +15,11 @@ files: from_pretrained with PEFT installed would add the adapters to weights tha
 Beside the checkpoints, metrics.jsonl and samples.jsonl log the run, one JSON record a step.
 
 Finished work is never lost:
-- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced, then it
-  is renamed. Saving a step that exists first renames the old one to checkpoint-{step}.old, so a
-  complete copy of every saved step is on disk at every moment. tidy() clears what a crash left
-  (stale .tmp folders; an .old whose replacement never arrived is put back).
+- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced (each file
+  by the process that wrote it), then it is renamed. Saving a step that exists first renames the old
+  one to checkpoint-{step}.old, so a complete copy of every saved step is on disk at every moment.
+  tidy() clears what a crash left (stale .tmp folders; an .old whose replacement never arrived is put
+  back).
 - A run that is not --resume refuses a folder that holds another run (--overwrite starts over);
   --resume refuses a run made with settings that change the run (check_run_folder).
 
@@ -50,7 +51,7 @@ import model as M
 # another experiment, so --resume refuses it.
 MAY_CHANGE_ON_RESUME = {"out", "max_steps", "save_every", "keep_last", "resume", "overwrite", "log_samples",
                         "max_bad_fraction", "eval_data", "eval_samples", "eval_every", "micro_batch", "gradient_checkpointing",
-                        "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem"}
+                        "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem", "dist_timeout_minutes"}
 RUN_FILES = ("metrics.jsonl", "samples.jsonl")  # what a run writes besides its checkpoints
 MERGED = "merged"  # the subfolder of a LoRA run's last checkpoint that holds the merged model
 
@@ -136,7 +137,12 @@ def prune(out, keep_last):
 # Saving and loading
 
 def save(run, step):
-    """Write OUT/checkpoint-{step} (all ranks call): under a temporary name, fsynced, then renamed."""
+    """Write OUT/checkpoint-{step} (all ranks call): under a temporary name, fsynced, then renamed; then prune.
+    Rank 0 works alone on what only it holds, while the others wait for it in a collective, each wait under
+    the process group's timeout: writing the Hugging Face weights (others wait in dcp.save's first
+    collective), fsyncing its own files and renaming (at the barrier), and pruning, after the barrier (in
+    the next step's first collective) so that it never adds to the other two. Every rank fsyncs only the
+    files it wrote: dcp's writer its train_state/ shards, rank 0 the rest."""
     cfg, rank = run.cfg, dist.get_rank()
     out = Path(cfg.out)
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
@@ -150,7 +156,8 @@ def save(run, step):
         if adapters is not None:
             L.save_adapters(tmp, adapters, run.lora, base_model=str(run.base))
             run.processor.save_pretrained(tmp)
-    dcp.save(training_state(run), checkpoint_id=tmp / "train_state")
+    writer = dcp.FileSystemWriter(tmp / "train_state", sync_files=True)  # each rank fsyncs the shards it writes
+    dcp.save(training_state(run), storage_writer=writer)
     counts = torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)
     dist.all_reduce(counts)  # the run's totals, kept by rank 0
     seen, bad = counts.tolist()
@@ -159,8 +166,9 @@ def save(run, step):
                     "counts": {"seen": seen, "bad": bad}, "config": asdict(cfg)}, tmp / "trainer_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         publish(tmp, final)
+    dist.barrier()  # the checkpoint is in place before any rank reads it (setup's reference, a resume)
+    if rank == 0:
         prune(out, cfg.keep_last)
-    dist.barrier()  # a later resume or save on any rank must see the renamed folder
 
 
 def hf_weights(run, step):
@@ -190,7 +198,7 @@ def training_state(run):
 
 def publish(tmp, final):
     """Make tmp the checkpoint `final` with no moment at which the step has no complete checkpoint."""
-    fsync_tree(tmp)
+    fsync_tree(tmp, skip=tmp / "train_state")
     old = final.with_name(final.name + ".old")
     if final.exists():
         final.rename(old)
@@ -199,10 +207,11 @@ def publish(tmp, final):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def fsync_tree(root):
-    """Push every file and folder under root to the disk (a kill is safe without it, a power cut is not)."""
+def fsync_tree(root, skip=None):
+    """Push every folder under root, and every file but those in `skip` (fsynced by the processes that wrote
+    them), to the disk: a kill is safe without it, a power cut is not."""
     for folder, _, files in os.walk(root):
-        for name in files:
+        for name in files if Path(folder) != skip else ():
             with open(Path(folder) / name, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(folder)

@@ -6,14 +6,13 @@ transformers StaticCache with room for every new token, so a decoded token is wr
 (a growing cache would copy itself at every token). The attention mask is preallocated too: the
 prompt's padding, and one more cache slot switched on per token. Every tensor the step touches
 keeps its shape and address, and the step never waits for the device (no .item(), no Python
-branch on a tensor), so torch.compile can trace it whole and CUDA graphs can replay it.
-Compilation is opt-in (compile_options); tests/test_decode.py traces it on the CPU with dynamo's
-"eager" backend and fullgraph=True, which fails on any graph break or recompilation.
+branch on a tensor), so torch.compile can trace it whole (tests/test_decode.py traces it on the CPU
+with dynamo's "eager" backend and fullgraph=True, which fails on any graph break or recompilation).
+It runs eagerly: under FSDP2 each unit's hooks break a compiled step apart (README, "Decoding").
 
     (imported by grpo.py: grpo.generate_groups is the sampling loop)
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,18 +60,11 @@ def forward(model, tokens, mask, position, cache):
     return model.lm_head(hidden[:, -1])                                    # [N, V]
 
 
-@functools.cache
-def compiled(options):
-    """forward under torch.compile(**dict(options)), built once per process and set of options."""
-    return torch.compile(forward, **dict(options))
-
-
-def step(model, state, tokens, compile_options=None):
+def step(model, state, tokens):
     """Feed the tokens just sampled [N]; returns the logits of the next ones [N, V]. The new slot is
     switched on in the mask before the forward: a token sees itself."""
     state.mask.index_fill_(-1, state.slot, True)                           # [N, 1, 1, S]
-    run = forward if compile_options is None else compiled(tuple(sorted(compile_options.items())))
-    logits = run(model, tokens[:, None], state.mask, state.position, state.cache)  # [N, V]
+    logits = forward(model, tokens[:, None], state.mask, state.position, state.cache)  # [N, V]
     state.position.add_(1)
     state.slot.add_(1)
     return logits

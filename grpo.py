@@ -3,7 +3,7 @@
 One GRPO step, read top to bottom:
   1. generate_groups: for each prompt, sample G completions. The audio is encoded once and the
      prompt prefilled once; its KV cache is then forked G ways into a preallocated cache and
-     decoded token by token (decode.py: a step of fixed shapes, for torch.compile / CUDA graphs).
+     decoded token by token (decode.py: a step of fixed shapes, no host sync inside the loop).
   2. (the caller scores each completion with reward.py)
   3. group_advantages: normalise the rewards within each group: A = (r - mean) / (std + 1e-4).
   4. completion_logprobs: the log-prob of every sampled token, from ONE forward per group over
@@ -84,14 +84,12 @@ def sample_next(logits, generators, temperature=1.0, top_k=0, top_p=1.0):
 
 @torch.no_grad()
 def generate_groups(model, batch, generators, group_size, max_new_tokens, end_ids, pad_id,
-                    suppress_ids=(), temperature=1.0, top_k=50, top_p=1.0, check_every=8, compile_options=None):
+                    suppress_ids=(), temperature=1.0, top_k=50, top_p=1.0, check_every=8):
     """Sample group_size completions for each prompt of a left-padded batch (from model.collate).
     Encode + prefill once per prompt, fork the KV cache G ways into a preallocated one, decode
     (decode.py). Finished rows emit pad; the host asks whether all rows have finished only every
     check_every tokens (each question waits for the device), and the result is cut back to the
-    longest completion, so the tokens do not depend on check_every. compile_options: arguments of
-    torch.compile for the decode step, e.g. {"mode": "reduce-overhead"} (CUDA graphs); None = eager.
-    Returns a Rollout."""
+    longest completion, so the tokens do not depend on check_every. Returns a Rollout."""
     logits, state = decode.prefill_and_fork(model, batch, group_size, max_new_tokens)  # [N, V]
     N, device = logits.size(0), logits.device
     suppress = torch.as_tensor(list(suppress_ids), dtype=torch.long, device=device)
@@ -106,7 +104,7 @@ def generate_groups(model, batch, generators, group_size, max_new_tokens, end_id
         done |= torch.isin(tok, end)
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and done.all()):
             break
-        logits = decode.step(model, state, tok, compile_options)           # [N, V]
+        logits = decode.step(model, state, tok)                            # [N, V]
     mask = completion_mask(tokens[:, :t + 1], end_ids)                     # [N, t+1]
     T = int(mask.sum(1).max())                                             # the longest completion
     prompts = [row[m.bool()] for row, m in zip(batch["input_ids"], batch["attention_mask"])]

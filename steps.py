@@ -411,12 +411,15 @@ def warm_start(run, steps, lr):
 def heldout(run, samples):
     """The held-out questions scored as evaluate.py scores a checkpoint: greedy completions from its
     generate (the checkpoint's generation settings), MMAU's string match on the first answer tag, per
-    category too; plus the rate of completions in the prompt's format. Every rank decodes its share."""
+    category too; plus the rate of completions in the prompt's format. The questions go in evaluate.py's
+    fixed batches of --micro-batch, dealt round-robin, so every question is scored exactly once whatever the
+    number of ranks; shares may differ by a batch, which is safe: inside model.unsharded a forward issues no
+    collective, so ranks may decode different numbers of batches (or none)."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     run.policy.eval()
     records = []
     with M.unsharded(run.policy):
-        for batch in B.chunks(B.my_share(list(enumerate(samples)), rank, world), cfg.micro_batch):
+        for batch in B.chunks(list(enumerate(samples)), cfg.micro_batch)[rank::world]:
             audios, _ = B.read_audio([s for _, s in batch], cfg.downmix)
             texts = evaluate.generate(run.policy, run.processor, [s for _, s in batch], audios, cfg.prompt,
                                       cfg.max_new_tokens, cfg.system_prompt or None, cfg.think_words)

@@ -20,8 +20,10 @@ import inspect
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -97,6 +99,7 @@ class Config:
     max_bad_fraction: float = 0.01  # stop if more than this share of samples has unreadable audio
     eval_samples: int = 200  # held-out questions scored (the first N of --eval-data)
     eval_every: int = 0  # also score them at every checkpoint whose step is a multiple of this (0 = never)
+    dist_timeout_minutes: float = 30.0  # a process waiting longer than this in one collective aborts the run (NCCL)
     plan: bool = False  # print the per-GPU memory plan and FLOPs of this config (the 7B unless --model is a folder), exit
     gpus: int = 8  # number of GPUs the --plan is for
     gpu_mem: float = 80.0  # GiB per GPU that the --plan checks against
@@ -208,6 +211,7 @@ def mode_rules(cfg):
         (cfg.lora_rank == 0 or not cfg.warm_start_steps, "lora_rank",
          "with --warm-start-steps: warm start a full model first, then start LoRA from its checkpoint-0"),
         (0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
+        (cfg.dist_timeout_minutes > 0, "dist_timeout_minutes", "must be > 0"),
     ]
 
 
@@ -284,12 +288,15 @@ def lora_settings(cfg):
     return L.LoRASettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.lora_audio, cfg.seed)
 
 
-def reference(cfg, path):
-    """The frozen reference: the policy at step 0, in the compute dtype, sharded, without grads. None with
-    beta 0 or SFT (no KL term), and with LoRA (the policy with its adapters off is the reference)."""
+def reference(cfg, policy, start=None):
+    """The frozen reference: the policy at step 0, in the compute dtype, sharded, without grads. A copy of
+    the policy's own shards, made while it holds those weights (the checkpoint is read once), or, where it no
+    longer does (a resumed run that began with a warm start), read from `start`, that run's checkpoint-0.
+    None with beta 0 or SFT (no KL term), and with LoRA (the policy with its adapters off is the reference)."""
     if cfg.beta == 0 or cfg.algo == "sft" or cfg.lora_rank:
         return None
-    ref = M.sharded_load(path, storage_dtype=getattr(torch, cfg.dtype))
+    dtype = getattr(torch, cfg.dtype)
+    ref = M.sharded_copy(policy, dtype) if start is None else M.sharded_load(start, storage_dtype=dtype)
     return ref.requires_grad_(False).eval()
 
 
@@ -309,7 +316,30 @@ def print_plan(cfg):
     config = plan.load_config(cfg.model if Path(cfg.model).is_dir() else {"tiny-omni": "omni-7b"}.get(cfg.model))
     print(plan.report(config, cfg.gpus, cfg.micro_batch, cfg.prompts_per_step, cfg.group_size,
                       new_tokens=cfg.max_new_tokens, gpu_mem_gb=cfg.gpu_mem, beta=cfg.beta, algo=cfg.algo,
-                      lora_rank=cfg.lora_rank, attention="dense" if cfg.dense_attention else "block"))
+                      lora_rank=cfg.lora_rank, attention="dense" if cfg.dense_attention else "block",
+                      max_steps=cfg.max_steps, save_every=cfg.save_every, keep_last=cfg.keep_last))
+
+
+def check_disk(cfg, model_dir, resume_from, device):
+    """Stop before the model is built if the checkpoints this run will keep at once (plan.disk_plan, from the
+    model's parameter counts) cannot fit where --out is. Rank 0 measures the free space and every rank
+    decides on its figure, so all stop or none."""
+    counts, _ = plan.count_model(plan.load_config(str(M.adapter_base(model_dir) or model_dir)))
+    kept = [p for p in checkpoint.complete(cfg.out) if checkpoint.step_of(p) != 0] if resume_from else []
+    first = resume_from is None and bool(cfg.warm_start_steps or cfg.curriculum)
+    need = plan.disk_plan(counts, plan.Step(lora_rank=cfg.lora_rank, lora_audio=cfg.lora_audio),
+                          getattr(torch, cfg.dtype).itemsize, cfg.max_steps, cfg.save_every, cfg.keep_last,
+                          checkpoint.step_of(resume_from) if resume_from else 0, len(kept), first)
+    free = torch.tensor([shutil.disk_usage(cfg.out).free if dist.get_rank() == 0 else 0], dtype=torch.float64,
+                        device=device)
+    dist.broadcast(free, src=0)
+    if need.total > free.item():
+        zero = " and checkpoint-0" if first else ""
+        raise M.UsageError(f"--out {cfg.out}: the run needs about {need.total / 1e9:.1f} GB for its checkpoints "
+                           f"({need.at_once} of {need.checkpoint / 1e9:.1f} GB at once{zero}) but "
+                           f"{free.item() / 1e9:.1f} GB are free there: free some space, lower --keep-last, or "
+                           f"choose another --out")
+    return need
 
 
 def main(argv=None):
@@ -318,19 +348,19 @@ def main(argv=None):
         return print_plan(cfg)
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_paths(cfg)
-    _, world, device = M.init_distributed(always=True)
+    _, world, device = M.init_distributed(always=True, timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     torch.manual_seed(cfg.seed)
     print0(f"{'demo preset' if demo else 'config'}: {json.dumps(asdict(cfg))}")
     run, held_out, start = setup(cfg, device)
     before = S.heldout(run, held_out) if held_out and start == 0 else None
     if before:
         print0(f"held-out before: accuracy {before['eval_accuracy']:.1%}, format {before['eval_format']:.1%} "
-               f"({len(held_out)} questions)")
+               f"({before['eval_questions']} questions)")
     history = loop(run, start, held_out)
     if held_out:
         after = S.heldout(run, held_out)
-        print0(f"held-out after: accuracy {after['eval_accuracy']:.1%}, format {after['eval_format']:.1%}"
-               + (f" (before: {before['eval_accuracy']:.1%})" if before else ""))
+        print0(f"held-out after: accuracy {after['eval_accuracy']:.1%}, format {after['eval_format']:.1%} "
+               f"({after['eval_questions']} questions)" + (f" (before: {before['eval_accuracy']:.1%})" if before else ""))
     if history:
         key, label = ("answer_prob", "p(answer)") if cfg.algo == "sft" else ("accuracy", "train accuracy")
         print0(text_chart([h[key] for h in history], label=label))
@@ -358,12 +388,13 @@ def setup(cfg, device):
         checkpoint.wipe(out)
     model_dir = (M.tiny(cfg.cache_dir, window_seconds=2, family=M.TINY_MODELS[cfg.model])
                  if cfg.model in M.TINY_MODELS else cfg.model)
+    check_disk(cfg, model_dir, resume_from, device)
     run = build_run(cfg, model_dir, train, device)
     if resume_from is None and (cfg.warm_start_steps or cfg.curriculum):
         if cfg.warm_start_steps:
             S.warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
         checkpoint.save(run, 0)  # the starting policy: the reference, and the curriculum's pre-pass resumes from it
-    run.ref = reference(cfg, out / "checkpoint-0" if cfg.warm_start_steps else model_dir)
+    run.ref = reference(cfg, run.policy, out / "checkpoint-0" if resume_from and cfg.warm_start_steps else None)
     start = checkpoint.load(run, resume_from) if resume_from else 0
     if cfg.curriculum:
         run.pass_rates = curriculum.pass_rates(run)
