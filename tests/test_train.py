@@ -413,6 +413,30 @@ def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tm
             assert row["accuracy"][band] == pytest.approx(100 * logged["eval_groups"][f"category={band}"], abs=1e-9)
 
 
+def test_heldout_answer_nll_is_the_targets_log_prob(warm_dir, pitch_task, tmp_path):
+    """eval_answer_nll, logged with the held-out scores, is the mean over questions of -log p of the
+    whole correct target `<answer>{answer}</answer><|im_end|>` after the prompt: here recomputed one
+    question at a time by a plain forward of the saved checkpoint over prompt + target ids."""
+    out, test = tmp_path / "run", pitch_task[1]
+    T.main(quick_args(warm_dir, pitch_task, out, "--max-steps", "1", "--save-every", "1", "--eval-every", "1",
+                      "--eval-data", str(test), "--eval-samples", "3"))
+    logged = metrics(out)[0]["eval_answer_nll"]
+    model, processor = M.load(out / "checkpoint-1", dtype=torch.float32)
+    nlls = []
+    for s in data.read_samples(test)[:3]:
+        prompt = M.collate(processor, [s], [data.load_audio(s.audio_path)])
+        target = processor.tokenizer(data.target_text(s.answer) + M.END_TOKENS[0], add_special_tokens=False,
+                                     return_tensors="pt")["input_ids"]
+        ids = torch.cat([prompt["input_ids"], target], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=prompt["input_features"],
+                           feature_attention_mask=prompt["feature_attention_mask"]).logits[0]
+        logp = logits[-target.shape[1] - 1:-1].log_softmax(-1).gather(1, target[0][:, None])
+        nlls.append(-logp.sum().item())
+    assert 0.5 < logged < 50  # in format after the warm start, not yet right: well above 0
+    assert logged == pytest.approx(sum(nlls) / 3, rel=1e-4)
+
+
 def test_reward_weights_weigh_the_logged_reward(warm_dir, pitch_task, tmp_path):
     """--reward-weights 2,0: every completion's reward is twice its accuracy, so the step's mean reward is
     exactly 2 x its mean accuracy (the same rollout as with 1,1, whose reward is accuracy + format)."""
