@@ -329,19 +329,28 @@ def teacher_forced(run, samples, targets, counts=None):
     return grpo.Rollout(prompts, inputs["input_features"], inputs["feature_attention_mask"], ids, mask, group_size=1)
 
 
-def warm_start(run, steps, lr):
-    """Teach a random model the answer FORMAT only: `<answer>{a random choice}</answer>`. It then
-    starts GRPO at chance accuracy with a good format, and has to learn to listen. The questions and
-    the random answers are drawn for the whole global batch before each process takes its share, so
+def warm_start(run, steps, lr, questions=()):
+    """Teach a random model the answer format before RL. Format only (no questions): the training
+    questions with `<answer>{a random choice}</answer>`; it then starts GRPO at chance accuracy, but
+    has learned that the answer does not depend on the audio. With questions (--warm-start-data): their
+    CORRECT answers, the audio encoder frozen, so the model learns to read the audio for another
+    question, as a pretrained base has, and its encoder keeps what it separates (README). The questions
+    and random answers are drawn for the whole global batch before each process takes its share, so
     the warm start, like everything after it, does not depend on the number of processes."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
-    rng = np.random.default_rng(cfg.seed)
+    rng, pool = np.random.default_rng(cfg.seed), questions or run.train
+    frozen = [p for p in run.policy.model.audio_tower.parameters() if p.requires_grad] if questions else []
+    for p in frozen:
+        p.requires_grad_(False)
     opt = torch.optim.AdamW(trainable(run.policy), lr=lr, weight_decay=0.0)
     run.policy.train()
-    for _ in tqdm(range(steps), desc="warm start (format only)", disable=rank != 0):
-        batch = [run.train[i] for i in rng.choice(len(run.train), WARM_START_BATCH)]
-        targets = [data.target_text(rng.choice(s.choices), cfg.prompt) + M.END_TOKENS[0] for s in batch]
+    for _ in tqdm(range(steps), desc="warm start" + ("" if questions else " (format only)"), disable=rank != 0):
+        batch = [pool[i] for i in rng.choice(len(pool), WARM_START_BATCH)]
+        answers = [s.answer for s in batch] if questions else [rng.choice(s.choices) for s in batch]
+        targets = [data.target_text(a, cfg.prompt) + M.END_TOKENS[0] for a in answers]
         supervised_step(run, opt, B.my_share(batch, rank, world), B.my_share(targets, rank, world))
+    for p in frozen:
+        p.requires_grad_(True)
 
 
 @torch.no_grad()

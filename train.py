@@ -89,6 +89,7 @@ class Config:
     reward_weights: str = "1,1"  # weights of the accuracy and format rewards (R1-AQA 1,1)
     warm_start_steps: int = 0  # supervised steps on the answer FORMAT only (random answers), before GRPO
     warm_start_lr: float = 3e-3  # learning rate of the warm start
+    warm_start_data: str = ""  # warm start on these questions' CORRECT answers, audio encoder frozen ("" = format only; "synthetic-loudness": the demo's second question)
     save_every: int = 100  # write a checkpoint every this many steps (and at the end)
     keep_last: int = 3  # newest checkpoints kept (>= 1), besides checkpoint-0
     resume: bool = False  # continue the run in --out from its newest complete checkpoint (same settings)
@@ -205,6 +206,8 @@ def mode_rules(cfg):
         (cfg.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = no LoRA)"),
         (cfg.lora_rank > 0 or not lora_given, "lora_rank",
          "is 0, so --lora-alpha/--lora-dropout/--lora-targets/--lora-audio would do nothing: give a rank"),
+        (cfg.warm_start_steps or not cfg.warm_start_data, "warm_start_data",
+         "would do nothing without --warm-start-steps: give the number of steps"),
         (cfg.lora_rank == 0 or not cfg.warm_start_steps, "lora_rank",
          "with --warm-start-steps: warm start a full model first, then start LoRA from its checkpoint-0"),
         (0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
@@ -215,11 +218,12 @@ def check_paths(cfg):
     """The model folder, the data files and the audio folder exist, before anything is built."""
     if cfg.model not in M.TINY_MODELS:
         M.check_model_dir(cfg.model)
-    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if path and path != "synthetic" and not Path(path).is_file():
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--warm-start-data", cfg.warm_start_data)):
+        if path and path not in ("synthetic", B.LOUDNESS) and not Path(path).is_file():
             what = "is a folder, not a question file" if Path(path).is_dir() else "no such file"
+            keyword = {"--data": ", or `synthetic`", "--warm-start-data": f", or `{B.LOUDNESS}`"}.get(flag, "")
             raise M.UsageError(f"{flag} {path}: {what} (give an R1-AQA/AVQA JSONL, MMAU JSON or plain JSONL file"
-                               + (", or `synthetic`)" if flag == "--data" else ")"))
+                               f"{keyword})")
     if cfg.audio_dir:
         try:
             data.check_audio_dir(cfg.audio_dir)
@@ -345,6 +349,8 @@ def setup(cfg, device):
             M.tiny(cfg.cache_dir, window_seconds=2, family=M.TINY_MODELS[cfg.model])
         if cfg.data == "synthetic":
             synthetic.make_synthetic(Path(cfg.cache_dir) / "synthetic")
+        if cfg.warm_start_data == B.LOUDNESS:
+            synthetic.make_synthetic(Path(cfg.cache_dir) / B.LOUDNESS, task="loudness")
     dist.barrier()  # the folder is tidy and the tiny model and task exist before any rank reads them
     resume_from = checkpoint.check_run_folder(cfg, asdict(Config()))
     train, held_out = B.load_data(cfg)
@@ -357,7 +363,8 @@ def setup(cfg, device):
     run = build_run(cfg, model_dir, train, device)
     if resume_from is None and (cfg.warm_start_steps or cfg.curriculum):
         if cfg.warm_start_steps:
-            S.warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
+            S.warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr, B.read_questions(
+                "--warm-start-data", B.warm_start_path(cfg), cfg))
         checkpoint.save(run, 0)  # the starting policy: the reference, and the curriculum's pre-pass resumes from it
     run.ref = reference(cfg, out / "checkpoint-0" if cfg.warm_start_steps else model_dir)
     start = checkpoint.load(run, resume_from) if resume_from else 0

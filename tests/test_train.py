@@ -413,6 +413,34 @@ def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tm
             assert row["accuracy"][band] == pytest.approx(100 * logged["eval_groups"][f"category={band}"], abs=1e-9)
 
 
+def test_warm_start_on_another_question_keeps_the_encoder(tiny2_dir, pitch_task, tmp_path, monkeypatch):
+    """--warm-start-data: each warm-start step trains on those questions with their CORRECT answers as
+    targets, with the audio encoder frozen: in checkpoint-0 its weights equal the base's while the
+    language model's moved. The training after it trains the encoder again (checkpoint-1 differs there)."""
+    loud, _ = synthetic.make_synthetic(tmp_path / "loud", n_train=16, n_test=4, task="loudness")
+    seen, real = [], S.supervised_step
+    def spy(run, optimizer, samples, targets, counts=None):
+        seen.append((samples, targets, any(p.requires_grad for p in run.policy.model.audio_tower.parameters())))
+        return real(run, optimizer, samples, targets, counts)
+    monkeypatch.setattr(S, "supervised_step", spy)
+    out = tmp_path / "run"
+    T.main(quick_args(tiny2_dir, pitch_task, out, "--algo", "sft", "--max-steps", "1", "--save-every", "1",
+                      "--warm-start-steps", "2", "--warm-start-data", str(loud)))
+    warm, sft = seen[:2], seen[2:]
+    assert len(warm) == 2 and len(sft) == 1 and sft[0][2]  # the SFT step trains the encoder
+    for samples, targets, encoder_trains in warm:
+        assert not encoder_trains and len(samples) == S.WARM_START_BATCH
+        assert all(s.question == synthetic.LOUDNESS_QUESTION for s in samples)
+        assert targets == [f"<answer>{s.answer}</answer><|im_end|>" for s in samples]
+    base, start, after = (Qwen2AudioForConditionalGeneration.from_pretrained(d).state_dict() for d in
+                          (tiny2_dir, out / "checkpoint-0", out / "checkpoint-1"))
+    encoder = [k for k in base if "audio_tower." in k and "embed_positions" not in k]
+    language = [k for k in base if "language_model." in k]
+    assert encoder and all(torch.equal(base[k], start[k]) for k in encoder)
+    assert all(not torch.equal(base[k], start[k]) for k in language)
+    assert sum(not torch.equal(start[k], after[k]) for k in encoder) > len(encoder) // 2
+
+
 def test_heldout_answer_nll_is_the_targets_log_prob(warm_dir, pitch_task, tmp_path):
     """eval_answer_nll, logged with the held-out scores, is the mean over questions of -log p of the
     whole correct target `<answer>{answer}</answer><|im_end|>` after the prompt: here recomputed one
