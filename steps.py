@@ -208,10 +208,10 @@ def reference_logprobs(run, rollout):
 
 def logprobs(run, model, rollout, temperature=None):
     """grpo.completion_logprobs with the run's temperature and attention: FlexAttention on a GPU, the dense
-    mask on a CPU or with --dense-attention."""
+    mask on a CPU or with --dense-attention; over the tokens sampling can draw (not run.suppress_ids)."""
     flex = False if run.cfg.dense_attention else None
     temperature = run.cfg.temperature if temperature is None else temperature
-    return grpo.completion_logprobs(model, rollout, run.pad_id, temperature, flex)
+    return grpo.completion_logprobs(model, rollout, run.pad_id, temperature, flex, suppress_ids=run.suppress_ids)
 
 
 def loss_denominator(run, groups):
