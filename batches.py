@@ -39,6 +39,16 @@ def load_data(cfg):
     return read_questions("--data", train, cfg), read_questions("--eval-data", test, cfg)[:cfg.eval_samples]
 
 
+LOUDNESS = "synthetic-loudness"  # --warm-start-data: the synthetic loudness question, written in --cache-dir
+
+
+def warm_start_path(cfg):
+    """The question file of --warm-start-data ("" for a format-only warm start)."""
+    if cfg.warm_start_data == LOUDNESS:
+        return str(Path(cfg.cache_dir) / LOUDNESS / "train.jsonl")
+    return cfg.warm_start_data
+
+
 def read_questions(flag, path, cfg):
     if not path:
         return []

@@ -205,11 +205,14 @@ def pack_groups(rollout, pad_id):
     return Packed(ids, pos, seg, source * mask)
 
 
-def completion_logprobs(model, rollout, pad_id, temperature=1.0, flex=None):
+def completion_logprobs(model, rollout, pad_id, temperature=1.0, flex=None, suppress_ids=()):
     """log pi(token) of every completion token, fp32, 0 where the mask is False. The audio is
     encoded once per group, and lm_head + log_softmax run only at completion-predicting positions.
     flex: attention through a FlexAttention BlockMask (True) or a dense [B, 1, L, L] mask (False);
-    None = attention.flex_default: FlexAttention on CUDA, the dense mask elsewhere."""
+    None = attention.flex_default: FlexAttention on CUDA, the dense mask elsewhere.
+    suppress_ids: the tokens sampling never draws (generate_groups' suppress_ids), left out of the
+    softmax here too: these are then the log-probs of the distribution the completions came from.
+    Otherwise mass on those tokens is invisible to the loss, and pushed there by it (README)."""
     packed = pack_groups(rollout, pad_id)
     device = rollout.completion_ids.device
     flex = attention.flex_default(device) if flex is None else flex
@@ -220,6 +223,8 @@ def completion_logprobs(model, rollout, pad_id, temperature=1.0, flex=None):
     mask = rollout.mask                                                    # [N, T]
     states = hidden.flatten(0, 1)[packed.source.to(device)[mask]]          # [M, H] M = trained tokens
     logits = model.lm_head(states).float() / temperature                   # [M, V]
+    if len(suppress_ids):
+        logits = logits.index_fill(-1, torch.as_tensor(list(suppress_ids), device=device), float("-inf"))
     token_logp = logits.log_softmax(-1).gather(-1, rollout.completion_ids[mask][:, None]).squeeze(-1)  # [M]
     return torch.zeros(mask.shape, device=device, dtype=token_logp.dtype).masked_scatter(mask, token_logp)  # [N, T]
 

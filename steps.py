@@ -228,10 +228,11 @@ def reference_logprobs(run, rollout):
 
 def logprobs(run, model, rollout, temperature=None):
     """grpo.completion_logprobs with the run's temperature and attention: FlexAttention on a GPU, the dense
-    mask on a CPU, with --dense-attention, or once FlexAttention has failed (flex_or_dense)."""
+    mask on a CPU, with --dense-attention, or once FlexAttention has failed (flex_or_dense); over the
+    tokens sampling can draw (not run.suppress_ids)."""
     flex = False if run.cfg.dense_attention or run.flex_failed else None
     temperature = run.cfg.temperature if temperature is None else temperature
-    return grpo.completion_logprobs(model, rollout, run.pad_id, temperature, flex)
+    return grpo.completion_logprobs(model, rollout, run.pad_id, temperature, flex, suppress_ids=run.suppress_ids)
 
 
 def flex_or_dense(run, passes):
@@ -392,19 +393,28 @@ def teacher_forced(run, samples, targets, counts=None):
     return grpo.Rollout(prompts, inputs["input_features"], inputs["feature_attention_mask"], ids, mask, group_size=1)
 
 
-def warm_start(run, steps, lr):
-    """Teach a random model the answer FORMAT only: `<answer>{a random choice}</answer>`. It then
-    starts GRPO at chance accuracy with a good format, and has to learn to listen. The questions and
-    the random answers are drawn for the whole global batch before each process takes its share, so
+def warm_start(run, steps, lr, questions=()):
+    """Teach a random model the answer format before RL. Format only (no questions): the training
+    questions with `<answer>{a random choice}</answer>`; it then starts GRPO at chance accuracy, but
+    has learned that the answer does not depend on the audio. With questions (--warm-start-data): their
+    CORRECT answers, the audio encoder frozen, so the model learns to read the audio for another
+    question, as a pretrained base has, and its encoder keeps what it separates (README). The questions
+    and random answers are drawn for the whole global batch before each process takes its share, so
     the warm start, like everything after it, does not depend on the number of processes."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
-    rng = np.random.default_rng(cfg.seed)
+    rng, pool = np.random.default_rng(cfg.seed), questions or run.train
+    frozen = [p for p in run.policy.model.audio_tower.parameters() if p.requires_grad] if questions else []
+    for p in frozen:
+        p.requires_grad_(False)
     opt = torch.optim.AdamW(trainable(run.policy), lr=lr, weight_decay=0.0)
     run.policy.train()
-    for _ in tqdm(range(steps), desc="warm start (format only)", disable=rank != 0):
-        batch = [run.train[i] for i in rng.choice(len(run.train), WARM_START_BATCH)]
-        targets = [data.target_text(rng.choice(s.choices), cfg.prompt) + M.END_TOKENS[0] for s in batch]
+    for _ in tqdm(range(steps), desc="warm start" + ("" if questions else " (format only)"), disable=rank != 0):
+        batch = [pool[i] for i in rng.choice(len(pool), WARM_START_BATCH)]
+        answers = [s.answer for s in batch] if questions else [rng.choice(s.choices) for s in batch]
+        targets = [data.target_text(a, cfg.prompt) + M.END_TOKENS[0] for a in answers]
         supervised_step(run, opt, B.my_share(batch, rank, world), B.my_share(targets, rank, world))
+    for p in frozen:
+        p.requires_grad_(True)
 
 
 @torch.no_grad()
@@ -430,9 +440,26 @@ def heldout(run, samples):
     records = [r for part in everyone for r in part]
     s = evaluate.score(records, "model_prediction")
     groups = {f"{field}={value}": t.accuracy / 100 for field, tallies in s.groups.items() for value, t in tallies.items()}
+    nll = {} if cfg.prompt == "think" else {"eval_answer_nll": answer_nll(run, samples)}
     return {"eval_accuracy": s.total.accuracy / 100, "eval_format":
             sum(reward.format_reward(r["model_output"], cfg.prompt) for r in records) / max(len(records), 1),
-            "eval_questions": s.total.total, "eval_groups": groups}
+            "eval_questions": s.total.total, "eval_groups": groups, **nll}
+
+
+@torch.no_grad()
+def answer_nll(run, samples):
+    """The mean over questions of -log p(the correct answer's whole target | the prompt): where greedy
+    accuracy stays flat, and the per-token loss is diluted by the format's easy tokens, this still moves
+    (log 4 = 1.39 for a policy in format that spreads its mass evenly over four choices)."""
+    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
+    sums = torch.zeros(2, device=run.device)
+    for batch in B.chunks(B.my_share(samples, rank, world), cfg.micro_batch):
+        targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
+        r = teacher_forced(run, batch, targets)
+        logp = logprobs(run, run.policy, r, temperature=1.0)                   # [B, T]
+        sums += torch.stack([-(logp * r.mask).sum(), r.mask.any(1).sum().float()])
+    nll, n = all_sum(sums).tolist()
+    return nll / max(n, 1)
 
 
 def sample_records(run, groups, step):

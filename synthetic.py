@@ -24,19 +24,26 @@ PITCH_CHOICES = ["very low", "low", "high", "very high"]
 PITCH_CENTERS_HZ = [200.0, 500.0, 1200.0, 3000.0]  # with +-15% jitter the bands never overlap
 PITCH_JITTER = 0.15
 PITCH_QUESTION = "What is the pitch of the tone in the audio?"
+# A second question about the same kind of clips, for a start that listens (compare.py): how loud is the tone?
+# Its answers are the pitch task's words, so a model that learned it answers the pitch question with a choice.
+LOUDNESS_LEVELS = [0.07, 0.14, 0.28, 0.56]  # peak level, an octave apart; with +-15% jitter the bands never overlap
+LOUDNESS_QUESTION = "What is the volume of the tone in the audio?"
+TASKS = {"pitch": "pitch-band", "loudness": "loudness-band"}
 
 
-def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> tuple[Path, Path]:
+def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0,
+                   task: str = "pitch") -> tuple[Path, Path]:
     """
     Write wavs/ and R1-AQA-style train.jsonl and test.jsonl under out_dir; return the two paths.
     Labels are balanced; the same arguments give the same files, and a second call with the
     same arguments reuses them (manifest.json records what was made). The default 2000 training
     clips take about 4 s and 100 MB to write; 250 steps of 32 prompts see each about 4 times.
+    task "loudness" asks how loud the tone is instead (LOUDNESS_BANDS; its pitch band at random).
     """
     out_dir = Path(out_dir)
     train, test = out_dir / "train.jsonl", out_dir / "test.jsonl"
     manifest = out_dir / "manifest.json"
-    params = {"task": "pitch-band", "n_train": n_train, "n_test": n_test, "seed": seed}
+    params = {"task": TASKS[task], "n_train": n_train, "n_test": n_test, "seed": seed}
     if manifest.exists() and json.loads(manifest.read_text()) == params and train.exists() and test.exists():
         return train, test
     manifest.unlink(missing_ok=True)  # written last, so an interrupted run is never reused
@@ -44,7 +51,8 @@ def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 
     for split, n, jsonl in (("train", n_train, train), ("test", n_test, test)):
         rng = np.random.default_rng([seed, split == "test"])
         labels = rng.permutation(np.arange(n) % len(PITCH_CHOICES))
-        records = [_write_tone(out_dir, f"{split}_{i:05d}", int(label), rng) for i, label in enumerate(labels)]
+        write = _write_tone if task == "pitch" else _write_loudness
+        records = [write(out_dir, f"{split}_{i:05d}", int(label), rng) for i, label in enumerate(labels)]
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     manifest.write_text(json.dumps(params))
     return train, test
@@ -83,6 +91,16 @@ def make_shifted(out_dir, kind: str, n: int = 200, seed: int = 0) -> Path:
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     manifest.write_text(json.dumps(params))
     return jsonl
+
+
+def _write_loudness(out_dir: Path, name: str, label: int, rng: np.random.Generator) -> dict:
+    """One sine in a random pitch band, its peak level in loudness band `label` -> its record, asking how
+    loud it is (the answer: the label's word of PITCH_CHOICES)."""
+    level = LOUDNESS_LEVELS[label] * rng.uniform(1 - PITCH_JITTER, 1 + PITCH_JITTER)
+    tones = Tones(level=(level, level), question=LOUDNESS_QUESTION)
+    record = _write_tone(out_dir, name, int(rng.integers(len(PITCH_CHOICES))), rng, tones)
+    return {**record, "answer": label, "category": PITCH_CHOICES[label], "pitch": record["category"],
+            "level": round(level, 4)}
 
 
 def _write_tone(out_dir: Path, name: str, label: int, rng: np.random.Generator, tones: Tones = Tones()) -> dict:

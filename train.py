@@ -91,6 +91,7 @@ class Config:
     reward_weights: str = "1,1"  # weights of the accuracy and format rewards (R1-AQA 1,1)
     warm_start_steps: int = 0  # supervised steps on the answer FORMAT only (random answers), before GRPO
     warm_start_lr: float = 3e-3  # learning rate of the warm start
+    warm_start_data: str = ""  # warm start on these questions' CORRECT answers, audio encoder frozen ("" = format only; "synthetic-loudness": the demo's second question)
     save_every: int = 100  # write a checkpoint every this many steps (and at the end)
     keep_last: int = 3  # newest checkpoints kept (>= 1), besides checkpoint-0
     resume: bool = False  # continue the run in --out from its newest complete checkpoint (same settings)
@@ -107,15 +108,14 @@ class Config:
 
 # The workshop demo (`python train.py`): a tiny model learns a synthetic task on a laptop CPU in minutes.
 # R1-AQA's values above stay the defaults for real models; flags given explicitly override these.
-# beta 0.1 rather than 0.04: a stronger pull towards the reference keeps some probability on every
-# answer, so a class the policy gets wrong still yields a correct sample to learn from. At 0.04 (and
-# with G = 16 too) an earlier version stalled at 50% or 75% on some seeds. Now 0.04 learned on seeds 0-3
-# here but stalled at 75% on one of four with --model tiny-omni, and with --dynamic-sampling 4 on one of
-# four here too; 0.1 learned on all eight (README).
-# A constant lr: with R1-AQA's linear decay the tiny model had not started to listen by step 250.
-DEMO = dict(max_steps=600, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=False, beta=0.1,
+# The warm start answers another question about the same clips (how loud), audio encoder frozen: a start
+# that listens, as a pretrained base does; a format-only warm start (random answers) teaches the answer
+# to ignore the audio. beta 0.1 keeps some probability on every answer, so a class the policy gets wrong
+# still yields a correct sample to learn from. The lr decays linearly to 0 (R1-AQA's schedule): at a
+# constant 1e-3 AdamW kept taking steps of the same size after the task was learned (README).
+DEMO = dict(max_steps=300, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=True, beta=0.1,
             max_new_tokens=16, dtype="float32", gradient_checkpointing=False, balance_answers=True,
-            warm_start_steps=60, save_every=50, seed=0)
+            warm_start_steps=200, warm_start_data="synthetic-loudness", save_every=50, eval_every=50, seed=0)
 # The learning rate when none is given, by (algo, LoRA). GRPO: R1-AQA's 1e-6. The paper does not give its
 # SFT settings; these are the common choices for a 7B model, ten times higher for LoRA's few weights
 # than for all of them: 1e-5 for full SFT, 1e-4 for LoRA SFT (as in the LoRA and QLoRA papers' 7B
@@ -208,6 +208,8 @@ def mode_rules(cfg):
         (cfg.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = no LoRA)"),
         (cfg.lora_rank > 0 or not lora_given, "lora_rank",
          "is 0, so --lora-alpha/--lora-dropout/--lora-targets/--lora-audio would do nothing: give a rank"),
+        (cfg.warm_start_steps or not cfg.warm_start_data, "warm_start_data",
+         "would do nothing without --warm-start-steps: give the number of steps"),
         (cfg.lora_rank == 0 or not cfg.warm_start_steps, "lora_rank",
          "with --warm-start-steps: warm start a full model first, then start LoRA from its checkpoint-0"),
         (0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
@@ -223,11 +225,12 @@ def check_paths(cfg):
             raise M.UsageError(f"--model {cfg.model}: LoRA adapters, not a model to train: give the merged model "
                                f"of a LoRA run's last checkpoint (checkpoint-N/merged) or the base model "
                                f"{M.adapter_base(cfg.model)} (--resume continues the LoRA run itself)")
-    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if path and path != "synthetic" and not Path(path).is_file():
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--warm-start-data", cfg.warm_start_data)):
+        if path and path not in ("synthetic", B.LOUDNESS) and not Path(path).is_file():
             what = "is a folder, not a question file" if Path(path).is_dir() else "no such file"
+            keyword = {"--data": ", or `synthetic`", "--warm-start-data": f", or `{B.LOUDNESS}`"}.get(flag, "")
             raise M.UsageError(f"{flag} {path}: {what} (give an R1-AQA/AVQA JSONL, MMAU JSON or plain JSONL file"
-                               + (", or `synthetic`)" if flag == "--data" else ")"))
+                               f"{keyword})")
     if cfg.audio_dir:
         try:
             data.check_audio_dir(cfg.audio_dir)
@@ -379,6 +382,8 @@ def setup(cfg, device):
             M.tiny(cfg.cache_dir, window_seconds=2, family=M.TINY_MODELS[cfg.model])
         if cfg.data == "synthetic":
             synthetic.make_synthetic(Path(cfg.cache_dir) / "synthetic")
+        if cfg.warm_start_data == B.LOUDNESS:
+            synthetic.make_synthetic(Path(cfg.cache_dir) / B.LOUDNESS, task="loudness")
     dist.barrier()  # the folder is tidy and the tiny model and task exist before any rank reads them
     resume_from = checkpoint.check_run_folder(cfg, asdict(Config()))
     train, held_out = B.load_data(cfg)
@@ -392,7 +397,8 @@ def setup(cfg, device):
     run = build_run(cfg, model_dir, train, device)
     if resume_from is None and (cfg.warm_start_steps or cfg.curriculum):
         if cfg.warm_start_steps:
-            S.warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
+            S.warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr, B.read_questions(
+                "--warm-start-data", B.warm_start_path(cfg), cfg))
         checkpoint.save(run, 0)  # the starting policy: the reference, and the curriculum's pre-pass resumes from it
     run.ref = reference(cfg, run.policy, out / "checkpoint-0" if resume_from and cfg.warm_start_steps else None)
     start = checkpoint.load(run, resume_from) if resume_from else 0
