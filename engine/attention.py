@@ -1,26 +1,12 @@
 """Attention for the packed group [prompt, c_1, ..., c_G]: which (query, key) pairs are visible, as a
-dense mask or as a FlexAttention BlockMask, and the attention function that runs the BlockMask.
+dense [B, 1, L, L] mask or as a FlexAttention BlockMask, and the attention function that runs the latter.
 
-The idea: in a packed row every completion sees the prompt and its own past, never another
-completion. A kernel that takes a dense [B, 1, L, L] mask computes all L^2 pairs (3.5x the visible
-ones at P = 850, G = 8, T = 256) and cannot be FlashAttention. FlexAttention takes a BlockMask, the
-same rule kept per 128 x 128 block, and skips every block without a visible pair. `visible` is the
-one definition of the rule; `dense_mask` and `block_mask` both evaluate it.
-
-Where it runs: `flex_default(device)` is True on CUDA only. torch 2.13's FlexAttention runs on the
-CPU forward-only (no backward: it raises NotImplementedError), and there only eagerly, computing
-every score (no saving), or compiled, which costs ~20 s per shape on a CPU. On CUDA the kernel is
-compiled once (torch.compile(flex_attention)); new lengths make dynamo mark them dynamic.
-
-How it reaches the model (transformers 5.23): Qwen2Attention looks up its attention function by
-name from config._attn_implementation on every call, and create_causal_mask passes a 4-D mask
-(a BlockMask is 4-D) through untouched. `enable(model)` registers one function, "sdpa_or_flex",
-under the public AttentionInterface / AttentionMaskInterface and gives it to the language model
-only (the Qwen2-Audio encoder keeps sdpa): it runs FlexAttention for a BlockMask and is exactly
-transformers' sdpa otherwise (the decode loop, model.generate). The switch stays on, because
-gradient checkpointing recomputes a layer in backward, outside any per-call switch.
-
-    (imported by grpo.py; tests/test_attention.py checks both paths against each other)
+Every completion sees the prompt and its own past, never another completion. A dense mask makes the
+kernel compute all L^2 pairs (3.5x the visible ones at P = 850, G = 8, T = 256); FlexAttention keeps the
+same rule per 128 x 128 block and skips the blocks without a visible pair. It is the default on CUDA
+only (torch 2.13 has no FlexAttention backward on the CPU). `enable(model)` registers "sdpa_or_flex"
+with transformers' public AttentionInterface for the language model alone: FlexAttention for a
+BlockMask, exactly sdpa otherwise. docs/performance.md says more.
 """
 
 import functools

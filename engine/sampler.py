@@ -1,23 +1,19 @@
-"""Decoding G completions per prompt from one prefill: a preallocated KV cache and a decode step of
-fixed shapes (as in gpt-fast).
+"""The fast group sampler: encode and prefill each prompt once, fork its KV cache G ways into a
+preallocated cache, and decode with a step of fixed shapes (as in gpt-fast).
 
-The idea: after the prompt is prefilled once, its keys and values are copied G ways into a
-transformers StaticCache with room for every new token, so a decoded token is written in place
-(a growing cache would copy itself at every token). The attention mask is preallocated too: the
-prompt's padding, and one more cache slot switched on per token. Every tensor the step touches
-keeps its shape and address, and the step never waits for the device (no .item(), no Python
-branch on a tensor), so torch.compile can trace it whole and CUDA graphs can replay it.
-Compilation is opt-in (compile_options); tests/test_decode.py traces it on the CPU with dynamo's
-"eager" backend and fullgraph=True, which fails on any graph break or recompilation.
-
-    (imported by grpo.py: grpo.generate_groups is the sampling loop)
+A decoded token is written in place into a transformers StaticCache with room for every new token (a
+growing cache copies itself at every token), and the attention mask is preallocated too. The step never
+waits for the device (no .item(), no branch on a tensor), so torch.compile can trace it whole; the host
+asks whether every row has finished only every check_every tokens. generate_groups has the signature of
+grpo.generate_groups and gives the same tokens for the same generators (tests/engine/test_sampler.py).
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
+
+import grpo
 
 
 @dataclass
@@ -30,9 +26,9 @@ class DecodeState:
 
 
 def prefill_and_fork(model, batch, group_size, max_new_tokens):
-    """Encode the audio and prefill the left-padded prompts once (B rows), then fork: the prompt's
-    cache copied G ways into a StaticCache of N rows. Returns (the first token's logits [N, V],
-    DecodeState). The prefill's own cache is emptied layer by layer as it is copied."""
+    """Encode the audio and prefill the left-padded prompts once (B rows), then fork: the prompt's cache
+    copied G ways into a StaticCache of N rows. Returns (the first token's logits [N, V], DecodeState).
+    The prefill's own cache is emptied layer by layer as it is copied."""
     G, ids, attn = group_size, batch["input_ids"], batch["attention_mask"]  # [B, P], [B, P]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                               # [B, P] positions skip the left padding
     out = model.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
@@ -42,14 +38,13 @@ def prefill_and_fork(model, batch, group_size, max_new_tokens):
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
     prompt_layers = out.past_key_values.layers  # the prefill's own cache, ours to empty
     for i in range(len(prompt_layers)):
-        # the static layer is allocated at its first update, and each prompt layer dropped once
-        # copied: the two caches together never hold much more than the static one
+        # the static layer is allocated at its first update, and each prompt layer dropped once copied:
+        # the two caches together never hold much more than the static one
         keys, values, prompt_layers[i] = prompt_layers[i].keys, prompt_layers[i].values, None
         cache.update(keys.repeat_interleave(G, 0), values.repeat_interleave(G, 0), i)  # [N, kv heads, P, d]
     mask = torch.zeros(N, 1, 1, P + max_new_tokens, dtype=torch.bool, device=ids.device)
     mask[..., :P] = attn.bool().repeat_interleave(G, 0)[:, None, None]     # [N, 1, 1, P] the prompt's padding
-    state = DecodeState(cache, mask, pos[:, -1:].repeat_interleave(G, 0) + 1,
-                        torch.tensor([P], device=ids.device))
+    state = DecodeState(cache, mask, pos[:, -1:].repeat_interleave(G, 0) + 1, torch.tensor([P], device=ids.device))
     return model.lm_head(out.last_hidden_state[:, -1]).repeat_interleave(G, 0), state  # [N, V]
 
 
@@ -61,18 +56,38 @@ def forward(model, tokens, mask, position, cache):
     return model.lm_head(hidden[:, -1])                                    # [N, V]
 
 
-@functools.cache
-def compiled(options):
-    """forward under torch.compile(**dict(options)), built once per process and set of options."""
-    return torch.compile(forward, **dict(options))
-
-
-def step(model, state, tokens, compile_options=None):
-    """Feed the tokens just sampled [N]; returns the logits of the next ones [N, V]. The new slot is
-    switched on in the mask before the forward: a token sees itself."""
+def step(model, state, tokens):
+    """Feed the tokens just sampled [N]; returns the logits of the next ones [N, V]. The new slot is switched
+    on in the mask before the forward: a token sees itself."""
     state.mask.index_fill_(-1, state.slot, True)                           # [N, 1, 1, S]
-    run = forward if compile_options is None else compiled(tuple(sorted(compile_options.items())))
-    logits = run(model, tokens[:, None], state.mask, state.position, state.cache)  # [N, V]
+    logits = forward(model, tokens[:, None], state.mask, state.position, state.cache)  # [N, V]
     state.position.add_(1)
     state.slot.add_(1)
     return logits
+
+
+@torch.no_grad()
+def generate_groups(model, batch, generators, group_size, max_new_tokens, end_ids, pad_id, suppress_ids=(),
+                    temperature=1.0, top_k=50, top_p=1.0, check_every=8):
+    """grpo.generate_groups, fast: one prefill per prompt, the cache forked G ways, a fixed-shape decode
+    step. Finished rows emit pad; the result is cut back to the longest completion, so the tokens do not
+    depend on check_every. Returns a grpo.Rollout."""
+    logits, state = prefill_and_fork(model, batch, group_size, max_new_tokens)  # [N, V]
+    N, device = logits.size(0), logits.device
+    suppress = torch.as_tensor(list(suppress_ids), dtype=torch.long, device=device)
+    end = torch.as_tensor(end_ids, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)                # [N]
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, T]
+    for t in range(max_new_tokens):
+        logits = logits.float().index_fill(-1, suppress, float("-inf"))   # [N, V]
+        tok = grpo.sample_next(logits, generators, temperature, top_k, top_p).masked_fill(done, pad_id)  # [N]
+        tokens[:, t] = tok
+        done |= torch.isin(tok, end)
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and done.all()):
+            break
+        logits = step(model, state, tok)                                   # [N, V]
+    mask = grpo.completion_mask(tokens[:, :t + 1], end_ids)                # [N, t+1]
+    T = int(mask.sum(1).max())                                             # the longest completion
+    prompts = [row[m.bool()] for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    return grpo.Rollout(prompts, batch["input_features"], batch["feature_attention_mask"],
+                        tokens[:, :T].contiguous(), mask[:, :T].contiguous(), group_size)

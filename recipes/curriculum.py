@@ -1,20 +1,11 @@
-"""SARI's curriculum: train from the easy questions to the hard ones, by the starting policy's pass rates.
+"""SARI's curriculum (--curriculum K): train from the easy questions to the hard ones, by the starting
+policy's pass rates (Wen et al., arXiv 2504.15900).
 
-SARI (Wen et al., "SARI: Structured Audio Reasoning via Curriculum-Guided Reinforcement Learning",
-arXiv 2504.15900) found that GRPO on audio questions ordered from easy to hard converges faster and
-ends higher than on shuffled ones. With --curriculum K, a pre-pass samples K completions of every
-training question with the policy GRPO starts from (after the warm start, if any) and stores each
-question's pass rate, the share of its completions whose answer is right, in OUT/pass_rates.json.
-Training then takes the questions easiest first (batches.epoch_order), every epoch.
-
-The pre-pass is data parallel and resumable, like evaluate.py: the questions go in fixed batches of
---micro-batch, dealt round-robin to the processes; each process appends its batches' rates to
-OUT/pass_rates.parts/rank{r}.jsonl and fsyncs, so a restart samples only what is missing. Each
-question samples from its own generator, seeded from (seed, its index), so the rates do not depend
-on the number of processes, and the order is a pure function of (seed, step) given the stored
-rates: resume stays exact. A question whose audio cannot be read gets rate -1 (last).
-
-train.py calls pass_rates(run) in setup.
+Before training, a pre-pass samples K completions of every training question with the policy GRPO starts
+from and stores each question's pass rate in OUT/pass_rates.json; every epoch then takes the questions
+easiest first (the recipe's epoch order). The pre-pass is data parallel and resumable like evaluate.py:
+fixed batches dealt round-robin, each process appending to OUT/pass_rates.parts/rank{r}.jsonl. Each
+question samples from its own generator, so the rates do not depend on the number of processes.
 """
 
 import json
@@ -25,12 +16,32 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import batches as B
+import data
 import grpo
 import model as M
 import reward
 
 PREPASS_STEP = -1  # the generators' step: no training step samples with these seeds
+
+
+def apply(recipe, cfg):
+    """The recipe with the pre-pass before training and, from then on, the epochs easiest first."""
+    if cfg.curriculum < 0:
+        raise M.UsageError(f"--curriculum {cfg.curriculum}: must be >= 0 (completions per question; 0 = off)")
+    recipe.before_training.append(order_by_pass_rate)
+    return recipe
+
+
+def order_by_pass_rate(run):
+    """Measure (or read) the pass rates, then put the easy-to-hard order in the recipe."""
+    rates = pass_rates(run)
+    run.recipe.arrange = lambda rng, n: easiest_first(rates, rng, n)
+
+
+def easiest_first(rates, rng, n):
+    """An epoch's order: the highest pass rate first, ties in a random order drawn once per epoch."""
+    tie = rng.random(n)
+    return lambda indices: sorted(indices, key=lambda i: (-rates[i], tie[i]))
 
 
 def pass_rates(run):
@@ -41,7 +52,7 @@ def pass_rates(run):
         parts = out / "pass_rates.parts"
         done = read_parts(parts)
         dist.barrier()  # every rank has read the parts before any rank appends to them
-        batches = B.chunks(list(range(len(run.train))), run.cfg.micro_batch)
+        batches = data.chunks(list(range(len(run.questions))), run.cfg.micro_batch)
         todo = [b for b in batches if not all(i in done for i in b)]
         parts.mkdir(parents=True, exist_ok=True)
         run.policy.eval()
@@ -50,7 +61,7 @@ def pass_rates(run):
                 append(part, batch, sample_rates(run, batch))
         dist.barrier()
         if rank == 0:
-            write_atomically(final, merged(read_parts(parts), len(run.train), run.cfg.curriculum))
+            write_atomically(final, merged(read_parts(parts), len(run.questions), run.cfg.curriculum))
         dist.barrier()
     stored = json.loads(final.read_text())
     return stored["pass_rates"]
@@ -61,13 +72,13 @@ def sample_rates(run, indices):
     """K completions of each question in one micro-batch (inside model.unsharded), scored by the
     accuracy reward."""
     cfg, K = run.cfg, run.cfg.curriculum
-    samples = [run.train[i] for i in indices]
-    audios, ok = B.read_audio(samples, cfg.downmix)
+    samples = [run.questions[i] for i in indices]
+    audios, ok = data.read_audio(samples, cfg.downmix)
     inputs = M.collate(run.processor, samples, audios, cfg.prompt, cfg.system_prompt or None,
                        cfg.think_words).to(run.device)
     gens = grpo.prompt_generators(cfg.seed, PREPASS_STEP, indices, run.device)
-    r = grpo.generate_groups(run.policy, inputs, gens, K, cfg.max_new_tokens, run.end_ids, run.pad_id,
-                             run.suppress_ids, cfg.temperature, cfg.top_k, cfg.top_p)
+    r = run.recipe.generate(run.policy, inputs, gens, K, cfg.max_new_tokens, run.tokens.end_ids,
+                            run.tokens.pad_id, run.tokens.suppress_ids, cfg.temperature, cfg.top_k, cfg.top_p)
     texts = run.processor.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
     right = [reward.accuracy_reward(t, samples[n // K].answer) for n, t in enumerate(texts)]
     return [sum(right[j * K:(j + 1) * K]) / K if good else -1.0 for j, good in enumerate(ok)]

@@ -1,23 +1,11 @@
-"""LoRA for Qwen2-Audio, written out by hand: low-rank adapters on a frozen model, in plain torch.
+"""LoRA written out by hand (--lora-rank): low-rank adapters on a frozen base, in plain torch.
 
-The idea (Hu et al., 2021, https://arxiv.org/abs/2106.09685): a frozen linear layer W [out, in] gets a
-trainable low-rank update, y = W x + (alpha / r) * B A x, with A [r, in] and B [out, r]. B starts at
-zero, so a fresh adapter is exactly the base model, and only A and B are trained (r (in + out) numbers
-per layer instead of in * out). `LoRALinear` keeps the base layer's own weight and bias Parameters, so
-the base keeps its Hugging Face state-dict keys (`...q_proj.weight`) and a Hugging Face checkpoint
-loads into a LoRA model unchanged; the adapters add `...q_proj.lora_A` and `...q_proj.lora_B` (fp32).
-
-How to use (one process; model.sharded_load(path, lora=LoRASettings(...)) does the same under FSDP2):
-
-    settings = LoRASettings(rank=8, alpha=16)
-    apply_lora(model, settings.rank, settings.alpha)        # any device, meta included; freezes the base
-    model.load_state_dict(init_adapters(model, seed=0), strict=False)  # same values on any device/world
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    with adapters_disabled(model): ...                      # the base model: a reference without a copy
-    save_adapters(folder, adapter_state_dict(model), settings)   # PEFT's layout; load_adapters reads it
-    merged = merged_state_dict(model.state_dict(), settings)     # W + (alpha/r) B A, Hugging Face keys only
-
-This file imports nothing of the project: it knows Qwen2-Audio only by its module names.
+A frozen linear W [out, in] gets a trainable update: y = W x + (alpha / r) B A x, with A [r, in] and
+B [out, r] = 0 at the start, so a fresh adapter is exactly the base model (Hu et al., 2021). LoRALinear
+keeps the base layer's own Parameters, so the base keeps its Hugging Face keys; the adapters add
+`...q_proj.lora_A` / `.lora_B` in fp32. `LoRA` is what the core calls (train.Recipe.adapters): wrap the
+model before sharding, the adapters' first values, the reference with the adapters off, what a
+checkpoint holds. Adapters are saved in PEFT's layout; docs/training.md says how a run uses them.
 """
 
 import json
@@ -32,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+import model as M
 
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUDIO_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # every linear of an encoder layer
@@ -239,3 +229,48 @@ def load_adapters(folder):
     settings = LoRASettings(rank=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
                             targets=targets, audio=any(".audio_tower." in m for m in modules))
     return tensors, settings
+
+
+# -----------------------------------------------------------------------------
+# What the core calls: train.Recipe.adapters
+
+def apply(recipe, cfg):
+    """The recipe with LoRA's hooks: adapters of --lora-rank on --lora-targets (and the audio encoder)."""
+    if not 0 <= cfg.lora_dropout < 1:
+        raise M.UsageError(f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)")
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    recipe.adapters = LoRA(LoRASettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.lora_audio,
+                                        cfg.seed))
+    return recipe
+
+
+class LoRA:
+    """LoRA's hooks into loading (model.sharded_load), the step (the reference) and checkpoints."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def wrap(self, model):
+        """Adapters on the targets of a model on the meta device; every other parameter frozen."""
+        s = self.settings
+        try:
+            apply_lora(model, s.rank, s.alpha, s.dropout, s.targets, s.audio)
+        except LoRAError as e:
+            raise M.UsageError(f"--lora-targets/--lora-rank: {e}") from None
+
+    def initial(self, model):
+        return init_adapters(model, self.settings.seed)
+
+    def disabled(self, model):
+        """The base model: the reference of a LoRA run, with no second copy of the weights."""
+        return adapters_disabled(model)
+
+    def trains(self, name):
+        """Whether a state-dict key is trained (and kept in fp32): the adapters, never the base."""
+        return is_adapter_key(name)
+
+
+def merge_saved(model, folder):
+    """Fold the adapters saved in folder (PEFT's layout) into the model's weights: W + alpha / r * B A."""
+    adapters, settings = load_adapters(folder)
+    model.load_state_dict(merged_state_dict({**model.state_dict(), **adapters}, settings))

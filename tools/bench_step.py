@@ -47,8 +47,8 @@ Setting: the tiny Qwen2-Audio at R1-AQA proportions: 10 s clips (250 audio token
 prompt, G = 8, 12 new tokens, B = 2 prompts of different lengths (so left padding is exercised;
 R1-AQA runs 1 prompt per GPU, B = 2 is two such micro-batches at once). fp32, no checkpointing.
 
-    python tests/bench_step.py              # 15-40 s on 2 CPU cores
-    python tests/bench_step.py --threads 1  # on a busy machine
+    python tools/bench_step.py              # 15-40 s on 2 CPU cores
+    python tools/bench_step.py --threads 1  # on a busy machine
 """
 
 import argparse
@@ -69,7 +69,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import attention  # noqa: E402  (after the path insert, for `python tests/bench_step.py`)
+from engine import attention, packed, sampler  # noqa: E402  (after the path insert)
 import grpo  # noqa: E402
 import model as qwen  # noqa: E402
 from data import SAMPLE_RATE, Sample  # noqa: E402
@@ -135,17 +135,17 @@ def setup(model_dir=None, samples=SAMPLES, group_size=GROUP_SIZE, new_tokens=NEW
 
 def ours_rollout(bench):
     generators = grpo.prompt_generators(seed=0, step=0, prompt_indices=range(len(bench.batch["input_ids"])))
-    return grpo.generate_groups(bench.model, bench.batch, generators, bench.group_size, bench.new_tokens,
+    return sampler.generate_groups(bench.model, bench.batch, generators, bench.group_size, bench.new_tokens,
                                 bench.end_ids, bench.pad_id, bench.suppress, temperature=1.0, top_k=50, top_p=1.0)
 
 
 @torch.no_grad()
 def ours_reference(bench):
-    return grpo.completion_logprobs(bench.model, bench.rollout, bench.pad_id)  # [N, T]
+    return packed.completion_logprobs(bench.model, bench.rollout, bench.pad_id)  # [N, T]
 
 
 def ours_policy(bench):
-    return policy_step(bench, lambda: grpo.completion_logprobs(bench.model, bench.rollout, bench.pad_id))
+    return policy_step(bench, lambda: packed.completion_logprobs(bench.model, bench.rollout, bench.pad_id))
 
 
 def policy_step(bench, logprobs):
@@ -380,7 +380,7 @@ def main():
     print(f"flops_ours_vs_baseline: {step['flops']['ours'] / step['flops']['baseline']:.2f}")
     print(f"flops_ours_vs_ideal: {step['flops']['ours'] / step['flops']['ideal']:.2f}")
     print(f"wall_ours_vs_baseline: {step['wall']['ours'] / step['wall']['baseline']:.2f}")
-    for name, seg in [("this packed pass", grpo.pack_groups(bench.rollout, bench.pad_id).segments),
+    for name, seg in [("this packed pass", packed.pack_groups(bench.rollout, bench.pad_id).segments),
                       ("R1-AQA, P=850 G=8 T=256", r1_aqa_segments())]:
         pairs = attention_pairs(seg)
         print(f"attention pairs per layer, {name}: dense {pairs['dense']:,}, FlexAttention blocks "

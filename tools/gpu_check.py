@@ -4,7 +4,7 @@ the hardware allow.
 
 The model is random (built on the GPU, nothing downloaded): 30 s of audio, the R1-AQA prompt
 (~850 tokens with the audio), G = 8 completions forced to 256 tokens (end tokens suppressed, as in
-tests/bench_step.py), sharded with FSDP2 as train.py does (fp32 master weights, bf16 compute,
+tools/bench_step.py), sharded with FSDP2 as train.py does (fp32 master weights, bf16 compute,
 gradient checkpointing, a bf16 reference, AdamW). The second step is measured (the first makes the
 AdamW moments and compiles FlexAttention). It prints:
   memory     peak GPU memory of each phase above the step's start, against plan.memory_plan for
@@ -21,9 +21,9 @@ AdamW moments and compiles FlexAttention). It prints:
 The bandwidth and the peak are assumptions: vendor figures for the GPU names in GPUS, or
 --hbm-tbps / --peak-tflops. On a machine without CUDA it says so in one line and exits 0.
 
-    python tests/gpu_check.py                                       # one GPU, ~2 decoder layers
-    torchrun --standalone --nproc_per_node 8 tests/gpu_check.py     # eight, with NCCL
-    python tests/gpu_check.py --decoder-layers 4 --new-tokens 128 --compile-decode
+    python tools/gpu_check.py                                       # one GPU, ~2 decoder layers
+    torchrun --standalone --nproc_per_node 8 tools/gpu_check.py     # eight, with NCCL
+    python tools/gpu_check.py --decoder-layers 4 --new-tokens 128 --compile-decode
 """
 
 import argparse
@@ -42,10 +42,11 @@ from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import decode  # noqa: E402  (after the path insert, for `python tests/gpu_check.py`)
+from engine import packed, sampler  # noqa: E402  (after the path insert)
 import grpo  # noqa: E402
 import model as M  # noqa: E402
-import plan  # noqa: E402
+from workshop import demo  # noqa: E402
+from tools import plan  # noqa: E402
 from data import SAMPLE_RATE, Sample  # noqa: E402
 
 SAMPLE = Sample("", "What is the pitch of the tone in the audio?", ["very low", "low", "high", "very high"], "low", {})
@@ -90,7 +91,7 @@ def bus_bandwidth(nbytes, seconds, world):
 
 def few_layer_config(audio_layers, decoder_layers, audio_token_id):
     """Qwen2-Audio-7B's config (model.config_7b) with fewer layers and another <|AUDIO|> id."""
-    d = M.config_7b().to_dict()
+    d = plan.config_7b().to_dict()
     d["audio_config"]["encoder_layers"] = audio_layers
     d["text_config"]["num_hidden_layers"] = decoder_layers
     d["text_config"].pop("layer_types", None)  # derived from the layer count
@@ -128,24 +129,24 @@ class Run:
         """The rollout's prefill and fork alone: what check_decode subtracts."""
         self.policy.eval()
         with M.unsharded(self.policy):
-            return decode.prefill_and_fork(self.policy, self.batch, self.args.group_size, self.args.new_tokens)
+            return sampler.prefill_and_fork(self.policy, self.batch, self.args.group_size, self.args.new_tokens)
 
     def rollout(self, compile_options=None):
         self.policy.eval()
         gens = grpo.prompt_generators(0, 0, [dist.get_rank()], self.device)
         with M.unsharded(self.policy):
-            return grpo.generate_groups(self.policy, self.batch, gens, self.args.group_size, self.args.new_tokens,
+            return sampler.generate_groups(self.policy, self.batch, gens, self.args.group_size, self.args.new_tokens,
                                         self.end_ids, self.pad_id, self.suppress, compile_options=compile_options)
 
     @torch.no_grad()
     def reference(self, rollout, flex=None):
-        logp = grpo.completion_logprobs(self.ref, rollout, self.pad_id, flex=self.flex if flex is None else flex)
+        logp = packed.completion_logprobs(self.ref, rollout, self.pad_id, flex=self.flex if flex is None else flex)
         M.reshard(self.ref)
         return logp
 
     def policy_pass(self, rollout, ref_logp, flex=None):
         self.policy.train()
-        logp = grpo.completion_logprobs(self.policy, rollout, self.pad_id, flex=self.flex if flex is None else flex)
+        logp = packed.completion_logprobs(self.policy, rollout, self.pad_id, flex=self.flex if flex is None else flex)
         advantages = grpo.group_advantages(torch.arange(logp.size(0), dtype=torch.float32, device=self.device),
                                            self.args.group_size)
         loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, rollout.mask)
@@ -338,7 +339,7 @@ def main(argv=None):
         return 0
     rank, world, device = M.init_distributed(always=True)
     bandwidth, peak = hardware(args, device)
-    tokenizer = M.build_tokenizer()  # the tiny one: ids past it are never sampled
+    tokenizer = demo.build_tokenizer()  # the tiny one: ids past it are never sampled
     config = few_layer_config(args.audio_layers, args.decoder_layers, tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
     run = Run(args, device, config, tokenizer)
     M.print0(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "

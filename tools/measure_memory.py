@@ -19,10 +19,10 @@ With --lora-rank R the policy is built as train.py builds it for LoRA (the froze
 fp32 adapters sharded) and the reference is the policy with its adapters off. With --algo sft the step
 is SFT's: no rollout and no reference, cross-entropy on a target of --new-tokens tokens per prompt.
 
-    python tests/measure_memory.py                                             # 1 process, ~2 min
-    python tests/measure_memory.py --lora-rank 8 --algo sft                    # LoRA SFT
-    torchrun --standalone --nproc_per_node 2 tests/measure_memory.py            # 2 processes
-    python tests/measure_memory.py --width 256 --layers 4 --vocab 8192 --audio-width 128 \
+    python tools/measure_memory.py                                             # 1 process, ~2 min
+    python tools/measure_memory.py --lora-rank 8 --algo sft                    # LoRA SFT
+    torchrun --standalone --nproc_per_node 2 tools/measure_memory.py            # 2 processes
+    python tools/measure_memory.py --width 256 --layers 4 --vocab 8192 --audio-width 128 \
         --window-seconds 2 --group-size 4 --new-tokens 32                       # the test's model
 """
 
@@ -42,10 +42,12 @@ from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Q
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import grpo  # noqa: E402  (after the path insert, for `python tests/measure_memory.py`)
-import lora as L  # noqa: E402
+import grpo  # noqa: E402  (after the path insert)
+from engine import packed, sampler  # noqa: E402
+from recipes import lora as L  # noqa: E402
 import model as M  # noqa: E402
-import plan  # noqa: E402
+from workshop import demo  # noqa: E402
+from tools import plan  # noqa: E402
 from data import SAMPLE_RATE, Sample  # noqa: E402
 
 PHASES = ("rollout", "reference", "policy", "optimizer")
@@ -75,7 +77,7 @@ def build_model(out_dir, seed=0, window_seconds=10, **sizes):
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
-    tokenizer = M.build_tokenizer()
+    tokenizer = demo.build_tokenizer()
     features = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, chunk_length=window_seconds)
     config = mid_config(tokenizer.convert_tokens_to_ids("<|AUDIO|>"), window_seconds=window_seconds, **sizes)
     torch.manual_seed(seed)
@@ -109,7 +111,7 @@ def load_step(model_dir, group_size, new_tokens, prompts=1, lora_rank=0, algo="g
     adapters) and, for full GRPO, the bf16 reference, sharded as in train.py; AdamW on what trains, and
     `prompts` copies of one question with a tone filling the audio window. SFT's target repeats " low"."""
     policy = M.sharded_load(model_dir, param_dtype=torch.bfloat16, storage_dtype=torch.float32,
-                            gradient_checkpointing=True, lora=L.LoRASettings(rank=lora_rank) if lora_rank else None)
+                            gradient_checkpointing=True, adapters=L.LoRA(L.LoRASettings(rank=lora_rank)) if lora_rank else None)
     ref = None
     if algo == "grpo" and not lora_rank:
         ref = M.sharded_load(model_dir, storage_dtype=torch.bfloat16).requires_grad_(False).eval()
@@ -138,7 +140,7 @@ def run_step(step, micro_batches=2):
     with record_function("phase:rollout"):
         step.policy.eval()
         with M.unsharded(step.policy):
-            rollouts = [grpo.generate_groups(step.policy, step.batch, grpo.prompt_generators(0, k, range(B)),
+            rollouts = [sampler.generate_groups(step.policy, step.batch, grpo.prompt_generators(0, k, range(B)),
                                              step.group_size, step.new_tokens, step.end_ids, step.pad_id,
                                              step.suppress) for k in range(micro_batches)]
     with record_function("phase:reference"):
@@ -147,7 +149,7 @@ def run_step(step, micro_batches=2):
         step.policy.train()
         for r, ref_logp in zip(rollouts, refs):
             advantages = grpo.group_advantages(torch.arange(r.mask.size(0), dtype=torch.float32), step.group_size)
-            logp = grpo.completion_logprobs(step.policy, r, step.pad_id)          # [N, T]
+            logp = packed.completion_logprobs(step.policy, r, step.pad_id)          # [N, T]
             loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, r.mask, step.beta)
             loss.backward()
     optimizer_phase(step)
@@ -162,7 +164,7 @@ def run_sft_step(step, micro_batches):
     with record_function("phase:policy"):
         step.policy.train()
         for _ in range(micro_batches):
-            loss, _ = grpo.sft_loss(grpo.completion_logprobs(step.policy, r, step.pad_id), r.mask)
+            loss, _ = grpo.sft_loss(packed.completion_logprobs(step.policy, r, step.pad_id), r.mask)
             loss.backward()
     optimizer_phase(step)
     return r
@@ -182,8 +184,8 @@ def reference(step, r):
     its adapters off, as in steps.reference_logprobs."""
     if step.ref is None:
         with L.adapters_disabled(step.policy):
-            return grpo.completion_logprobs(step.policy, r, step.pad_id)
-    logp = grpo.completion_logprobs(step.ref, r, step.pad_id)
+            return packed.completion_logprobs(step.policy, r, step.pad_id)
+    logp = packed.completion_logprobs(step.ref, r, step.pad_id)
     M.reshard(step.ref)
     return logp
 

@@ -8,7 +8,7 @@ Qwen2-Audio of about 148M parameters, sharded as train.py shards it (fp32 master
 resident memory (VmHWM, reset through /proc/self/clear_refs) during the save, minus what was resident
 before it. Each way runs in a fresh process, so neither inherits the other's freed memory.
 
-    python tests/measure_save.py        # both ways, on 1 process and on 2 (rank 0), about a minute
+    python tools/measure_save.py        # both ways, on 1 process and on 2 (rank 0), about a minute
 """
 
 import argparse

@@ -55,6 +55,9 @@ of 100 positions; its vision tower is not part of the model that trains.
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import Qwen2AudioConfig
 
 import model as qwen
 
@@ -163,7 +166,7 @@ def count_model(config):
     shapes must give its known parameter count: a check on model.config_7b(family) and on a loaded config."""
     counts, sizes = param_counts(qwen.meta_model(config)), shapes(config)
     for family, known in (("qwen2-audio", PARAMS_7B), ("omni", PARAMS_OMNI_7B)):
-        if sizes == shapes(qwen.config_7b(family)):
+        if sizes == shapes(config_7b(family)):
             assert counts["total"] == known, f"{family} 7B shapes but {counts['total']:,} parameters"
     return counts, sizes
 
@@ -495,12 +498,42 @@ def step_flops(config, prompts=16, group_size=8, prompt_tokens=PROMPT_TOKENS, ne
 
 # -----------------------------------------------------------------------------
 
+def config_7b(family="qwen2-audio"):
+    """The 7B's architecture: Qwen2-Audio-7B-Instruct, or with family "omni" Qwen2.5-Omni-7B's thinker
+    (recipes/omni.py; the config classes' defaults are NOT these models)."""
+    if family == "omni":
+        from recipes import omni
+        return omni.omni_config_7b()
+    return qwen2_audio_config_7b()
+
+
+def qwen2_audio_config_7b():
+    return Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", d_model=1280, encoder_layers=32,
+                          encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
+                          max_source_positions=1500),
+        text_config=dict(model_type="qwen2", vocab_size=156032, hidden_size=4096, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
+                         rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False),
+        audio_token_index=151646,
+    )
+
+
+def print_for(cfg):
+    """train.py --plan: memory per GPU and FLOPs per step for a run's settings, from the config on the meta
+    device (the 7B unless --model is a folder; tiny-omni plans Qwen2.5-Omni-7B's thinker)."""
+    model = cfg.model if Path(cfg.model).is_dir() else {"tiny-omni": "omni-7b"}.get(cfg.model)
+    print(report(load_config(model), cfg.gpus, cfg.micro_batch, cfg.prompts_per_step, cfg.group_size,
+                 new_tokens=cfg.max_new_tokens, gpu_mem_gb=cfg.gpu_mem, beta=cfg.beta, algo=cfg.algo,
+                 lora_rank=cfg.lora_rank, attention="dense" if cfg.dense_attention else "block"))
+
+
 def load_config(model):
     """The config to plan for: None or a built-in name (ARCHITECTURES: qwen2-audio-7b, omni-7b) gives that
     7B's architecture; a local model folder of either family gives its own (Omni's thinker config, also
     out of a whole Omni model's config.json)."""
     if model is None or model in ARCHITECTURES:
-        return qwen.config_7b(ARCHITECTURES.get(model, "qwen2-audio"))
+        return config_7b(ARCHITECTURES.get(model, "qwen2-audio"))
     return qwen.family_of(model).config_class.from_pretrained(model)
 
 

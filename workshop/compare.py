@@ -1,23 +1,12 @@
 """The paper's comparison in miniature: supervised fine-tuning against GRPO, full and LoRA, on a CPU.
 
-R1-AQA's claim is its title: reinforcement learning outperforms supervised fine-tuning. This script
-runs the experiment on the workshop's synthetic pitch task with the tiny model. One format-only warm
-start gives the shared starting checkpoint (it answers in <answer> tags, at chance). From it, four
-runs see the same training questions in the same order, for the same number of steps:
-  SFT, full    cross-entropy on `<answer>{correct choice}</answer>`, every weight
-  SFT, LoRA    the same, adapters of rank 8 on the language model (lr ten times higher)
-  GRPO, full   R1-AQA's loss and rewards, with the demo's settings (beta 0.1, constant lr)
-  GRPO, LoRA   the same with adapters of rank 8 (lr ten times higher)
-Each final checkpoint, and the start, is scored by evaluate.py (greedy, MMAU's string match) on:
-  held-out       the test split: the training distribution
-  shifted audio  clips shorter (0.4-0.9 s), quieter (level 0.01-0.04) and noisier (20-40%) than any
-                 training clip (synthetic.SHIFTS["audio"])
-  reworded       a question the model never saw, with the choices listed in reverse order
-                 (synthetic.SHIFTS["wording"])
-Finished runs and evaluations are kept, so a second call only prints the table.
-
-    python compare.py                      # seed 0, 500 steps: about 40 minutes on one CPU thread
-    python compare.py --seed 1 --out runs/compare-s1
+From one shared start on the demo's pitch task, four runs see the same questions in the same order for the
+same steps: SFT full, SFT LoRA (rank 8), GRPO full and GRPO LoRA. The start and each final checkpoint are
+scored by evaluate.py (greedy, MMAU's string match) on the held-out split, on shifted audio (shorter,
+quieter, noisier clips) and on a reworded question. Finished runs and evaluations are kept, so a second
+call only prints the table. docs/experiment.md has the measured tables.
+    python -m workshop.compare                      # seed 0, 500 steps
+    python -m workshop.compare --seed 1 --out runs/compare-s1
 """
 
 import argparse
@@ -25,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-import synthetic
 import evaluate
 import model as M
 import train
+from workshop import demo
 
 # Shared by every run: the demo's batch and sampling settings (train.DEMO), for a model given by path.
 COMMON = ["--prompts-per-step", "32", "--micro-batch", "32", "--max-new-tokens", "16", "--dtype", "float32",
@@ -45,10 +34,10 @@ WARM_START = ["--max-steps", "0", "--warm-start-steps", "60"]
 def prepare(cache):
     """The tiny model and the task's four splits: train, held-out test, shifted audio, reworded (the same
     for every seed: the seed is the training's)."""
-    model = M.tiny(cache, window_seconds=2)
-    train_jsonl, test_jsonl = synthetic.make_synthetic(Path(cache) / "synthetic")
-    splits = {"held-out": test_jsonl, "shifted audio": synthetic.make_shifted(Path(cache) / "synthetic", "audio"),
-              "reworded": synthetic.make_shifted(Path(cache) / "synthetic", "wording")}
+    model = demo.tiny(cache, window_seconds=2)
+    train_jsonl, test_jsonl = demo.make_synthetic(Path(cache) / "synthetic")
+    splits = {"held-out": test_jsonl, "shifted audio": demo.make_shifted(Path(cache) / "synthetic", "audio"),
+              "reworded": demo.make_shifted(Path(cache) / "synthetic", "wording")}
     return model, train_jsonl, splits
 
 
