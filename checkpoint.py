@@ -35,7 +35,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
-import lora as L
 import model as M
 
 # Config fields a resumed run may change: where the run folder is, where and how often it logs and
@@ -133,13 +132,8 @@ def save(run, step):
     cfg, rank = run.cfg, dist.get_rank()
     out = Path(cfg.out)
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-    weights = hf_weights(run, step)
-    adapters = L.adapter_state_dict(run.policy) if run.lora else None  # a collective: every rank calls it
+    write_weights(run, step, tmp)
     if rank == 0:
-        if weights is not None:
-            run.policy.save_pretrained(tmp, state_dict=weights)
-        if adapters is not None:
-            L.save_adapters(tmp, adapters, run.lora, base_model=str(run.base))
         run.processor.save_pretrained(tmp)
     dcp.save(training_state(run), checkpoint_id=tmp / "train_state")
     counts = torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)
@@ -154,19 +148,21 @@ def save(run, step):
     dist.barrier()  # a later resume or save on any rank must see the renamed folder
 
 
-def hf_weights(run, step):
-    """The weights in the compute dtype with Hugging Face names (rank 0; {} elsewhere), or None where a
-    LoRA checkpoint before the last step holds only its adapters."""
-    if run.lora and step != run.cfg.max_steps:
-        return None
-    weights = M.gathered_state_dict(run.policy, getattr(torch, run.cfg.dtype))
-    return L.merged_state_dict(weights, run.lora) if run.lora and weights else weights
+def write_weights(run, step, folder):
+    """What a checkpoint's readers open: the Hugging Face model in the compute dtype, or a LoRA run's
+    adapters (recipes/lora.py). Every rank calls it: the weights are gathered."""
+    dtype, adapters = getattr(torch, run.cfg.dtype), run.recipe.adapters
+    if adapters is not None:
+        return adapters.save(folder, run.policy, run.base, dtype, final=step == run.cfg.max_steps)
+    weights = M.gathered_state_dict(run.policy, dtype)
+    if dist.get_rank() == 0:
+        run.policy.save_pretrained(folder, state_dict=weights)
 
 
 def model_state(run):
     """The weights train_state/ holds: all of them, or with LoRA the adapters alone (the base is frozen)."""
-    state = get_model_state_dict(run.policy)
-    return {k: v for k, v in state.items() if L.is_adapter_key(k)} if run.lora else state
+    state, adapters = get_model_state_dict(run.policy), run.recipe.adapters
+    return state if adapters is None else {k: v for k, v in state.items() if adapters.trains(k)}
 
 
 def training_state(run):
@@ -215,7 +211,7 @@ def load(run, path):
     if has_optim:
         state["optim"] = get_optimizer_state_dict(run.policy, run.optimizer)
     dcp.load(state, checkpoint_id=path / "train_state")
-    set_model_state_dict(run.policy, state["model"], options=StateDictOptions(strict=not run.lora))
+    set_model_state_dict(run.policy, state["model"], options=StateDictOptions(strict=run.recipe.adapters is None))
     if has_optim:
         set_optimizer_state_dict(run.policy, run.optimizer, state["optim"])
     run.scheduler.load_state_dict(trainer["scheduler"])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -268,6 +269,17 @@ class LoRA:
     def trains(self, name):
         """Whether a state-dict key is trained (and kept in fp32): the adapters, never the base."""
         return is_adapter_key(name)
+
+    def save(self, folder, policy, base, dtype, final):
+        """A checkpoint's adapters in PEFT's layout, naming the base model; at the last step also the merged
+        weights W + alpha / r B A in dtype, which from_pretrained opens as a plain model. Every rank calls it
+        (the adapters are gathered); rank 0 writes."""
+        adapters = adapter_state_dict(policy)
+        merged = M.gathered_state_dict(policy, dtype, keep=is_adapter_key) if final else None
+        if dist.get_rank() == 0:
+            if merged is not None:
+                policy.save_pretrained(folder, state_dict=merged_state_dict(merged, self.settings))
+            save_adapters(folder, adapters, self.settings, base_model=str(base))
 
 
 def merge_saved(model, folder):

@@ -1,17 +1,15 @@
-"""The decode loop (grpo.generate_groups over decode.py's preallocated cache) against a frozen copy of
-the loop it replaced, which grew a DynamicCache by concatenation and asked the host whether every
-row had finished after every token. Same seeds, same tokens; the decode step traces whole.
-
-Run: python -m pytest -q tests/test_decode.py
-"""
+"""engine/sampler.py (prefill once, fork the KV cache into a preallocated one, a fixed-shape decode step)
+against grpo.generate_groups, the plain sampler it replaces by default, and against a frozen copy of the
+loop before the engine, which grew a DynamicCache by concatenation. Same seeds, same tokens; the decode
+step traces whole."""
 
 import pytest
 import torch
 
-import decode
 import grpo
 import model as M
 from conftest import pitch_samples
+from engine import sampler
 
 
 # -----------------------------------------------------------------------------
@@ -85,16 +83,19 @@ def both(tiny, n_prompts=3, G=4, max_new_tokens=12, seed=3, **kwargs):
     args = (G, max_new_tokens, M.end_token_ids(tok) + EXTRA_ENDS, tok.pad_token_id,
             M.suppressed_token_ids(tok, model.config.text_config.vocab_size))
     sampling = {k: v for k, v in kwargs.items() if k not in ("check_every", "compile_options")}
-    new = grpo.generate_groups(model, batch, grpo.prompt_generators(seed, 0, range(n_prompts)), *args, **kwargs)
+    new = sampler.generate_groups(model, batch, grpo.prompt_generators(seed, 0, range(n_prompts)), *args, **kwargs)
     old = old_generate_groups(model, batch, grpo.prompt_generators(seed, 0, range(n_prompts)), *args, **sampling)
+    plain = grpo.generate_groups(model, batch, grpo.prompt_generators(seed, 0, range(n_prompts)), *args, **sampling)
+    assert torch.equal(plain.completion_ids, old[0]) and torch.equal(plain.mask, old[1])
     return new, old
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(top_k=0, top_p=0.8, check_every=1),
                                       dict(top_k=5, top_p=0.9, temperature=0.7, check_every=5)])
-def test_same_tokens_as_the_old_loop(tiny, sampling):
-    """3 prompts of different audio lengths (so different left padding), G = 4, 12 tokens: the same
-    tokens and mask, column for column, under top-k, top-p, temperature, and any check_every.
+def test_same_tokens_as_the_plain_sampler(tiny, sampling):
+    """3 prompts of different audio lengths (so different left padding), G = 4, 12 tokens: the engine, the
+    plain sampler and the frozen loop give the same tokens and mask, column for column, under top-k, top-p,
+    temperature, and any check_every.
     Completions of several lengths, some ending before the limit, so early stops are exercised."""
     new, (old_ids, old_mask) = both(tiny, **sampling)
     assert torch.equal(new.completion_ids, old_ids)
@@ -124,7 +125,7 @@ def test_decode_step_traces_whole_and_never_recompiles(tiny):
                 new, (old_ids, _) = both(tiny, seed=seed, compile_options=options)
                 assert torch.equal(new.completion_ids, old_ids)
     finally:
-        decode.compiled.cache_clear()
+        sampler.compiled.cache_clear()
         torch._dynamo.reset()
 
 
@@ -136,7 +137,7 @@ def test_fork_copies_the_prompt_cache_g_ways(tiny):
     B, P = batch["input_ids"].shape
     G, T = 3, 5
     with torch.no_grad():
-        logits, state = decode.prefill_and_fork(model, batch, G, T)
+        logits, state = sampler.prefill_and_fork(model, batch, G, T)
     assert logits.shape == (B * G, model.config.text_config.vocab_size)
     assert state.mask.shape == (B * G, 1, 1, P + T)
     real = batch["attention_mask"].sum(1).repeat_interleave(G)             # [N] prompt tokens per row

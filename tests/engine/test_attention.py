@@ -1,12 +1,10 @@
-"""attention.py: the packed layout's visibility rule, its dense mask and its FlexAttention BlockMask,
-and the two paths of grpo.completion_logprobs against each other.
+"""engine/attention.py: the packed layout's visibility rule, its dense mask and its FlexAttention BlockMask,
+and the two paths of engine/packed.py's log-probs against each other.
 
-On the CPU torch 2.13 runs FlexAttention forward only (eagerly), so: the forward is compared with the
-real kernel; the backward with a stand-in kernel that runs sdpa on the BlockMask's own mask_mod,
-which checks everything around the kernel (the rule, the dispatch in every layer, gradient
-checkpointing's recompute, the gradients) but not the CUDA kernel itself (tests/gpu_check.py does).
-
-Run: python -m pytest -q tests/test_attention.py
+On the CPU torch 2.13 runs FlexAttention forward only (eagerly), so: the forward is compared with the real
+kernel; the backward with a stand-in kernel that runs sdpa on the BlockMask's own mask_mod, which checks
+everything around the kernel (the rule, the dispatch in every layer, gradient checkpointing's recompute,
+the gradients) but not the CUDA kernel itself (tools/gpu_check.py does).
 """
 
 import pytest
@@ -14,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_mask
 
-import attention
 import grpo
 import model as M
-import plan
 from conftest import pitch_samples
+from engine import attention, packed
 from test_grpo import rollout_for
+from tools import plan
 
 
 def segments(*rows):
@@ -82,8 +80,8 @@ def test_flex_forward_equals_dense(fresh):
     rollout = rollout_for(fresh, n_prompts=3, G=4, max_new_tokens=10)
     assert len(set(rollout.mask.sum(1).tolist())) > 1
     with torch.no_grad():
-        dense = grpo.completion_logprobs(model, rollout, pad_id=0, flex=False)
-        flex = grpo.completion_logprobs(model, rollout, pad_id=0, flex=True)
+        dense = packed.completion_logprobs(model, rollout, pad_id=0, flex=False)
+        flex = packed.completion_logprobs(model, rollout, pad_id=0, flex=True)
     assert (flex - dense).abs().max() <= 1e-5
     assert model.config.text_config._attn_implementation == attention.NAME
     assert model.config.audio_config._attn_implementation == "sdpa"
@@ -114,7 +112,7 @@ def test_flex_path_gradients_equal_dense(fresh, monkeypatch):
     try:
         for flex in (False, True):
             model.zero_grad(set_to_none=True)
-            logp = grpo.completion_logprobs(model, rollout, pad_id=0, flex=flex)
+            logp = packed.completion_logprobs(model, rollout, pad_id=0, flex=flex)
             (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
             results[flex] = (logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
     finally:
