@@ -7,10 +7,12 @@ model.load and evaluate.py open it) plus the exact training state:
   trainer_state.pt    the step, the lr scheduler, the RNG, the run's sample counters and the config
   train_config.json   the config, readable
 Nothing else is needed to continue bit for bit: the data order is a pure function of (seed, step).
-With LoRA a checkpoint holds the adapters in PEFT's layout (adapter_model.safetensors and an
-adapter_config.json naming the base model), which model.load merges onto the base; the last one also
-holds the merged weights, so from_pretrained opens it as a plain model. Beside the checkpoints,
-metrics.jsonl and samples.jsonl log the run, one JSON record a step.
+With LoRA every checkpoint holds, in place of the model, the adapters in PEFT's layout
+(adapter_model.safetensors and an adapter_config.json naming the base model), which model.load merges
+onto the base and PeftModel.from_pretrained(base, checkpoint) opens; the last one also holds the merged
+model in merged/, a plain Hugging Face folder. No folder holds both a model's weights and adapter
+files: from_pretrained with PEFT installed would add the adapters to weights that already hold them.
+Beside the checkpoints, metrics.jsonl and samples.jsonl log the run, one JSON record a step.
 
 Finished work is never lost:
 - A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced, then it
@@ -23,8 +25,11 @@ Finished work is never lost:
 train.py is the only user:  checkpoint.save(run, step), checkpoint.load(run, path).
 """
 
+import io
 import json
 import os
+import pickle
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
@@ -132,9 +138,10 @@ def save(run, step):
     cfg, rank = run.cfg, dist.get_rank()
     out = Path(cfg.out)
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-    write_weights(run, step, tmp)
+    folders = write_weights(run, step, tmp)
     if rank == 0:
-        run.processor.save_pretrained(tmp)
+        for folder in folders:
+            run.processor.save_pretrained(folder)
     dcp.save(training_state(run), checkpoint_id=tmp / "train_state")
     counts = torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)
     dist.all_reduce(counts)  # the run's totals, kept by rank 0
@@ -150,13 +157,15 @@ def save(run, step):
 
 def write_weights(run, step, folder):
     """What a checkpoint's readers open: the Hugging Face model in the compute dtype, or a LoRA run's
-    adapters (recipes/lora.py). Every rank calls it: the weights are gathered."""
+    adapters and at its last step its merged model (recipes/lora.py). Every rank calls it: the weights are
+    gathered. Returns the folders that hold a model or adapters (the processor goes beside them)."""
     dtype, adapters = getattr(torch, run.cfg.dtype), run.recipe.adapters
     if adapters is not None:
         return adapters.save(folder, run.policy, run.base, dtype, final=step == run.cfg.max_steps)
     weights = M.gathered_state_dict(run.policy, dtype)
     if dist.get_rank() == 0:
         run.policy.save_pretrained(folder, state_dict=weights)
+    return [folder]
 
 
 def model_state(run):
@@ -204,13 +213,14 @@ def fsync_dir(path):
 
 
 def load(run, path):
-    """Restore weights, optimizer (if the checkpoint has its state), scheduler and RNG; return the step."""
-    trainer = torch.load(path / "trainer_state.pt", weights_only=False)
+    """Restore weights, optimizer (if the checkpoint has its state), scheduler and RNG; return the step.
+    Every file is read as data, never as code (see "Reading a checkpoint safely" below)."""
+    trainer = read_trainer_state(path / "trainer_state.pt")
     has_optim = holds_optimizer(path / "train_state")
     state = {"model": model_state(run)}
     if has_optim:
         state["optim"] = get_optimizer_state_dict(run.policy, run.optimizer)
-    dcp.load(state, checkpoint_id=path / "train_state")
+    read_train_state(state, path / "train_state")
     set_model_state_dict(run.policy, state["model"], options=StateDictOptions(strict=run.recipe.adapters is None))
     if has_optim:
         set_optimizer_state_dict(run.policy, run.optimizer, state["optim"])
@@ -223,8 +233,88 @@ def load(run, path):
 
 def holds_optimizer(train_state):
     """Whether a train_state/ written by save() holds optimizer state (checkpoint-0 does not)."""
-    metadata = dcp.FileSystemReader(train_state).read_metadata()
-    return any(key.startswith("optim") for key in metadata.state_dict_metadata)
+    return any(key.startswith("optim") for key in read_metadata(train_state).state_dict_metadata)
+
+
+# -----------------------------------------------------------------------------
+# Reading a checkpoint safely. A checkpoint folder may come from elsewhere (shared, downloaded), and
+# unpickling runs whatever callables a file names. What save() writes is plain data and tensors, so
+# every pickle a resume reads is loaded with only those allowed, and anything else is refused by name.
+
+# The globals of the metadata file torch.distributed.checkpoint writes (torch 2.13), besides dtypes.
+# Its FileSystemReader unpickles that file with plain pickle, so read_metadata reads it first.
+METADATA_GLOBALS = {*((m, p) for m in ("pathlib", "pathlib._local") for p in ("PosixPath", "WindowsPath")),
+                    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                    *(("torch.distributed.checkpoint.metadata", name) for name in (
+                        "Metadata", "MetadataIndex", "StorageMeta", "ChunkStorageMetadata", "TensorProperties",
+                        "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"))}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """pickle, allowing only METADATA_GLOBALS and torch dtypes (checked before any module is imported)."""
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+
+
+def refused(what, error):
+    """The one-line UsageError for a pickle that names more than plain data and tensors."""
+    named = re.search(r"GLOBAL (\S+)", str(error))
+    holds = named.group(1) if named else str(error).strip().splitlines()[0]
+    return M.UsageError(f"{what}: refused to load it: it names {holds}, which could run code; a checkpoint "
+                        f"that train.py wrote holds only plain data and tensors")
+
+
+def read_trainer_state(path):
+    """trainer_state.pt with torch.load's weights_only=True: plain containers, numbers, strings, tensors."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise refused(path, e) from None
+
+
+def read_metadata(train_state):
+    """train_state/.metadata (dcp's index of the tensors) through MetadataUnpickler."""
+    path = Path(train_state) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise refused(path, e) from None
+
+
+class PlainDataPlanner(dcp.DefaultLoadPlanner):
+    """dcp.load's default planner, except that a non-tensor entry (the optimizer's lr, betas, ...) must
+    load with weights_only=True first: DefaultLoadPlanner.load_bytes unpickles it with weights_only=False."""
+
+    def __init__(self, train_state):
+        super().__init__()
+        self.train_state = train_state
+
+    def load_bytes(self, read_item, value):
+        data = value.read()
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise refused(f"{self.train_state} (entry {read_item.dest_index.fqn})", e) from None
+        super().load_bytes(read_item, io.BytesIO(data))  # only plain data: the same objects, no code run
+
+
+def read_train_state(state, train_state):
+    """dcp.load(state) from train_state/, its metadata file and each non-tensor entry checked first. dcp
+    gathers a rank's exception into a CheckpointException on every rank: the refusal is taken back out."""
+    read_metadata(train_state)  # dcp.load unpickles the same file with plain pickle
+    try:
+        dcp.load(state, checkpoint_id=train_state, planner=PlainDataPlanner(train_state))
+    except CheckpointException as e:
+        refusal = next((exc for exc, _ in e.failures.values() if isinstance(exc, M.UsageError)), None)
+        if refusal is None:
+            raise
+        raise refusal from None
 
 
 # -----------------------------------------------------------------------------

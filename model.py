@@ -12,6 +12,8 @@ LoRA plugs in through an `adapters` object (recipes/lora.py) at loading and savi
 import json
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,20 +194,40 @@ def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False)
 def read_pretrained(family, path, **kwargs):
     """from_pretrained of the family's class, without the submodules audio never uses. A checkpoint that
     train.py wrote holds none of their weights: from_pretrained would report each one as missing (and
-    initialise it), so its report is kept quiet and any OTHER missing weight stops here by name."""
-    if not family.unused:
-        return for_audio(family.model_class.from_pretrained(path, **kwargs), family)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = family.model_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    initialise it), so its report is kept quiet and any OTHER missing weight stops here by name.
+    Adapter files beside the weights are left out (without_adapter_files)."""
+    with without_adapter_files(path) as folder:
+        if not family.unused:
+            return for_audio(family.model_class.from_pretrained(folder, **kwargs), family)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = family.model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(tuple(f"{u}." for u in family.unused)))
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights of the {family.name} model, "
                          f"e.g. {', '.join(missing[:3])}")
     return for_audio(model, family)
+
+
+@contextmanager
+def without_adapter_files(path):
+    """The folder from_pretrained should open for `path`: path itself, or where it holds a model's weights
+    AND adapter files, a temporary folder of links to all its other files. With PEFT installed,
+    from_pretrained attaches the adapters it finds beside the weights; the only such folder this project
+    reads is the last checkpoint of a LoRA run written before the merged model moved to merged/, whose
+    weights already hold the adapters, so attaching them again would give W + 2 (alpha/r) B A."""
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as view:
+        for f in path.iterdir():
+            if not f.name.startswith("adapter_"):
+                (Path(view) / f.name).symlink_to(f.resolve())
+        yield Path(view)
 
 
 def for_audio(model, family):
@@ -224,8 +246,9 @@ def for_audio(model, family):
 
 
 def adapter_base(path):
-    """The base model folder of a LoRA checkpoint that holds only adapters (train.py writes those before
-    the last step), else None."""
+    """The base model folder of a LoRA checkpoint (adapters in PEFT's layout and no model weights beside
+    them: every checkpoint of a LoRA run), else None. A folder with both is a LoRA run's last checkpoint
+    as this project wrote it before merged/: its weights already hold the adapters, so it is a model."""
     path = Path(path)
     if (path / "config.json").exists() or not (path / "adapter_config.json").exists():
         return None

@@ -227,6 +227,10 @@ def check_paths(cfg):
     """The model folder, the data files and the audio folder exist, before anything is built."""
     if cfg.model not in TINY_MODELS:
         M.check_model_dir(cfg.model)
+        if M.adapter_base(cfg.model) is not None:
+            raise M.UsageError(f"--model {cfg.model}: LoRA adapters, not a model to train: give the merged model "
+                               f"of a LoRA run's last checkpoint (checkpoint-N/merged) or the base model "
+                               f"{M.adapter_base(cfg.model)} (--resume continues the LoRA run itself)")
     for name, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if path and path != "synthetic" and not Path(path).is_file():
             what = "is a folder, not a question file" if Path(path).is_dir() else "no such file"

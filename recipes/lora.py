@@ -27,6 +27,7 @@ import model as M
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUDIO_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # every linear of an encoder layer
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+MERGED = "merged"  # the subfolder of a LoRA run's last checkpoint that holds the merged model
 PEFT_PREFIX = "base_model.model."  # PEFT's LoraModel wraps the Hugging Face model as base_model.model
 
 
@@ -272,14 +273,16 @@ class LoRA:
 
     def save(self, folder, policy, base, dtype, final):
         """A checkpoint's adapters in PEFT's layout, naming the base model; at the last step also the merged
-        weights W + alpha / r B A in dtype, which from_pretrained opens as a plain model. Every rank calls it
-        (the adapters are gathered); rank 0 writes."""
-        adapters = adapter_state_dict(policy)
+        weights W + alpha / r B A in dtype, in folder/merged/ (never beside the adapters: with PEFT installed,
+        from_pretrained would add them to weights that already hold them). Every rank calls it (the weights
+        are gathered); rank 0 writes. Returns the folders written."""
         merged = M.gathered_state_dict(policy, dtype, keep=is_adapter_key) if final else None
+        adapters = adapter_state_dict(policy)
         if dist.get_rank() == 0:
             if merged is not None:
-                policy.save_pretrained(folder, state_dict=merged_state_dict(merged, self.settings))
+                policy.save_pretrained(Path(folder) / MERGED, state_dict=merged_state_dict(merged, self.settings))
             save_adapters(folder, adapters, self.settings, base_model=str(base))
+        return [folder] + ([Path(folder) / MERGED] if final else [])
 
 
 def merge_saved(model, folder):

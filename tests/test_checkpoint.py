@@ -1,17 +1,23 @@
-"""checkpoint.py without a model: what counts as a checkpoint, pruning, crash leftovers, the order of a
-re-save, fsync, and the run-folder rules (a fresh run never mixes with an old one; --resume continues
-only the same run)."""
+"""checkpoint.py (without a model, but for one --resume of the tiny one): what counts as a checkpoint,
+pruning, crash leftovers, the order of a re-save, fsync, the run-folder rules (a fresh run never mixes
+with an old one; --resume continues only the same run), and resuming never runs code a checkpoint
+file names."""
 
 import json
 import os
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 import checkpoint as C
 import model as M
 import train as T
+from conftest import quick_args
 
 
 def fake_checkpoint(out, name, marker=""):
@@ -122,3 +128,66 @@ def test_resume_continues_only_the_same_run(tmp_path):
     assert "--lr 3e-06 (the run has 1e-06)" in str(e.value) and "--seed 1 (the run has 42)" in str(e.value)
     with pytest.raises(M.UsageError, match="contradict"):
         C.check_run_folder(T.Config(out=str(tmp_path), resume=True, overwrite=True), defaults)
+
+
+class RunsCode:
+    """Unpickled, it writes `marker`: what a crafted checkpoint file could do to the machine that opens it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_resume_refuses_a_trainer_state_that_would_run_code(tiny2_dir, pitch_task, tmp_path, capsys):
+    """--resume from a checkpoint whose trainer_state.pt holds an object that runs code when unpickled:
+    one line naming the file and what it holds, exit 2, and the code never ran. The same file under
+    plain unpickling (weights_only=False, as resuming read it before) does run it."""
+    args = quick_args(tiny2_dir, pitch_task, tmp_path / "run")
+    cfg, _ = T.parse_args(args)
+    path = fake_checkpoint(tmp_path / "run", "checkpoint-1")
+    (path / "train_config.json").write_text(json.dumps(asdict(cfg)))
+    marker = tmp_path / "marker"
+    torch.save({"step": 1, "counts": {"seen": 4, "bad": 0}, "config": RunsCode(marker)}, path / "trainer_state.pt")
+    with pytest.raises(SystemExit) as e:
+        M.run_main(T.main, args + ["--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {path / 'trainer_state.pt'}: refused to load it: it names exec")
+    assert not marker.exists()
+    torch.load(path / "trainer_state.pt", weights_only=False)
+    assert marker.read_text() == "ran"
+
+
+@pytest.fixture
+def one_process():
+    """A process group of one, as train.py runs a single process."""
+    M.init_distributed(always=True)
+    yield
+    dist.destroy_process_group()
+
+
+def test_train_state_files_that_would_run_code_are_refused(tmp_path, one_process):
+    """train_state/ (torch.distributed.checkpoint) holds two pickles that dcp.load would unpickle without
+    limits: the metadata file, and each non-tensor entry (the optimizer's lr, betas, ...). A crafted one
+    of either is refused by name and its code never runs; a plain one loads as dcp.load loads it."""
+    marker = tmp_path / "marker"
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(M.UsageError, match=r"meta/.metadata: refused to load it: it names builtins.exec"):
+        C.holds_optimizer(tmp_path / "meta")
+    state = lambda lr: {"model": {"w": torch.full((2,), 3.0)},
+                        "optim": {"param_groups": [{"lr": lr, "betas": (0.9, 0.99)}]}}
+    dcp.save(state(RunsCode(marker)), checkpoint_id=tmp_path / "entry")
+    target = {"model": {"w": torch.zeros(2)}, "optim": {"param_groups": [{"lr": 0.0, "betas": (0.0, 0.0)}]}}
+    with pytest.raises(M.UsageError, match=r"\(entry optim.param_groups.0.lr\): refused to load it: it names exec"):
+        C.read_train_state(target, tmp_path / "entry")
+    assert not marker.exists()
+    dcp.save(state(1e-3), checkpoint_id=tmp_path / "plain")
+    assert C.holds_optimizer(tmp_path / "plain")
+    C.read_train_state(target, tmp_path / "plain")
+    assert target["optim"]["param_groups"][0] == {"lr": 1e-3, "betas": (0.9, 0.99)}
+    assert torch.equal(target["model"]["w"], torch.full((2,), 3.0))
+    dcp.load(target, checkpoint_id=tmp_path / "entry")  # plain dcp.load: the code runs
+    assert marker.read_text() == "ran"

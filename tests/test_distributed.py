@@ -32,8 +32,9 @@ def metrics(out):
 
 
 def weight_diffs(a, b):
-    """|a - b| of every weight of two checkpoints, flattened."""
-    wa, wb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    """|a - b| of every weight of two checkpoints (a LoRA run's last one: its merged model), flattened."""
+    folder = lambda c: Path(c) / checkpoint.MERGED if (Path(c) / checkpoint.MERGED).is_dir() else Path(c)
+    wa, wb = (load_file(folder(c) / "model.safetensors") for c in (a, b))
     assert wa.keys() == wb.keys()
     return torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
 

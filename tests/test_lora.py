@@ -202,7 +202,7 @@ def test_two_processes_train_the_same_adapters(trained, tiny2_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "lora_checks.py"), str(tiny2_dir), str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300)
-    ranks = torch.load(tmp_path / "checks.pt", weights_only=False)
+    ranks = torch.load(tmp_path / "checks.pt", weights_only=True)
     reference = trained.base.state_dict()
     adapters = sorted(k for k in trained.model.state_dict() if L.is_adapter_key(k))
     for rank, (result, base) in enumerate(ranks):

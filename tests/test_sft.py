@@ -1,8 +1,12 @@
 """Supervised fine-tuning (--algo sft) and LoRA through train.py: the SFT loss against a cross-entropy
 computed independently, what an SFT and a LoRA run log and write, the LoRA reference, and the
-checkpoints a LoRA run leaves (adapters every time, merged weights at the end)."""
+checkpoints a LoRA run leaves (adapters every time, a merged model in merged/ at the end; never both in
+one folder) and how PEFT, model.load and evaluate.py open them."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ import grpo
 import lora as L
 import model as M
 import batches as B
+import checkpoint as C
+import evaluate as E
 import train as T
 from conftest import pitch_samples, quick_args
 
@@ -110,24 +116,127 @@ def lora_run(warm_dir, pitch_task, tmp_path_factory):
     return out
 
 
-def test_lora_checkpoints_hold_adapters_then_merged_weights(lora_run, warm_dir):
-    """checkpoint-1 holds only the adapters (in PEFT's layout, naming the base) and opens through
-    model.load, which merges them; the last checkpoint also holds merged weights that from_pretrained
-    opens unchanged, equal to the base with its adapters merged."""
+def test_lora_checkpoints_hold_adapters_and_the_last_a_merged_model(lora_run, warm_dir):
+    """Every checkpoint holds the adapters in PEFT's layout (naming the base) and no model weights, and
+    opens through model.load, which merges them onto the base; the last one also holds merged/, a plain
+    Hugging Face folder that from_pretrained opens unchanged, equal to the base with its adapters merged."""
     first, last = lora_run / "checkpoint-1", lora_run / "checkpoint-2"
-    assert not (first / "model.safetensors").exists() and (first / "adapter_model.safetensors").exists()
-    assert json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"] == str(warm_dir.resolve())
-    assert M.check_model_dir(first) == first
-    merged = Qwen2AudioForConditionalGeneration.from_pretrained(last, dtype=torch.float32).state_dict()
-    start = M.load(warm_dir, dtype=torch.float32)[0].state_dict()
     for checkpoint in (first, last):
+        assert not (checkpoint / "model.safetensors").exists() and (checkpoint / "adapter_model.safetensors").exists()
+        config = json.loads((checkpoint / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(warm_dir.resolve())
+        assert M.check_model_dir(checkpoint) == checkpoint
+    assert not (first / C.MERGED).exists() and not (last / C.MERGED / "adapter_config.json").exists()
+    assert M.check_model_dir(last / C.MERGED) == last / C.MERGED
+    merged = Qwen2AudioForConditionalGeneration.from_pretrained(last / C.MERGED, dtype=torch.float32).state_dict()
+    start = M.load(warm_dir, dtype=torch.float32)[0].state_dict()
+    for checkpoint, adapters in ((first, first), (last, last), (last / C.MERGED, last)):
         expected, _ = M.load(warm_dir, dtype=torch.float32)
-        M.merge_adapters(expected, checkpoint)
-        opened, _ = M.load(checkpoint, dtype=torch.float32)  # first: base + adapters; last: merged weights
+        M.merge_adapters(expected, adapters)
+        opened, _ = M.load(checkpoint, dtype=torch.float32)  # base + adapters, or (merged/) the merged weights
         for k, v in expected.state_dict().items():
             torch.testing.assert_close(opened.state_dict()[k], v, rtol=0, atol=1e-6)
     moved = [k for k in merged if not torch.equal(merged[k], start[k])]
     assert moved and all(any(t in k for t in L.LM_TARGETS) for k in moved)  # only adapted layers changed
+
+
+def holds_model_and_adapters(folder):
+    """Whether a folder holds a model (config.json, or weights other than the adapters') and an adapter
+    config: from_pretrained with PEFT installed loads the weights, then adds the adapters on top."""
+    folder = Path(folder)
+    weights = [f for f in folder.glob("*.safetensors") if f.name != "adapter_model.safetensors"]
+    model = (folder / "config.json").exists() or weights or any(folder.glob("pytorch_model*.bin"))
+    return bool(model) and (folder / "adapter_config.json").exists()
+
+
+def old_layout(checkpoint, out):
+    """A LoRA run's last checkpoint as train.py wrote it before merged/ (the same files, one folder): the
+    merged model, and beside it the adapters already merged into it."""
+    shutil.copytree(checkpoint / C.MERGED, out)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.pt", "train_config.json"):
+        shutil.copy(checkpoint / name, out)
+    shutil.copytree(checkpoint / "train_state", out / "train_state")
+    return out
+
+
+def test_no_folder_of_a_lora_run_holds_a_model_and_adapters(lora_run, tmp_path):
+    """The rule that keeps from_pretrained from applying the adapters twice, on every folder of a LoRA run
+    that saved after each step (checkpoint-1: adapters only; checkpoint-2, the last: adapters and merged/).
+    The old layout is the case the rule finds."""
+    folders = [Path(f) for f, _, _ in os.walk(lora_run)]
+    assert [f for f in folders if holds_model_and_adapters(f)] == []
+    assert [p.name for p in C.complete(lora_run)] == ["checkpoint-1", "checkpoint-2"]
+    assert lora_run / "checkpoint-2" / C.MERGED in folders
+    assert holds_model_and_adapters(old_layout(lora_run / "checkpoint-2", tmp_path / "old"))
+
+
+def test_a_last_lora_checkpoint_in_the_old_layout_opens_as_its_merged_model(lora_run, tmp_path):
+    """A folder of merged weights with adapter files beside them (the old layout) is a model folder:
+    model.load gives its weights as they are, exactly merged/'s, never with the adapters added again."""
+    old = old_layout(lora_run / "checkpoint-2", tmp_path / "old")
+    assert M.adapter_base(old) is None and M.check_model_dir(old) == old and M.family_of(old) is M.QWEN2_AUDIO
+    opened = M.load(old, dtype=torch.float32)[0].state_dict()
+    merged = M.load(lora_run / "checkpoint-2" / C.MERGED, dtype=torch.float32)[0].state_dict()
+    assert opened.keys() == merged.keys() and all(torch.equal(opened[k], merged[k]) for k in merged)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT's own call
+def test_peft_opens_lora_checkpoints_as_model_load_does(lora_run, warm_dir, tmp_path):
+    """With PEFT installed (skipped without): PeftModel.from_pretrained(base, checkpoint-N), and plain
+    from_pretrained(checkpoint-N), give model.load's logits for every checkpoint, and so does
+    from_pretrained of merged/ (within 4e-5 in fp32, the adapter path against merged weights; measured
+    3.8e-6, where the adapters move the logits by 0.75 and 0.95). In the old layout from_pretrained adds
+    the adapters to the merged weights again (measured: 0.91 off), and model.load must not."""
+    peft = pytest.importorskip("peft")
+    processor = M.load_processor(warm_dir)
+    batch = M.collate(processor, *pitch_samples(2))
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(**batch).logits                                         # [2, T, V]
+
+    base = lambda: Qwen2AudioForConditionalGeneration.from_pretrained(warm_dir, dtype=torch.float32)
+    before = logits(base())
+    for checkpoint in (lora_run / "checkpoint-1", lora_run / "checkpoint-2"):
+        expected = logits(M.load(checkpoint, dtype=torch.float32)[0])
+        assert (expected - before).abs().max() > 1e-3  # the adapters changed the model
+        peft_model = peft.PeftModel.from_pretrained(base(), checkpoint)
+        assert (logits(peft_model) - expected).abs().max() < 4e-5
+        plain = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        assert (logits(plain) - expected).abs().max() < 4e-5
+    merged = Qwen2AudioForConditionalGeneration.from_pretrained(lora_run / "checkpoint-2" / C.MERGED,
+                                                                dtype=torch.float32)
+    assert (logits(merged) - expected).abs().max() < 4e-5
+    old = old_layout(lora_run / "checkpoint-2", tmp_path / "old")
+    twice = logits(Qwen2AudioForConditionalGeneration.from_pretrained(old, dtype=torch.float32))
+    assert (twice - expected).abs().max() > 0.5 * (expected - before).abs().max()  # W + 2 (alpha/r) B A
+    assert (logits(M.load(old, dtype=torch.float32)[0]) - expected).abs().max() < 4e-5
+
+
+def test_evaluate_scores_every_checkpoint_of_a_lora_run(lora_run, pitch_task, tmp_path, capsys):
+    """evaluate.py --model RUN on a LoRA run scores each checkpoint (steps 1 and 2, by model.load: base +
+    adapters) into the table; the last one's predictions equal those of its merged/ opened as a model
+    folder, and those of the same checkpoint in the old layout in a run folder of its own."""
+    _, test_jsonl = pitch_task
+    flags = ["--data", str(test_jsonl), "--batch-size", "8", "--max-new-tokens", "6", "--dtype", "float32"]
+    assert E.main(["--model", str(lora_run), "--out", str(tmp_path / "run"), *flags]) == 0
+    table = json.loads((tmp_path / "run" / "table.json").read_text())
+    assert [r["step"] for r in table["rows"]] == [1, 2]
+    assert E.main(["--model", str(lora_run / "checkpoint-2" / C.MERGED), "--out", str(tmp_path / "merged.json"),
+                   *flags]) == 0
+    old_layout(lora_run / "checkpoint-2", tmp_path / "old_run" / "checkpoint-2")
+    assert E.main(["--model", str(tmp_path / "old_run"), "--out", str(tmp_path / "old"), *flags]) == 0
+    answers = lambda path: [r["model_prediction"] for r in json.loads(path.read_text())]
+    last = answers(tmp_path / "run" / "checkpoint-2.json")
+    assert len(last) == 8
+    assert answers(tmp_path / "merged.json") == last == answers(tmp_path / "old" / "checkpoint-2.json")
+
+
+def test_training_from_adapters_alone_is_refused(lora_run, pitch_task, tmp_path):
+    """--model a LoRA checkpoint (adapters, no model) stops before anything is built, naming merged/ and
+    the base model."""
+    with pytest.raises(M.UsageError, match=r"LoRA adapters, not a model to train: .*checkpoint-N/merged"):
+        T.main(quick_args(lora_run / "checkpoint-1", pitch_task, tmp_path))
 
 
 def test_lora_trains_only_adapters_and_its_reference_is_the_base(lora_run):
