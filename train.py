@@ -779,15 +779,16 @@ def heldout(run, samples):
     run.policy.eval()
     records = []
     with M.unsharded(run.policy):
-        for batch in data.chunks(data.my_share(list(enumerate(samples)), rank, world), cfg.micro_batch):
-            audios, _ = data.read_audio([s for _, s in batch], cfg.downmix)
-            texts = M.generate(run.policy, run.processor, [s for _, s in batch], audios, cfg.prompt,
-                               cfg.max_new_tokens, cfg.system_prompt or None, cfg.think_words)
-            records += [reward.prediction_record(s, t) for (_, s), t in zip(batch, texts)]
+        for batch in data.chunks(data.my_share(samples, rank, world), cfg.micro_batch):
+            audios, _ = data.read_audio(batch, cfg.downmix)
+            texts = M.generate(run.policy, run.processor, batch, audios, cfg.prompt, cfg.max_new_tokens,
+                               cfg.system_prompt or None, cfg.think_words)
+            records += [{**s.meta, "question": s.question, "choices": s.choices, "answer": s.answer,
+                         "model_prediction": reward.extract_answer(t), "model_output": t} for s, t in zip(batch, texts)]
     everyone = [None] * world
     dist.all_gather_object(everyone, records)
     records = [r for part in everyone for r in part]
-    s = reward.score_predictions(records)
+    s = reward.score_predictions(records, "model_prediction")
     groups = {f"{name}={value}": t.accuracy / 100 for name, tallies in s.groups.items() for value, t in tallies.items()}
     return {"eval_accuracy": s.total.accuracy / 100, "eval_format":
             sum(reward.format_reward(r["model_output"], cfg.prompt) for r in records) / max(len(records), 1),
