@@ -256,7 +256,7 @@ class Recipe:
     logprobs: Callable = None      # (model, rollout, pad_id, temperature) -> [N, T]
     advantages: Callable = None    # (micro-batches, group size) -> [N] per micro-batch, 0 where nothing trains
     loss: Callable = None          # (logp, old_logp, ref_logp, advantages, mask, denominator) -> (loss, metrics)
-    loss_count: Callable = None    # (mask [N, T]) -> a micro-batch's part of what the loss divides by
+    loss_count: Callable = None    # (micro-batch) -> its part of what the loss divides by
     trained_mask: Callable = None  # (rollout, end_ids) -> [N, T] the tokens that train (audio checked apart)
     sample: Callable = None        # (run, step) -> Sampled
     step: Callable = None          # (run, step) -> (metrics, samples): one optimizer step
@@ -270,7 +270,7 @@ def recipe_for(cfg):
     """R1-AQA's recipe run by the engine (or, --engine plain, by grpo.py's own functions), then each extra the
     config asks for, in a fixed order, put in the place of the sub-steps it changes."""
     recipe = Recipe(advantages=group_advantages, loss=partial(grpo.grpo_loss, beta=cfg.beta, clip=cfg.clip_low),
-                    loss_count=lambda mask: mask.any(1).sum(), trained_mask=lambda rollout, end_ids: rollout.mask,
+                    loss_count=lambda b: b.counted.sum(), trained_mask=lambda rollout, end_ids: rollout.mask,
                     sample=sample_groups, step=grpo_step)
     if cfg.engine == "fast":
         from engine import packed, sampler
@@ -555,6 +555,8 @@ class MicroBatch:
     format: torch.Tensor       # [N]
     valid: torch.Tensor        # [N] bool, False = unreadable audio (never trained on)
     lengths: torch.Tensor      # [N] completion tokens, up to and including the first end token
+    counted: torch.Tensor      # [N] bool, in the loss's count and the batch's statistics (the mask is what
+                               # trains: a truncated completion under --mask-truncated is counted, untrained)
     advantages: torch.Tensor | None = None  # [N]
     ref_logp: torch.Tensor | None = None    # [N, T]
     old_logp: torch.Tensor | None = None    # [N, T]
@@ -566,9 +568,9 @@ def grpo_step(run, step):
     cfg, t0 = run.cfg, time.time()
     sampled = run.recipe.sample(run, step)
     stats = rollout_stats(sampled.own, cfg.group_size)  # what the policy does on the step's own prompts
-    batches = sampled.trained
-    for b, advantages in zip(batches, run.recipe.advantages(batches, cfg.group_size)):
+    for b, advantages in zip(sampled.all, run.recipe.advantages(sampled.all, cfg.group_size)):
         b.advantages = advantages                                             # [N]
+    batches = sampled.trained
     with torch.no_grad():
         for b in batches:
             b.ref_logp = reference_logprobs(run, b.rollout) if cfg.beta else None
@@ -576,7 +578,7 @@ def grpo_step(run, step):
                 b.old_logp = run.recipe.logprobs(run.policy, b.rollout, run.tokens.pad_id, cfg.temperature)
     if run.reference is not None:
         M.reshard(run.reference)  # it never runs backward, which is where FSDP would free its root units
-    local = sum(run.recipe.loss_count(b.rollout.mask) for b in batches)
+    local = sum(run.recipe.loss_count(b) for b in sampled.all)
     denominator = all_sum(torch.as_tensor(local, device=run.device).float().reshape(1))[0].clamp(min=1) / \
         dist.get_world_size()  # every process divides by the global count / world: FSDP averages gradients
     run.policy.train()
@@ -586,7 +588,7 @@ def grpo_step(run, step):
         skipped += losses["skipped"]
     stats.update(losses, skipped=skipped, prompts_sampled=sampled.prompts, groups_dropped=sampled.dropped)
     metrics = {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}
-    return metrics, sample_records(batches, cfg.log_samples, step + 1)
+    return metrics, sample_records(sampled.all, cfg.log_samples, step + 1)
 
 
 def my_micro_batches(cfg):
@@ -597,8 +599,10 @@ def my_micro_batches(cfg):
 
 @dataclass
 class Sampled:
-    """A step's sampling: the micro-batches to train on, those of the step's own prompts (for its logged
-    statistics), and over all processes the prompts sampled and the groups dropped."""
+    """A step's sampling: this process's micro-batches (all of them, those that go through the policy pass,
+    those of the step's own prompts, for the logged statistics), and over all processes the prompts sampled
+    and the groups dropped."""
+    all: list
     trained: list
     own: list
     prompts: int
@@ -610,7 +614,7 @@ def sample_groups(run, step):
     cfg = run.cfg
     indices = step_questions(cfg, run.recipe, run.questions, step)
     batches = [rollout(run, step, pos, [run.questions[indices[p]] for p in pos]) for pos in my_micro_batches(cfg)]
-    return Sampled(batches, batches, cfg.prompts_per_step, 0)
+    return Sampled(batches, batches, batches, cfg.prompts_per_step, 0)
 
 
 def group_advantages(batches, group_size):
@@ -645,7 +649,7 @@ def score(run, r, samples, ok):
     lengths = r.mask.sum(1)                                                     # [N]
     r.mask = run.recipe.trained_mask(r, run.tokens.end_ids) & valid[:, None]    # [N, T]
     return MicroBatch(r, samples, texts, as_tensor([s.total for s in scores]), as_tensor([s.accuracy for s in scores]),
-                      as_tensor([s.format for s in scores]), valid, lengths)
+                      as_tensor([s.format for s in scores]), valid, lengths, valid.clone())
 
 
 def reference_logprobs(run, rollout):

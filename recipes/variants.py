@@ -25,8 +25,8 @@ def apply(recipe, cfg):
     check(cfg)
     recipe.loss = partial(loss, beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           aggregation=cfg.loss_aggregation, ratio_level=cfg.ratio_level)
-    recipe.loss_count = {"sequence_mean": lambda m: m.any(1).sum(), "token_mean": lambda m: m.sum(),
-                         "token_sum": lambda m: m.any(1).sum() * cfg.max_new_tokens}[cfg.loss_aggregation]
+    recipe.loss_count = {"sequence_mean": lambda b: b.counted.sum(), "token_mean": lambda b: b.rollout.mask.sum(),
+                         "token_sum": lambda b: b.counted.sum() * cfg.max_new_tokens}[cfg.loss_aggregation]
     if cfg.advantage_scale != "group":
         recipe.advantages = partial(scaled_advantages, scale=cfg.advantage_scale)
     if cfg.mask_truncated:
@@ -50,13 +50,14 @@ def check(cfg):
 # The advantages: divided by the batch's std, or not at all
 
 def scaled_advantages(batches, group_size, scale):
-    """(r - group mean), divided by the std of every trained reward of the global batch (scale "batch": a
-    group whose rewards barely differ is not blown up) or by nothing ("none": too easy or too hard prompts
-    are not over-weighted). The batch std is summed over processes, so one process equals two."""
+    """(r - group mean), divided by the std of every counted reward of the global batch (scale "batch": a
+    group whose rewards barely differ is not blown up; a truncated completion's reward counts, as in TRL)
+    or by nothing ("none": too easy or too hard prompts are not over-weighted). The batch std is summed
+    over processes, so one process equals two. A completion that does not train gets 0."""
     trained = [b.rollout.mask.any(1) for b in batches]                                  # [N] each
     std = None
     if scale == "batch":
-        sums = sum(reward_sums(b.rewards[t]) for b, t in zip(batches, trained))         # [3]
+        sums = sum(reward_sums(b.rewards[b.counted]) for b in batches)                  # [3]
         dist.all_reduce(sums)
         std = reward_std(sums)                                                          # []
     out = []
@@ -106,7 +107,8 @@ def importance_ratio(logp, old_logp, m, level="token"):
 
 
 def aggregate(per_token, m, aggregation="sequence_mean", denominator=None):
-    """One loss from per-token losses [N, T] over the mask m, divided by a count:
+    """One loss from per-token losses [N, T] over the mask m, divided by a count (the sequences counted are
+    all N rows, a truncated completion's too, as in TRL):
       sequence_mean: each completion's token mean, summed, / N sequences (R1-AQA);
       token_mean: the sum over all tokens / their number (DAPO): every token weighs the same;
       token_sum: the sum over all tokens / (N * max_new_tokens) (Dr. GRPO), a constant; denominator required.
