@@ -353,6 +353,7 @@ def test_dynamic_sampling_keeps_the_first_informative_groups(monkeypatch):
     assert (sampled, dropped) == (8, 4) and len(calls) == 2 and len(groups) == 4
     kept = [g.rollout.mask.view(-1, 2, 3).any(2).all(1).tolist() for g in groups]  # per prompt
     assert sum(kept, []) == [True, False, True, False, False, True, True, False]
+    assert sum([g.counted.view(-1, 2).all(1).tolist() for g in groups], []) == sum(kept, [])  # dropped: not counted
     assert calls[0][0] == [0, 1, 2, 3] and calls[1][0] == [4, 5, 6, 7]
     expected = [f"q{i}" for i in B.step_indices(cfg, ["a"] * 10, 3, extra_round=1)]
     assert calls[1][1] == expected and B.step_indices(cfg, ["a"] * 10, 3, 1) != B.step_indices(cfg, ["a"] * 10, 4, 1)
@@ -374,7 +375,8 @@ def test_dynamic_sampling_stops_at_its_cap(monkeypatch):
 
 def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
     """--advantage-scale batch over two micro-batches equals grpo.group_advantages on their concatenation
-    (one std for the batch); masked samples get 0."""
+    (one std for the batch); a sample out of the batch (not counted, not trained on) is out of the std
+    and gets 0."""
     M.init_distributed(always=True)
     fake, _ = fake_rollouts([[1, 1, 0, 1]])
     cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, advantage_scale="batch")
@@ -382,12 +384,83 @@ def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
     groups = fake(run, 0, range(4), [])
     groups[0].rewards = torch.tensor([1.0, 0.0, 2.0, 0.5])
     groups[1].rollout.mask[3] = False
+    groups[1].counted[3] = False
     S.set_advantages(run, groups)
     rewards = torch.cat([g.rewards for g in groups])
-    std = rewards[:7].std()  # the 7 trained rewards
+    std = rewards[:7].std()  # the 7 counted rewards
     centred = rewards.view(-1, 2) - rewards.view(-1, 2).mean(1, keepdim=True)
     expected = (centred.flatten() / (std + 1e-4)) * torch.tensor([1.0] * 7 + [0.0])
     torch.testing.assert_close(torch.cat([g.advantages for g in groups]), expected, rtol=0, atol=1e-6)
+
+
+def truncated_batch():
+    """16 completions (4 prompts, G = 4) in 2 micro-batches of 2 prompts, max_new_tokens T = 4, scored as
+    steps.score scores them with --mask-truncated: rows 0-2 of each group end at token 1 (end id 9), so
+    2 tokens are trained on; row 3 never ends, so grpo.mask_truncated empties its mask. Rewards:
+    [2, 2, 0 | 0], [2, 0, 0 | 0], [2, 2, 0 | 0], [2, 0, 0 | 0] (the truncated one last, 0)."""
+    ends, cut = [5, 9, 0, 0], [5, 6, 7, 5]
+    ids = torch.tensor(([ends] * 3 + [cut]) * 4)                                       # [16, 4]
+    mask = grpo.mask_truncated(grpo.completion_mask(ids, [9]), ids, [9])              # [16, 4]
+    rewards = torch.tensor([2.0, 2, 0, 0, 2, 0, 0, 0, 2, 2, 0, 0, 2, 0, 0, 0])
+    groups = []
+    for rows in (slice(0, 8), slice(8, 16)):
+        r = grpo.Rollout([], None, None, ids[rows], mask[rows], 4)
+        groups.append(S.Group(r, [], [""] * 8, rewards[rows], rewards[rows], rewards[rows],
+                              torch.ones(8, dtype=torch.bool), mask[rows].sum(1)))
+    return groups
+
+
+@pytest.mark.parametrize("aggregation, denominator, loss", [
+    # advantages (scale none) = rewards - group mean: [1, 1, -1 | -1], [1.5, -.5, -.5 | -.5], twice. The
+    # ratio is 1 and beta 0, so every trained token's loss is -A; the 12 trained rows' A sum to 3 (each
+    # group's A sum to 0, minus its truncated row's: 1 + .5 + 1 + .5).
+    ("sequence_mean", 16, -3 / 16),       # TRL's mean over all 16 rows (12 would make it 16/12 x as large)
+    ("token_mean", 24, -3 * 2 / 24),      # 12 rows x 2 trained tokens; TRL counts trained tokens too
+    ("token_sum", 16 * 4, -3 * 2 / 64),   # TRL's rows x max length: 16 x 4 (not 12 x 4)
+])
+def test_truncated_completions_count_in_the_loss_scale(aggregation, denominator, loss):
+    """With --mask-truncated, 4 of 16 completions truncated: they are not trained on (advantage 0, empty
+    mask), but the loss divides by every row as TRL's does, so the scale does not move with the number
+    truncated. The denominator and the loss over both micro-batches, by hand (comments)."""
+    M.init_distributed(always=True)
+    cfg = T.Config(group_size=4, max_new_tokens=4, loss_aggregation=aggregation, advantage_scale="none",
+                   mask_truncated=True)
+    run, groups = types.SimpleNamespace(cfg=cfg, device="cpu"), truncated_batch()
+    S.set_advantages(run, groups)
+    got = S.loss_denominator(run, groups)
+    assert got.item() == denominator
+    total = 0.0
+    for g in groups:
+        logp = torch.zeros(8, 4, dtype=torch.float64, requires_grad=True)
+        part, _ = grpo.grpo_loss(logp, logp.detach(), None, g.advantages.double(), g.rollout.mask, 0.0,
+                                 aggregation=aggregation, denominator=got)
+        total += part.item()
+    assert total == pytest.approx(loss, abs=1e-12)
+    assert torch.cat([g.advantages for g in groups]).tolist() == [1, 1, -1, 0, 1.5, -.5, -.5, 0] * 2
+
+
+def test_batch_std_counts_truncated_completions_and_not_dropped_groups():
+    """--advantage-scale batch with --mask-truncated: the std is over every counted reward, the truncated
+    ones' too, as TRL's. 16 rewards, six 2s: sum 12, squares 24, unbiased var (24 - 12^2/16) / 15 = 1,
+    std 1; without the 4 truncated 0s it would be (24 - 12^2/12) / 11 = 12/11, std 1.0445. So the first
+    row's A = 1 / (1 + 1e-4), not 1 / (1.0445 + 1e-4). A group dynamic sampling drops (sample_groups
+    clears both its mask and counted) is out of both the count and the std: drop the last group, and 12
+    rows count: five 2s, sum 10, squares 20, var (20 - 10^2/12) / 11 = 35/33, std 1.02986."""
+    M.init_distributed(always=True)
+    cfg = T.Config(group_size=4, max_new_tokens=4, advantage_scale="batch", mask_truncated=True)
+    run, groups = types.SimpleNamespace(cfg=cfg, device="cpu"), truncated_batch()
+    S.set_advantages(run, groups)
+    centred = torch.tensor([1, 1, -1, 0, 1.5, -.5, -.5, 0] * 2)  # the truncated rows get 0
+    torch.testing.assert_close(torch.cat([g.advantages for g in groups]), centred / (1 + 1e-4), rtol=0, atol=1e-6)
+    groups[1].rollout.mask[4:] = False
+    groups[1].counted[4:] = False
+    S.set_advantages(run, groups)
+    kept = centred * torch.tensor([1.0] * 12 + [0.0] * 4)
+    std = (35 / 33) ** 0.5
+    assert abs(std - 1.02986) < 1e-5
+    torch.testing.assert_close(torch.cat([g.advantages for g in groups]), kept / (std + 1e-4), rtol=0, atol=1e-6)
+    run.cfg.loss_aggregation = "sequence_mean"
+    assert S.loss_denominator(run, groups).item() == 12
 
 
 def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tmp_path):
