@@ -6,8 +6,8 @@
 2. Ranks whose decode loops stop at different steps (8 vs 40 tokens) both finish: no collective
    runs inside the loop, so nothing can deadlock.
 3. One AdamW step at lr 1e-6 moves the fp32 master weights; cast to bf16, most of the move vanishes.
-4. A NaN in one rank's loss makes the global gradient norm non-finite on every rank, so train.py's
-   optimizer_step skips the update everywhere and the ranks stay identical.
+4. A NaN in one rank's loss makes the global gradient norm non-finite on every rank, so the training
+   step's clip_and_step (steps.py) skips the update everywhere: no rank's weights change.
 """
 
 import json
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+import steps as S  # noqa: E402
 from conftest import pitch_samples  # noqa: E402
 
 
@@ -50,14 +51,17 @@ def rollout(policy, processor, max_new_tokens, rank):
                                     M.end_token_ids(tok), tok.pad_token_id, suppress)
 
 
-def nan_on_rank_1(policy, r, processor, rank):
-    """Backward a loss that is NaN on rank 1 only; return whether this rank sees a finite global norm."""
+def nan_on_rank_1(policy, opt, r, processor, rank):
+    """Backward a loss that is NaN on rank 1 only, then the training step's clip_and_step: (the global
+    norm this rank saw, whether it stepped, whether the weights are unchanged, on every rank)."""
     policy.zero_grad(set_to_none=True)
     logp = grpo.completion_logprobs(policy, r, processor.tokenizer.pad_token_id)
     loss, _ = grpo.grpo_loss(logp, logp.detach(), None, torch.ones(len(logp)), r.mask, beta=0.0)
     (loss * (float("nan") if rank == 1 else 1.0)).backward()
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0).full_tensor()
-    return bool(torch.isfinite(norm))
+    before = {k: v.clone() for k, v in M.full_state_dict(policy).items()}
+    norm, stepped = S.clip_and_step(policy, opt, 1.0)
+    after = M.full_state_dict(policy)
+    return norm, stepped, all(torch.equal(before[k], after[k]) for k in before)
 
 
 def main(model_dir, out):
@@ -78,7 +82,8 @@ def main(model_dir, out):
     loss.backward()
     opt.step()
     after = M.full_state_dict(policy)
-    result["finite_norm_after_nan"] = nan_on_rank_1(policy, r, processor, rank)
+    norm, stepped, unchanged = nan_on_rank_1(policy, opt, r, processor, rank)
+    result.update(norm_after_nan=str(norm), stepped_after_nan=stepped, unchanged_after_nan=unchanged)
     if rank == 0:
         trained = [k for k, p in policy.named_parameters() if p.requires_grad]
         moved = sum(int((after[k] != before[k]).sum()) for k in trained)

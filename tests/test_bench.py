@@ -41,8 +41,8 @@ def test_rollout_has_forced_length(bench):
 
 
 def test_logprobs_and_loss_agree(bench):
-    """Same reference log-probs, policy log-probs and loss from all three sides (fp32, 1e-4)."""
-    assert bench_step.check_agreement(bench) < 1e-4
+    """Same reference log-probs, policy log-probs and loss from all three sides (fp32, 5e-6)."""
+    assert bench_step.check_agreement(bench) < 5e-6  # measured 4.8e-7 (1 or 2 threads)
 
 
 def test_gradients_agree(bench):

@@ -292,6 +292,20 @@ def test_scan_collects_every_bad_record(tmp_path):
     assert [str(e).split(": ")[0] for e in errors] == [f"{path}:2", f"{path}:3", f"{path}:5"]
 
 
+def test_the_mmau_fixture_reads_as_mmau():
+    """tests/fixtures/mmau-mini.json (20 invented questions in MMAU test-mini's schema, for the tests that
+    need MMAU's shape) reads as MMAU: every field of a released item, each answer among its choices, all
+    three tasks, the audio under test-mini-audios/ beside the file."""
+    path = REPO / "tests" / "fixtures" / "mmau-mini.json"
+    samples = data.read_samples(path)
+    assert len(samples) == 20 and all(s.answer in s.choices and len(s.choices) >= 2 for s in samples)
+    assert {s.meta["task"] for s in samples} == {"sound", "music", "speech"}
+    fields = {"id", "audio_id", "question", "choices", "answer", "dataset", "task", "split", "category",
+              "sub-category", "difficulty"}
+    assert all(set(s.meta) == fields for s in samples)
+    assert all(Path(s.audio_path) == path.parent / "test-mini-audios" / f"{s.meta['id']}.wav" for s in samples)
+
+
 @pytest.mark.parametrize("name", ["mmau-test-mini.json", "mmau-test-mini-2025-03-25.json"])
 def test_real_mmau_files_load(name):
     """Both released MMAU test-mini versions parse completely: 1000 samples, every answer among its choices."""

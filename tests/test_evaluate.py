@@ -1,8 +1,10 @@
 """evaluate.py: MMAU's scoring and printout, inference end to end, resuming, and 2 ranks.
 
-The end-to-end tests run the tiny random model on the first 20 real MMAU test-mini questions
-(MMAU_DIR, default: the shared folder next to the repository) with generated noise clips in
-place of the real audio; they are skipped where the question file is not present.
+The end-to-end tests run the tiny random model on tests/fixtures/mmau-mini.json, 20 invented
+questions in MMAU test-mini's schema (the same fields and shapes: a list category, a repeated
+choice, 2 to 5 choices, both key orders), with generated noise clips for audio. The real MMAU
+question files (MMAU_DIR, default: the shared folder next to the repository) are an extra check
+where present: every answer scores correct, and the summary recognises their versions.
 
 Run: python -m pytest -q tests/test_evaluate.py
 """
@@ -15,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +36,15 @@ from synthetic import make_synthetic
 from reward import extract_answer, mmau_correct
 
 MMAU_DIR = Path(os.environ.get("MMAU_DIR", ROOT.parent / "shared" / "mmau"))
-MMAU = MMAU_DIR / "mmau-test-mini.json"  # the revised version (2025-05-15)
-MMAU_VERSIONS = [MMAU_DIR / "mmau-test-mini-2025-03-25.json", MMAU]
-needs_mmau = pytest.mark.skipif(not MMAU.exists(), reason=f"no MMAU question file in {MMAU_DIR}")
+MMAU_VERSIONS = {MMAU_DIR / "mmau-test-mini-2025-03-25.json": "MMAU test-mini, original (2025-03-25)",
+                 MMAU_DIR / "mmau-test-mini.json": "MMAU test-mini, revised (2025-05-15)"}
+MMAU = ROOT / "tests" / "fixtures" / "mmau-mini.json"  # made for these tests, in MMAU's schema
+
+
+def real(path: Path):
+    """A real MMAU file as a test parameter: skipped where it is not present."""
+    return pytest.param(path, id=path.stem, marks=pytest.mark.skipif(not path.exists(), reason=f"no {path}"))
+
 CHOICES = ["Man", "Woman", "Child", "Robot"]
 N = 20  # items evaluated end to end
 MISSING = 5  # the item whose clip is not written
@@ -283,14 +292,21 @@ def test_score_file_prints_the_key_and_writes_a_summary(tmp_path, capsys):
     assert "unknown" in summary["note"]
 
 
-@needs_mmau
-@pytest.mark.parametrize("path", MMAU_VERSIONS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [pytest.param(MMAU, id="fixture"), *(real(path) for path in MMAU_VERSIONS)])
 def test_every_mmau_answer_scores_correct(path):
-    """On both MMAU versions, each item's own answer is judged correct by the rule."""
+    """On the fixture and both MMAU versions, each item's own answer is judged correct by the rule."""
     records = [dict(r, model_prediction=r["answer"]) for r in json.loads(path.read_text())]
     s = E.score(records)
-    assert (s.total.correct, s.total.total) == (1000, 1000)
-    assert sum(t.total for t in s.groups["task"].values()) == 1000
+    n = 20 if path == MMAU else 1000
+    assert len(records) == n and (s.total.correct, s.total.total) == (n, n)
+    assert sum(t.total for t in s.groups["task"].values()) == n
+
+
+@pytest.mark.parametrize("path", [real(path) for path in MMAU_VERSIONS])
+def test_the_real_mmau_versions_are_recognised(path):
+    """A summary names the data's version by its sha256 (evaluate.KNOWN_DATA): each released file's hash
+    is there, with its own name."""
+    assert E.KNOWN_DATA[hashlib.sha256(path.read_bytes()).hexdigest()] == MMAU_VERSIONS[path]
 
 
 # ----------------------------------------------------------------------------- MMAR and MMSU
@@ -449,6 +465,109 @@ def test_score_file_names_the_benchmark(tmp_path, capsys):
                                                                            "total": 3}
 
 
+def test_mmar_predictions_carry_the_key_its_script_reads():
+    """MMAR's code/evaluation.py reads `answer_prediction`: evaluate.py's MMAR record carries it, equal to
+    model_prediction (which MMAR's README names); records of other benchmarks do not get it."""
+    meta = {k: v for k, v in MMAR_RECORDS[0].items() if k != "model_prediction"}
+    record = E.output_record(Sample("x.wav", "?", INSTRUMENTS, "Flute", meta),
+                             E.Prediction(0, "<answer>Flute</answer>", "Flute"))
+    assert record["answer_prediction"] == record["model_prediction"] == "Flute"
+    plain = E.output_record(Sample("a.wav", "?", CHOICES, "Man", {}), E.Prediction(0, "Man", "Man"))
+    assert "answer_prediction" not in plain
+
+
+def test_mmar_file_in_the_official_format_is_scored(tmp_path, capsys):
+    """A file with only MMAR's script's key (answer_prediction, no model_prediction) is scored on it by
+    default, and --key answer_prediction is accepted: the same 2 of 4 as MMAR_RECORDS by model_prediction
+    (the item without a prediction skipped), not "0.00% over 0 samples"."""
+    official = [{("answer_prediction" if k == "model_prediction" else k): v for k, v in r.items()}
+                for r in MMAR_RECORDS]
+    s = E.score(official)
+    assert (s.key, s.total.correct, s.total.total, s.skipped) == ("answer_prediction", 2, 4, 1)
+    assert E.report_lines(s) == E.report_lines(E.score(MMAR_RECORDS))
+    preds = tmp_path / "mmar.json"
+    preds.write_text(json.dumps(official))
+    assert E.main(["--score", str(preds), "--key", "answer_prediction"]) == 0
+    assert "Total Accuracy: 50.00% over 4 samples" in capsys.readouterr().out
+
+
+def official_mmsu(response, answer="Sad"):
+    """A record as MMSU's own inference writes it: no answer or choices, and `response` (none if it is ...)."""
+    record = {k: v for k, v in mmsu("x", answer, "Perception", "Paralinguistics").items() if k != "model_prediction"}
+    return record if response is ... else dict(record, response=response)
+
+
+def test_mmsu_null_response_is_skipped_and_a_missing_one_counted_wrong():
+    """As MMSU's script: it reads record.get('response', ''), so a missing response is "" and counts as
+    wrong; a null one fails its .strip() and is left out of every count."""
+    records = [official_mmsu("B"), official_mmsu(None), official_mmsu(...), official_mmsu("C")]
+    # "B" -> choice B "Sad" == answer_gt: right; null: skipped; missing -> "": counted, wrong; "C" -> "Angry": wrong
+    s = E.score(records)
+    assert (s.key, s.total.correct, s.total.total, s.skipped, s.missing) == ("response", 1, 3, 1, 1)
+    assert B.note_lines(s) == [
+        "1 items have a 'response' that is not a string (null): not counted, as in the official script",
+        "1 items have no 'response' field: read as \"\" and counted wrong, as in the official script"]
+
+
+def test_score_reads_mmsu_files_in_the_official_format(tmp_path, capsys):
+    """--score on what MMSU's own tools write (JSONL; answer_gt and choice_a .. choice_d, `response`, no
+    answer or choices) prints MMSU's lines, by `response`: not "answers withheld", not "not a JSON file"."""
+    records = [dict(official_mmsu(B.mmsu_response(r["model_prediction"], r), r["answer_gt"]),
+                    **{k: r[k] for k in ("choice_a", "choice_b", "choice_c", "choice_d", "category", "sub-category")})
+               for r in MMSU_RECORDS]
+    preds = tmp_path / "mmsu.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert E.main(["--score", str(preds)]) == 0
+    out = capsys.readouterr().out
+    # the same responses as MMSU_RECORDS' predictions give: 3 right of 7 counted, 2 without a letter
+    assert "by 'response'" in out and "Overall Accuracy: 0.4286" in out and "Total count: 7" in out
+
+
+def finish_from_parts(data: Path, out: Path, predictions: list, key: str | None = None) -> B.Score:
+    """evaluate.finish (rank 0's merge, write and score) on predictions put in the part files by hand,
+    as a run leaves them: what the run writes, without a model. key: --key (None: its default)."""
+    parts = E.parts_dir(out)
+    parts.mkdir(parents=True)
+    (parts / "rank0.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in predictions))
+    cfg = E.EvalConfig("model", str(data), str(out), **({} if key is None else {"key": key}))
+    return E.finish(cfg, E.read_data(str(data), None), out, E.sha256(data), 1)
+
+
+def test_mmsu_predictions_are_the_jsonl_its_script_reads(tmp_path):
+    """MMSU's script reads JSONL (json.loads line by line; a JSON list gives it no items): the MMSU
+    predictions file is one record a line, each with the `response` it reads. MMAU's stays a JSON list."""
+    data = tmp_path / "mmsu.jsonl"
+    data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "model_prediction"}) + "\n"
+                            for r in MMSU_RECORDS))
+    predictions = [E.Prediction(i, r["model_prediction"], r["model_prediction"]) for i, r in enumerate(MMSU_RECORDS)]
+    s = finish_from_parts(data, tmp_path / "preds.json", predictions)
+    lines = [json.loads(line) for line in (tmp_path / "preds.json").read_text().splitlines()]
+    assert [r["response"] for r in lines] == ["D", "C", "B", "The answer is A.", "I am not sure", "", "Definitely yes",
+                                              "sad", "A"]  # a choice's text becomes its letter
+    assert (s.total.correct, s.total.total) == (3, 7)  # as test_mmsu_is_scored_and_printed_as_its_script
+    assert E.score(lines, "response").total == s.total  # the file alone, read by the script's key
+    mmau = tmp_path / "mmau.json"
+    mmau.write_text(json.dumps([{"audio_id": "a.wav", "question": "Who?", "choices": CHOICES, "answer": "Man",
+                                 "task": "sound"}]))
+    finish_from_parts(mmau, tmp_path / "mmau-preds.json", [E.Prediction(0, "Man", "Man")])
+    assert isinstance(json.loads((tmp_path / "mmau-preds.json").read_text()), list)
+
+
+def test_the_submission_carries_the_key_asked_for(tmp_path):
+    """A withheld test set's submission carries model_prediction (the input MMAU's README names) by default;
+    --key model_output (the key MMAU's evaluation.py reads) makes it carry the whole reply under that name."""
+    data = tmp_path / "mmau-test.json"
+    items = [{"id": f"q{i}", "audio_id": f"./a/{i}.wav", "question": "Who?", "choices": CHOICES, "answer": "",
+              "task": "sound"} for i in range(2)]
+    data.write_text(json.dumps(items))
+    predictions = [E.Prediction(i, f"<think>hm</think><answer>{c}</answer>", c) for i, c in enumerate(["Man", "Robot"])]
+    for key in ("model_prediction", "model_output"):
+        out = tmp_path / key / "preds.json"
+        assert finish_from_parts(data, out, predictions, key).key == key
+        submission = json.loads(E.submission_path(out).read_text())
+        assert submission == [dict(item, **{key: getattr(p, key)}) for item, p in zip(items, predictions)]
+
+
 # ----------------------------------------------------------------------------- end to end on the tiny model
 
 @pytest.fixture(scope="module")
@@ -477,7 +596,6 @@ def full_run(tiny_dir, audio_dir, tmp_path_factory):
     return out, json.loads(out.read_text())
 
 
-@needs_mmau
 def test_end_to_end_records(full_run):
     """N items in data order, each the original record plus model_output and model_prediction."""
     _, records = full_run
@@ -489,7 +607,6 @@ def test_end_to_end_records(full_run):
     assert sum("error" in r for r in records) == 1
 
 
-@needs_mmau
 def test_missing_audio_is_an_error_counted_wrong(full_run):
     """The item without a clip has an empty prediction and an error naming the file; it is scored
     (as wrong) and listed in the summary, and the other items were still evaluated."""
@@ -504,17 +621,16 @@ def test_missing_audio_is_an_error_counted_wrong(full_run):
     assert all(r["model_output"] for i, r in enumerate(records) if i != MISSING)  # 8 new tokens, never empty
 
 
-@needs_mmau
 def test_summary_names_the_data_file(full_run):
-    """The summary holds the data file's path and sha256, and names the MMAU version."""
+    """The summary holds the data file's path and sha256, and the MMAU version where the hash is a known
+    one (the fixture's is not: no version is claimed; test_the_real_mmau_versions_are_recognised)."""
     out, _ = full_run
     summary = json.loads(E.summary_path(out).read_text())
     assert summary["data_sha256"] == hashlib.sha256(MMAU.read_bytes()).hexdigest()
-    assert summary["data_version"] == "MMAU test-mini, revised (2025-05-15)" and summary["benchmark"] == "MMAU"
+    assert summary["data_version"] is None and summary["benchmark"] == "MMAU"
     assert summary["data"] == str(MMAU) and summary["settings"]["limit"] == N
 
 
-@needs_mmau
 def test_rescoring_keeps_the_provenance(full_run, tmp_path, capsys):
     """--score on an evaluated file gives the same numbers and keeps the data file's hash."""
     out, _ = full_run
@@ -543,7 +659,6 @@ def withheld_run(tiny_dir, audio_dir, tmp_path_factory):
     return test, out, stdout.getvalue()
 
 
-@needs_mmau
 def test_withheld_answers_give_a_submission_not_a_score(withheld_run):
     """No score is printed; OUT.submission.json is a JSON list with, per item in the file's order, the
     item exactly as released (answer "" too) plus model_prediction, and nothing else."""
@@ -561,7 +676,6 @@ def test_withheld_answers_give_a_submission_not_a_score(withheld_run):
     assert summary["submission_sha256"] == hashlib.sha256(E.submission_path(out).read_bytes()).hexdigest()
 
 
-@needs_mmau
 def test_withheld_predictions_are_not_scored(withheld_run, capsys):
     """--score on predictions without answers stops with one line pointing at the submission file."""
     _, out, _ = withheld_run
@@ -587,7 +701,6 @@ def test_a_file_with_some_answers_withheld_is_refused(tiny_dir, tmp_path, capsys
 
 # ----------------------------------------------------------------------------- resuming
 
-@needs_mmau
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_dir, audio_dir, full_run, tmp_path):
     """A run stopped after 7 items with its last line torn, then re-run, gives the uninterrupted
     output. Each item's prediction is in the part file once, the errored item's too: its clip is
@@ -605,7 +718,6 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_dir, audio_dir, f
     assert [p["index"] for p in lines if p["error"]] == [MISSING]
 
 
-@needs_mmau
 def test_failed_audio_is_retried(tiny_dir, audio_dir, full_run, tmp_path):
     """Re-run after the missing clip appears: that item is evaluated, the others are kept."""
     out = tmp_path / "preds.json"
@@ -630,7 +742,6 @@ def usage_error(argv, capsys) -> str:
     return err
 
 
-@needs_mmau
 @pytest.mark.parametrize("flag, value", [("--max-new-tokens", "9"), ("--batch-size", "2"), ("--dtype", "bfloat16")])
 def test_other_settings_refuse_to_resume(tiny_dir, audio_dir, full_run, tmp_path, capsys, flag, value, monkeypatch):
     """Predictions made with other settings are never mixed in: the run stops before loading anything,
@@ -703,8 +814,17 @@ def test_missing_audio_dir_is_one_line(tiny_dir, tmp_path, capsys):
     assert f"--audio-dir {audio}: no such folder" in err
 
 
+def test_a_key_the_predictions_will_not_have_is_one_line(tiny_dir, tmp_path, capsys):
+    """--key response (MMSU's script's field) on plain questions, whose predictions will not have it:
+    one line naming the fields they will have, before any model is loaded."""
+    err = usage_error(["--model", str(tiny_dir), "--data", str(questions(tmp_path)), "--out", str(tmp_path / "p.json"),
+                       "--key", "response"], capsys)
+    assert "--key response" in err and "give one of model_prediction, model_output" in err
+
+
 @pytest.mark.parametrize("content, says", [(None, "no such file"), ("[{oops", "not a JSON file"),
-                                           ('{"answer": "Man"}', "a JSON dict"), ("[1, 2]", "item 0"),
+                                           ('{\n  "answer": "Man"\n}', "a JSON dict"), ("[1, 2]", "item 0"),
+                                           ('{"answer": "Man"}', "item 0"),  # JSONL: one record without choices
                                            ('[{"answer": "Man", "choices": ["Man"], "model_output": null}]', "item 0")])
 def test_bad_predictions_file_is_one_line(content, says, tmp_path, capsys):
     """--score: a missing file, a file that is not JSON, JSON that is not a list of question records."""
@@ -729,7 +849,6 @@ def test_bad_input_under_torchrun_stops_every_rank(tiny_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- two ranks
 
-@needs_mmau
 def test_two_ranks_match_one(tiny_dir, audio_dir, full_run, tmp_path):
     """torchrun with 2 processes, resuming a 1-process run that finished items 0-4, writes the
     same output as the uninterrupted 1-process run (fp32 on a CPU: the same batch sizes give the
@@ -756,7 +875,6 @@ def test_two_ranks_match_one(tiny_dir, audio_dir, full_run, tmp_path):
 
 # ----------------------------------------------------------------------------- a run folder
 
-@needs_mmau
 def test_run_folder_evaluates_every_checkpoint_once(tiny2_dir, audio_dir, tmp_path, capsys, monkeypatch):
     """--model RUN evaluates every complete checkpoint-N in step order (not checkpoint-N.tmp), into
     RUN/eval/<data stem>/, and prints and writes a table whose numbers are score()'s of each
@@ -842,7 +960,6 @@ def test_demo_evaluates_before_and_after(tiny_dir, tmp_path, monkeypatch, capsys
     assert records[0]["answer"] in records[0]["choices"]  # the AVQA index became the choice string
 
 
-@needs_mmau
 def test_the_prompt_settings_reach_generation_and_the_resume_key(tiny_dir, audio_dir, tmp_path, monkeypatch):
     """--prompt think --think-words 50 --system-prompt: every batch is asked that way, and a re-run with
     another system prompt is refused rather than mixed into the same predictions."""

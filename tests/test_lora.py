@@ -94,7 +94,7 @@ def test_init_does_not_depend_on_device_or_order(tiny_dir):
 
 def test_merged_weights_give_the_adapter_logprobs(trained, tmp_path):
     """After training (B != 0), W + (alpha/r) B A saved as a plain Hugging Face checkpoint and reopened
-    by from_pretrained gives the adapter path's log-probs within 1e-5 (fp32), while the adapters moved
+    by from_pretrained gives the adapter path's log-probs within 5e-6 (fp32), while the adapters moved
     the log-probs away from the base by far more than that."""
     merged = L.merged_state_dict(trained.model.state_dict(), C.SETTINGS)
     assert not any(L.is_adapter_key(k) for k in merged) and merged.keys() == trained.base.state_dict().keys()
@@ -103,7 +103,7 @@ def test_merged_weights_give_the_adapter_logprobs(trained, tmp_path):
     reopened, _ = M.load(tmp_path, dtype=torch.float32)
     adapter, merged_logp, base = (trained.logprobs(m) for m in (trained.model, reopened, trained.base))
     assert (adapter - base).abs().max() > 1e-2
-    assert (adapter - merged_logp).abs().max() < 1e-5
+    assert (adapter - merged_logp).abs().max() < 5e-6  # measured 4.8e-7: the float sums of W x and B (A x) differ
 
 
 def test_only_adapters_are_trained(trained):

@@ -45,6 +45,7 @@ def test_tiny_model_is_deterministic_and_reloads(tmp_path, tiny_dir):
     """The same seed builds the same weights, and load() reads back what build_tiny wrote."""
     a, _ = M.load(M.build_tiny(tmp_path / "a", seed=0), dtype=torch.float32)
     b, _ = M.load(tiny_dir, dtype=torch.float32)
+    assert list(a.state_dict()) == list(b.state_dict())  # zip below would stop at the shorter one silently
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
 

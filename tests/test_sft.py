@@ -116,10 +116,27 @@ def lora_run(warm_dir, pitch_task, tmp_path_factory):
     return out
 
 
+def merged_by_hand(start: dict, folder) -> dict:
+    """The base weights with W + (lora_alpha / r) B A for every adapted module, read straight from PEFT's
+    files in the folder (keys base_model.model.<module>.lora_A.weight) and computed in float64: no
+    code of lora.py or model.py, which the checkpoint itself was written and read with."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(folder / "adapter_model.safetensors")
+    expected = dict(start)
+    adapted = [k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in tensors if "lora_A" in k]
+    assert len(adapted) == 2 * 7  # 7 linears in each of 2 decoder layers
+    for module in adapted:
+        A, B = (tensors[f"base_model.model.{module}.lora_{x}.weight"].double() for x in "AB")  # [r, in], [out, r]
+        W = start[f"{module}.weight"].double()                                                # [out, in]
+        expected[f"{module}.weight"] = (W + config["lora_alpha"] / config["r"] * (B @ A)).float()
+    return expected
+
+
 def test_lora_checkpoints_hold_adapters_and_the_last_a_merged_model(lora_run, warm_dir):
     """Every checkpoint holds the adapters in PEFT's layout (naming the base) and no model weights, and
     opens through model.load, which merges them onto the base; the last one also holds merged/, a plain
-    Hugging Face folder that from_pretrained opens unchanged, equal to the base with its adapters merged."""
+    Hugging Face folder that from_pretrained opens unchanged. Each equals the base with its adapters merged
+    by hand (merged_by_hand, independent of the code that wrote and reads the checkpoints)."""
     first, last = lora_run / "checkpoint-1", lora_run / "checkpoint-2"
     for checkpoint in (first, last):
         assert not (checkpoint / "model.safetensors").exists() and (checkpoint / "adapter_model.safetensors").exists()
@@ -131,11 +148,11 @@ def test_lora_checkpoints_hold_adapters_and_the_last_a_merged_model(lora_run, wa
     merged = Qwen2AudioForConditionalGeneration.from_pretrained(last / C.MERGED, dtype=torch.float32).state_dict()
     start = M.load(warm_dir, dtype=torch.float32)[0].state_dict()
     for checkpoint, adapters in ((first, first), (last, last), (last / C.MERGED, last)):
-        expected, _ = M.load(warm_dir, dtype=torch.float32)
-        M.merge_adapters(expected, adapters)
-        opened, _ = M.load(checkpoint, dtype=torch.float32)  # base + adapters, or (merged/) the merged weights
-        for k, v in expected.state_dict().items():
-            torch.testing.assert_close(opened.state_dict()[k], v, rtol=0, atol=1e-6)
+        expected = merged_by_hand(start, adapters)
+        opened = M.load(checkpoint, dtype=torch.float32)[0].state_dict()  # base + adapters, or (merged/) merged
+        assert opened.keys() == expected.keys(), (set(opened) ^ set(expected))
+        for k, v in expected.items():
+            torch.testing.assert_close(opened[k], v, rtol=0, atol=1e-6)
     moved = [k for k in merged if not torch.equal(merged[k], start[k])]
     assert moved and all(any(t in k for t in L.LM_TARGETS) for k in moved)  # only adapted layers changed
 
