@@ -73,12 +73,11 @@ def random_batch(seed, dtype=torch.float64, lengths=LENGTHS, T=7):
     return logp.requires_grad_(), old, ref, adv, mask
 
 
-def micro_batch(rewards, counted=None):
-    """The fields of a train.MicroBatch the advantages read: rewards, the trained mask, the counted rows."""
+def micro_batch(rewards):
+    """The fields of a train.MicroBatch the advantages read: its rewards, every row trained on and counted."""
     n = len(rewards)
-    counted = torch.ones(n, dtype=torch.bool) if counted is None else counted
     return SimpleNamespace(rewards=rewards, rollout=SimpleNamespace(mask=torch.ones(n, 3, dtype=torch.bool)),
-                           counted=counted)
+                           counted=torch.ones(n, dtype=torch.bool))
 
 
 @pytest.fixture
