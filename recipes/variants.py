@@ -54,6 +54,7 @@ def scaled_advantages(batches, group_size, scale):
     group whose rewards barely differ is not blown up; a truncated completion's reward counts, as in TRL)
     or by nothing ("none": too easy or too hard prompts are not over-weighted). The batch std is summed
     over processes, so one process equals two. A completion that does not train gets 0."""
+    assert scale in ("batch", "none"), f"advantage scale {scale!r}: use batch or none (group: grpo.group_advantages)"
     trained = [b.rollout.mask.any(1) for b in batches]                                  # [N] each
     std = None
     if scale == "batch":
@@ -100,6 +101,7 @@ def importance_ratio(logp, old_logp, m, level="token"):
     """pi / pi_old per token, or per sequence (GSPO): exp of the mean token log-ratio, one weight per
     completion like its reward, clipped as one, so per-token noise does not pile up over long completions.
     Every token carries its sequence's ratio; the KL term stays per token."""
+    assert level in RATIO_LEVELS, f"ratio level {level!r}: use one of {RATIO_LEVELS}"
     if level == "token":
         return torch.exp(logp - old_logp)                                  # [N, T]
     log_ratio = ((logp - old_logp) * m).sum(1) / m.sum(1).clamp(min=1)    # [N] mean over the mask
@@ -113,6 +115,7 @@ def aggregate(per_token, m, aggregation="sequence_mean", denominator=None):
       token_mean: the sum over all tokens / their number (DAPO): every token weighs the same;
       token_sum: the sum over all tokens / (N * max_new_tokens) (Dr. GRPO), a constant; denominator required.
     denominator: the whole batch's count / world size, when this is one micro-batch of one process."""
+    assert aggregation in AGGREGATIONS, f"aggregation {aggregation!r}: use one of {AGGREGATIONS}"
     assert aggregation != "token_sum" or denominator is not None, "token_sum needs a denominator"
     if aggregation == "sequence_mean":
         total, count = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum(), m.new_tensor(m.size(0))

@@ -1,4 +1,4 @@
-"""lora.py: a fresh adapter is the base model, merging is exact, only adapters train, the adapters-off
+"""recipes/lora.py: a fresh adapter is the base model, merging is exact, only adapters train, the adapters-off
 switch is the base model, adapter files round-trip in PEFT's layout, and FSDP2 on two processes with a
 whole frozen base per rank trains the same adapters as one process."""
 
@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig
 
-import grpo
-import lora as L
 import lora_checks as C
 import model as M
 from conftest import pitch_samples
+from engine import packed
+from recipes import lora as L
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALL_TARGETS = L.LoRASettings(rank=4, alpha=8.0, targets=L.LM_TARGETS + ("lm_head",), audio=True)
 
 
@@ -46,7 +46,7 @@ class Trained:
     def logprobs(self, model):
         pad = self.processor.tokenizer.pad_token_id
         with torch.no_grad():
-            return torch.cat([grpo.completion_logprobs(model, r, pad) for r in self.rollouts])  # [N, T]
+            return torch.cat([packed.completion_logprobs(model, r, pad) for r in self.rollouts])  # [N, T]
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_two_processes_train_the_same_adapters(trained, tiny2_dir, tmp_path):
     the split batch has the one-process adapters within 1e-6 (fp32)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "lora_checks.py"), str(tiny2_dir), str(tmp_path)]
+           str(ROOT / "tests" / "recipes" / "lora_checks.py"), str(tiny2_dir), str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300)
     ranks = torch.load(tmp_path / "checks.pt", weights_only=True)
     reference = trained.base.state_dict()

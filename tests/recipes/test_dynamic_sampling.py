@@ -1,4 +1,4 @@
-"""Dynamic sampling on every batch split that validation accepts (tests/dynsample_grid.py): --prompts-per-step
+"""Dynamic sampling on every batch split that validation accepts (tests/recipes/dynsample_grid.py): --prompts-per-step
 {1, 4, 32} x --micro-batch {1, 2, 32}, on 1 process and on 2, a micro-batch larger than a process's share
 included. The groups kept are checked against a slow reference, 2 processes against 1."""
 
@@ -12,7 +12,7 @@ import pytest
 
 import dynsample_grid as D
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def logs(out, name):
@@ -24,8 +24,9 @@ def grids(warm_dir, pitch_task, tmp_path_factory):
     """{processes: (records by combination, out folder)}: the grid in this process, then under torchrun on 2."""
     one, two = tmp_path_factory.mktemp("grid1"), tmp_path_factory.mktemp("grid2")
     D.run_grid(warm_dir, pitch_task[0], one)
+    grid = ROOT / "tests" / "recipes" / "dynsample_grid.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "tests" / "dynsample_grid.py"), str(warm_dir), str(pitch_task[0]), str(two)],
+                             str(grid), str(warm_dir), str(pitch_task[0]), str(two)],
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (--algo sft) and LoRA through train.py: the SFT loss against a cross-entropy
+"""Supervised fine-tuning (--algo sft, recipes/sft.py) and LoRA (recipes/lora.py) through train.py: the SFT loss against a cross-entropy
 computed independently, what an SFT and a LoRA run log and write, the LoRA reference, and the
 checkpoints a LoRA run leaves (adapters every time, a merged model in merged/ at the end; never both in
 one folder) and how PEFT, model.load and evaluate.py open them."""
@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import Qwen2AudioForConditionalGeneration
 
-import data
-import grpo
-import lora as L
-import model as M
-import batches as B
 import checkpoint as C
+import data
 import evaluate as E
+import grpo
+import model as M
 import train as T
 from conftest import pitch_samples, quick_args
+from engine import packed
+from recipes import lora as L
 
 
 @pytest.fixture(autouse=True)
@@ -54,9 +54,9 @@ def slow_cross_entropy(model, processor, samples, audios, targets, prompt="answe
 
 
 def test_sft_loss_equals_an_independent_cross_entropy(tiny):
-    """grpo.sft_loss over completion_logprobs (packed, lm_head only at target positions) = the mean
-    cross-entropy of the target tokens from separate full forwards, to 1e-5 in fp32. Targets of
-    different lengths (very low / high), the end token included."""
+    """grpo.sft_loss over completion_logprobs (the engine's packed ones, lm_head only at target positions,
+    and grpo.py's plain ones) = the mean cross-entropy of the target tokens from separate full forwards,
+    to 1e-5 in fp32. Targets of different lengths (very low / high), the end token included."""
     model, processor = tiny
     samples, audios = pitch_samples(3)
     targets = [data.target_text(s.answer) + "<|im_end|>" for s in samples]
@@ -68,11 +68,12 @@ def test_sft_loss_equals_an_independent_cross_entropy(tiny):
                            batch["input_features"], batch["feature_attention_mask"], ids,
                            grpo.completion_mask(ids, M.end_token_ids(tok)), group_size=1)
     assert len(set(rollout.mask.sum(1).tolist())) > 1
-    with torch.no_grad():
-        loss, m = grpo.sft_loss(grpo.completion_logprobs(model, rollout, tok.pad_token_id), rollout.mask)
     expected = slow_cross_entropy(model, processor, samples, audios, targets)
-    assert abs(loss.item() - expected) < 1e-5 and abs(m["nll"].item() - expected) < 1e-5
-    assert m["tokens"].item() == rollout.mask.sum().item() and m["sequences"].item() == 3
+    for logprobs in (packed.completion_logprobs, grpo.completion_logprobs):
+        with torch.no_grad():
+            loss, m = grpo.sft_loss(logprobs(model, rollout, tok.pad_token_id), rollout.mask)
+        assert abs(loss.item() - expected) < 1e-5 and abs(m["nll"].item() - expected) < 1e-5
+        assert m["tokens"].item() == rollout.mask.sum().item() and m["sequences"].item() == 3
 
 
 def test_sft_targets_follow_the_prompt():
@@ -91,11 +92,12 @@ def test_an_sft_run_logs_the_loss_it_trains_on(tiny2_dir, pitch_task, tmp_path):
     args = quick_args(tiny2_dir, pitch_task, out, "--algo", "sft", "--prompt", "direct")
     args = args[:args.index("--lr")] + args[args.index("--lr") + 2:]
     cfg, _ = T.parse_args(args)
-    assert cfg.lr == 1e-5 and T.reference(cfg, tiny2_dir) is None
+    recipe = T.recipe_for(cfg)
+    assert cfg.lr == 1e-5 and T.reference(cfg, recipe, tiny2_dir) is None
     T.main(args)
     first = metrics(out)[0]
     train = data.read_samples(pitch_task[0])
-    batch = [train[i] for i in B.step_indices(cfg, [s.answer for s in train], 0)]
+    batch = [train[i] for i in T.step_questions(cfg, recipe, train, 0)]
     model, processor = M.load(tiny2_dir, dtype=torch.float32)
     with torch.no_grad():
         expected = slow_cross_entropy(model.eval(), processor, batch, [data.load_audio(s.audio_path) for s in batch],
@@ -143,11 +145,11 @@ def test_lora_checkpoints_hold_adapters_and_the_last_a_merged_model(lora_run, wa
         config = json.loads((checkpoint / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str(warm_dir.resolve())
         assert M.check_model_dir(checkpoint) == checkpoint
-    assert not (first / C.MERGED).exists() and not (last / C.MERGED / "adapter_config.json").exists()
-    assert M.check_model_dir(last / C.MERGED) == last / C.MERGED
-    merged = Qwen2AudioForConditionalGeneration.from_pretrained(last / C.MERGED, dtype=torch.float32).state_dict()
+    assert not (first / L.MERGED).exists() and not (last / L.MERGED / "adapter_config.json").exists()
+    assert M.check_model_dir(last / L.MERGED) == last / L.MERGED
+    merged = Qwen2AudioForConditionalGeneration.from_pretrained(last / L.MERGED, dtype=torch.float32).state_dict()
     start = M.load(warm_dir, dtype=torch.float32)[0].state_dict()
-    for checkpoint, adapters in ((first, first), (last, last), (last / C.MERGED, last)):
+    for checkpoint, adapters in ((first, first), (last, last), (last / L.MERGED, last)):
         expected = merged_by_hand(start, adapters)
         opened = M.load(checkpoint, dtype=torch.float32)[0].state_dict()  # base + adapters, or (merged/) merged
         assert opened.keys() == expected.keys(), (set(opened) ^ set(expected))
@@ -169,7 +171,7 @@ def holds_model_and_adapters(folder):
 def old_layout(checkpoint, out):
     """A LoRA run's last checkpoint as train.py wrote it before merged/ (the same files, one folder): the
     merged model, and beside it the adapters already merged into it."""
-    shutil.copytree(checkpoint / C.MERGED, out)
+    shutil.copytree(checkpoint / L.MERGED, out)
     for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.pt", "train_config.json"):
         shutil.copy(checkpoint / name, out)
     shutil.copytree(checkpoint / "train_state", out / "train_state")
@@ -183,7 +185,7 @@ def test_no_folder_of_a_lora_run_holds_a_model_and_adapters(lora_run, tmp_path):
     folders = [Path(f) for f, _, _ in os.walk(lora_run)]
     assert [f for f in folders if holds_model_and_adapters(f)] == []
     assert [p.name for p in C.complete(lora_run)] == ["checkpoint-1", "checkpoint-2"]
-    assert lora_run / "checkpoint-2" / C.MERGED in folders
+    assert lora_run / "checkpoint-2" / L.MERGED in folders
     assert holds_model_and_adapters(old_layout(lora_run / "checkpoint-2", tmp_path / "old"))
 
 
@@ -193,7 +195,7 @@ def test_a_last_lora_checkpoint_in_the_old_layout_opens_as_its_merged_model(lora
     old = old_layout(lora_run / "checkpoint-2", tmp_path / "old")
     assert M.adapter_base(old) is None and M.check_model_dir(old) == old and M.family_of(old) is M.QWEN2_AUDIO
     opened = M.load(old, dtype=torch.float32)[0].state_dict()
-    merged = M.load(lora_run / "checkpoint-2" / C.MERGED, dtype=torch.float32)[0].state_dict()
+    merged = M.load(lora_run / "checkpoint-2" / L.MERGED, dtype=torch.float32)[0].state_dict()
     assert opened.keys() == merged.keys() and all(torch.equal(opened[k], merged[k]) for k in merged)
 
 
@@ -221,7 +223,7 @@ def test_peft_opens_lora_checkpoints_as_model_load_does(lora_run, warm_dir, tmp_
         assert (logits(peft_model) - expected).abs().max() < 4e-5
         plain = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
         assert (logits(plain) - expected).abs().max() < 4e-5
-    merged = Qwen2AudioForConditionalGeneration.from_pretrained(lora_run / "checkpoint-2" / C.MERGED,
+    merged = Qwen2AudioForConditionalGeneration.from_pretrained(lora_run / "checkpoint-2" / L.MERGED,
                                                                 dtype=torch.float32)
     assert (logits(merged) - expected).abs().max() < 4e-5
     old = old_layout(lora_run / "checkpoint-2", tmp_path / "old")
@@ -239,7 +241,7 @@ def test_evaluate_scores_every_checkpoint_of_a_lora_run(lora_run, pitch_task, tm
     assert E.main(["--model", str(lora_run), "--out", str(tmp_path / "run"), *flags]) == 0
     table = json.loads((tmp_path / "run" / "table.json").read_text())
     assert [r["step"] for r in table["rows"]] == [1, 2]
-    assert E.main(["--model", str(lora_run / "checkpoint-2" / C.MERGED), "--out", str(tmp_path / "merged.json"),
+    assert E.main(["--model", str(lora_run / "checkpoint-2" / L.MERGED), "--out", str(tmp_path / "merged.json"),
                    *flags]) == 0
     old_layout(lora_run / "checkpoint-2", tmp_path / "old_run" / "checkpoint-2")
     assert E.main(["--model", str(tmp_path / "old_run"), "--out", str(tmp_path / "old"), *flags]) == 0

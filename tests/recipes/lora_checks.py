@@ -1,6 +1,6 @@
-"""LoRA under FSDP2 on two processes, run by tests/test_lora.py:
+"""LoRA under FSDP2 on two processes, run by tests/recipes/test_lora.py:
 
-    torchrun --standalone --nproc_per_node 2 tests/lora_checks.py MODEL_DIR OUT
+    torchrun --standalone --nproc_per_node 2 tests/recipes/lora_checks.py MODEL_DIR OUT
 
 Every rank loads the model with LoRA adapters (language model and audio encoder) through
 model.sharded_load, with gradient checkpointing on, samples its own group (rank r: prompt r) inside
@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
 
 import grpo  # noqa: E402
-import lora as L  # noqa: E402
 import model as M  # noqa: E402
 from conftest import pitch_samples  # noqa: E402
+from engine import packed, sampler  # noqa: E402
+from recipes import lora as L  # noqa: E402
 
 SETTINGS = L.LoRASettings(rank=4, alpha=8.0, audio=True, seed=0)
 STEPS, LR, GROUP, TOKENS, PROMPTS = 3, 1e-2, 2, 6, 2
@@ -40,8 +41,8 @@ def sample_group(model, processor, i):
     batch = M.collate(processor, samples[i:i + 1], audios[i:i + 1])
     tok = processor.tokenizer
     suppress = M.suppressed_token_ids(tok, model.config.text_config.vocab_size)
-    return grpo.generate_groups(model, batch, grpo.prompt_generators(0, 0, [i]), GROUP, TOKENS,
-                                M.end_token_ids(tok), tok.pad_token_id, suppress)
+    return sampler.generate_groups(model, batch, grpo.prompt_generators(0, 0, [i]), GROUP, TOKENS,
+                                   M.end_token_ids(tok), tok.pad_token_id, suppress)
 
 
 def train(model, rollouts, pad_id, world=1):
@@ -52,7 +53,7 @@ def train(model, rollouts, pad_id, world=1):
     model.train()
     for _ in range(STEPS):
         for r in rollouts:
-            logp = grpo.completion_logprobs(model, r, pad_id)             # [GROUP, T]
+            logp = packed.completion_logprobs(model, r, pad_id)           # [GROUP, T]
             loss, _ = grpo.grpo_loss(logp, logp.detach(), None, ADVANTAGES, r.mask, beta=0.0,
                                      denominator=PROMPTS * GROUP / world)
             loss.backward()
@@ -79,7 +80,7 @@ def main(model_dir, out):
     rank, world, _ = M.init_distributed()
     torch.set_num_threads(1)
     processor = M.load_processor(model_dir)
-    policy = M.sharded_load(model_dir, lora=SETTINGS, gradient_checkpointing=True)
+    policy = M.sharded_load(model_dir, gradient_checkpointing=True, adapters=L.LoRA(SETTINGS))
     counter, real = count_gathered_bytes()
     policy.eval()
     with M.unsharded(policy):

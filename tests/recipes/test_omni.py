@@ -1,9 +1,9 @@
-"""The second base, Qwen2.5-Omni-7B's thinker, through the same code as Qwen2-Audio: family detection, the
-prompt, the audio-only processor, a release-layout checkpoint, the meta build's position table, the
-<|AUDIO|> count check, the two GRPO tricks (forked-cache decoding, packed log-probs), LoRA, the 7B's
-size, and one process against two.
+"""The second base, Qwen2.5-Omni-7B's thinker (recipes/omni.py), through the same code as Qwen2-Audio:
+family detection, the prompt, the audio-only processor, a release-layout checkpoint, the meta build's
+position table, the <|AUDIO|> count check, the engine's two GRPO tricks (forked-cache decoding, packed
+log-probs) and grpo.py's plain versions, LoRA, the 7B's size, and one process against two.
 
-Run: python -m pytest -q tests/test_omni.py
+Run: python -m pytest -q tests/recipes/test_omni.py
 """
 
 import json
@@ -16,13 +16,16 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig
 
 import grpo
-import lora as L
 import model as M
-import plan
 from conftest import pitch_samples, quick_args
 from data import build_prompt
+from engine import packed, sampler
+from recipes import lora as L
+from recipes import omni as O
 from test_distributed import assert_same_run, max_weight_diff, one_process, resume_a_copy, two_processes
 from test_grpo import naive_logprobs
+from tools import plan
+from workshop.demo import build_tiny
 
 # The audio-only prompt of Qwen2.5-Omni's released chat template (checked against the reference notes):
 # the default system turn, no "Audio 1: " before the audio and no newline between the audio and the text.
@@ -33,7 +36,7 @@ OMNI_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|
 @pytest.fixture(scope="module")
 def omni_dir(tmp_path_factory):
     """A tiny Qwen2.5-Omni thinker with a 10 s feature window; its folder holds the (tiny) vision tower."""
-    return M.build_tiny(tmp_path_factory.mktemp("omni") / "model", seed=0, window_seconds=10, family="omni")
+    return build_tiny(tmp_path_factory.mktemp("omni") / "model", seed=0, window_seconds=10, family="omni")
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +77,10 @@ def test_the_family_comes_from_config_json(omni_dir, release_dir, tiny_dir, tmp_
     Qwen2.5-Omni, the tiny Qwen2-Audio is Qwen2-Audio; another model_type is refused with the types we train."""
     assert M.check_model_dir(omni_dir) == omni_dir and M.check_model_dir(release_dir) == release_dir
     assert json.loads((release_dir / "config.json").read_text())["model_type"] == "qwen2_5_omni"
-    assert M.family_of(omni_dir) is M.family_of(release_dir) is M.OMNI and M.family_of(tiny_dir) is M.QWEN2_AUDIO
+    assert M.family_of(omni_dir) is M.family_of(release_dir) is O.OMNI and M.family_of(tiny_dir) is M.QWEN2_AUDIO
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni_talker"}))
-    with pytest.raises(M.UsageError, match="model_type 'qwen2_5_omni_talker', but this project trains qwen2_audio "
-                                           "or qwen2_5_omni or qwen2_5_omni_thinker"):
+    with pytest.raises(M.UsageError, match=r"model_type 'qwen2_5_omni_talker', but this project trains Qwen2-Audio "
+                                           r"\(qwen2_audio\) or Qwen2\.5-Omni \(qwen2_5_omni, qwen2_5_omni_thinker\)"):
         M.check_model_dir(tmp_path)
 
 
@@ -113,7 +116,7 @@ def test_the_processor_saves_and_reloads(omni, tmp_path):
     same batches, template and named tokens, with no image or video processor."""
     _, processor = omni
     processor.save_pretrained(tmp_path)
-    again = M.OmniAudioProcessor.from_pretrained(tmp_path)
+    again = O.OmniAudioProcessor.from_pretrained(tmp_path)
     assert again.chat_template == processor.chat_template and again.tokenizer.audio_token == "<|AUDIO|>"
     assert not hasattr(again, "image_processor") and not hasattr(again, "video_processor")
     a, b = (M.collate(p, *pitch_samples(2)) for p in (processor, again))
@@ -166,43 +169,47 @@ def test_a_wrong_audio_token_count_stops(omni):
             model(**{**batch, "input_ids": wrong})
 
 
-def rollout(omni, n_prompts, G, max_new_tokens, **sampling):
+def rollout(omni, n_prompts, G, max_new_tokens, generate=sampler.generate_groups, **sampling):
     model, processor = omni
     tok = processor.tokenizer
     batch = M.collate(processor, *pitch_samples(n_prompts))
-    return grpo.generate_groups(model, batch, grpo.prompt_generators(0, 0, range(n_prompts)), G, max_new_tokens,
-                                M.end_token_ids(tok), tok.pad_token_id,
-                                M.suppressed_token_ids(tok, model.config.text_config.vocab_size), **sampling)
+    return generate(model, batch, grpo.prompt_generators(0, 0, range(n_prompts)), G, max_new_tokens,
+                    M.end_token_ids(tok), tok.pad_token_id,
+                    M.suppressed_token_ids(tok, model.config.text_config.vocab_size), **sampling)
 
 
 def test_forked_cache_decoding_equals_generate(omni):
-    """Prefill once, fork the cache G ways, decode with explicit 1-D positions (grpo.generate_groups, greedy)
-    = HF generate with the thinker's own multimodal positions, token for token, on a left-padded batch."""
+    """Prefill once, fork the cache G ways, decode with explicit 1-D positions (engine.sampler, greedy)
+    = HF generate with the thinker's own multimodal positions, token for token, on a left-padded batch;
+    and so does grpo.py's plain sampler (each prompt repeated G times, Hugging Face's growing cache)."""
     model, processor = omni
     tok = processor.tokenizer
-    ours = rollout(omni, 3, 2, 12, top_k=1)
     batch = M.collate(processor, *pitch_samples(3))
     ref = model.generate(**batch, do_sample=False, max_new_tokens=12, eos_token_id=M.end_token_ids(tok),
                          pad_token_id=tok.pad_token_id,
                          suppress_tokens=M.suppressed_token_ids(tok, model.config.text_config.vocab_size))
     ref = ref[:, batch["input_ids"].shape[1]:]
-    assert torch.equal(ours.completion_ids[0::2], ours.completion_ids[1::2])
     assert len(set(map(tuple, ref.tolist()))) > 1  # the rows differ: the audio reaches the tokens
-    assert torch.equal(ours.completion_ids[0::2, :ref.shape[1]], ref)
+    for generate in (sampler.generate_groups, grpo.generate_groups):
+        ours = rollout(omni, 3, 2, 12, generate, top_k=1)
+        assert torch.equal(ours.completion_ids[0::2], ours.completion_ids[1::2])
+        assert torch.equal(ours.completion_ids[0::2, :ref.shape[1]], ref), generate.__module__
 
 
 def test_packed_logprobs_equal_separate_forwards(omni):
-    """One packed forward per group (4-D mask, restarted 1-D positions) = G separate forwards through the
-    thinker's own forward, to 1e-5 in fp32, over completions of several lengths (the random model seldom
-    ends a completion, so the mask cuts them at 3 to 10 tokens)."""
+    """One packed forward per group (engine.packed: 4-D mask, restarted 1-D positions) = G separate
+    forwards through the thinker's own forward, to 1e-5 in fp32, over completions of several lengths (the
+    random model seldom ends a completion, so the mask cuts them at 3 to 10 tokens); and so do grpo.py's
+    plain log-probs (each completion after its prompt, one row each)."""
     model, _ = omni
     r = rollout(omni, 3, 4, 10)
     r.mask &= torch.arange(10) < torch.arange(12)[:, None] % 8 + 3                # [12, 10] lengths 3..10
     assert len(set(r.mask.sum(1).tolist())) == 8
     with torch.no_grad():
-        packed = grpo.completion_logprobs(model, r, pad_id=0)
         naive = naive_logprobs(model, r)
-    assert (packed - naive).abs().max() <= 1e-5 and (packed[~r.mask] == 0).all()
+        for logprobs in (packed.completion_logprobs, grpo.completion_logprobs):
+            got = logprobs(model, r, pad_id=0)
+            assert (got - naive).abs().max() <= 1e-5 and (got[~r.mask] == 0).all(), logprobs.__module__
 
 
 def test_fresh_lora_adapters_are_the_base_thinker(omni, omni_dir):
@@ -221,9 +228,9 @@ def test_the_7b_thinker_on_meta():
     """The built-in 7B thinker config has the parameters the released model has (reference notes): 8.932B
     with the vision tower (text 7.071B, lm_head 0.545B, audio 0.640B, vision 0.677B), 8.255B as trained,
     without it; plan.py counts it and --model omni-7b plans it."""
-    config = M.config_7b("omni")
+    config = plan.config_7b("omni")
     with torch.device("meta"):
-        whole = M.OMNI.model_class(config)
+        whole = O.OMNI.model_class(config)
     count = lambda m: sum(p.numel() for p in m.parameters())
     parts = [whole.model.language_model, whole.lm_head, whole.model.audio_tower, whole.model.visual]
     assert [round(count(m) / 1e9, 3) for m in [whole, *parts]] == [8.932, 7.071, 0.545, 0.640, 0.677]
