@@ -90,7 +90,7 @@ def generate_groups(model, batch, generators, group_size, max_new_tokens, end_id
             break
         attn, pos = F.pad(attn, (0, 1), value=1), pos[:, -1:] + 1          # [N, P+t+1], [N, 1]
         out = model.model(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=pos,
-                          cache=out.past_key_values, use_cache=True)
+                          cache=out.cache, use_cache=True)
     mask = completion_mask(tokens[:, :t + 1], end_ids)                     # [N, t+1]
     T = int(mask.sum(1).max())                                             # the longest completion
     prompts = [row[m.bool()] for row, m in zip(ids, batch["attention_mask"])]

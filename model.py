@@ -187,7 +187,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", gradient_checkpointing=False)
     for config in (model.config, *(getattr(model.config, k) for k in model.config.sub_configs)):
         config.dtype = dtype  # as from_pretrained(dtype=...) records it
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, load_processor(path)
 
 
@@ -322,6 +322,21 @@ def reshard(model):
         unit.reshard()
 
 
+def reset_after_error(model):
+    """FSDP after a forward or backward that raised midway: each root unit's per-step state reset (torch's
+    FSDPModule.reset_iter_state; the roots are the trunk and lm_head), and every gradient dropped,
+    including those a backward left on gathered parameters of a layer whose reduce-scatter never ran
+    (reset_iter_state keeps them, and the next backward would add to them)."""
+    for root in (model.model, model.lm_head):
+        # _is_root is private: it is None until the unit's first forward, and torch 2.13's
+        # reset_iter_state fails on such a unit (nothing of it ran, so it has nothing to reset)
+        if isinstance(root, FSDPModule) and root._get_fsdp_state()._is_root:
+            root.reset_iter_state()
+    with unsharded(model):
+        model.zero_grad(set_to_none=True)  # the gathered parameters' gradients
+    model.zero_grad(set_to_none=True)  # the shards'
+
+
 class unsharded:
     """Context: gather every FSDP unit once, keep it gathered for the whole rollout, then reshard.
     Otherwise each decoded token would all-gather the whole model, and ranks whose decode loops stop
@@ -358,7 +373,7 @@ def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_c
     if adapters:
         adapters.wrap(model)  # fp32 adapters; the rest frozen
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     shard(model, param_dtype, frozen_base=adapters is not None)
     model.to_empty(device=device)
     full = {}

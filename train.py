@@ -261,6 +261,8 @@ class Recipe:
     sample: Callable = None        # (run, step) -> Sampled
     step: Callable = None          # (run, step) -> (metrics, samples): one optimizer step
     arrange: Callable = data.permutation  # the order of an epoch's questions (data.epoch_order)
+    guard: Callable = lambda run, passes: passes()  # (run, passes) around a step's packed passes: the
+                                   # engine's fallback from FlexAttention to the dense mask, where flex runs
     adapters: object = None        # LoRA's hooks (recipes/lora.py): wrap, initial values, reference, saving
     before_training: list = field(default_factory=list)  # fn(run) at the end of setup (a curriculum's pre-pass)
     on_checkpoint: list = field(default_factory=list)    # fn(run folder) on rank 0 after each checkpoint
@@ -273,9 +275,11 @@ def recipe_for(cfg):
                     loss_count=lambda b: b.counted.sum(), trained_mask=lambda rollout, end_ids: rollout.mask,
                     sample=sample_groups, step=grpo_step)
     if cfg.engine == "fast":
-        from engine import packed, sampler
+        from engine import attention, packed, sampler
         flex = False if cfg.dense_attention else None
         recipe.generate, recipe.logprobs = sampler.generate_groups, partial(packed.completion_logprobs, flex=flex)
+        if not cfg.dense_attention and attention.flex_default("cuda" if torch.cuda.is_available() else "cpu"):
+            recipe.guard = packed.flex_or_dense
     else:
         recipe.generate, recipe.logprobs = grpo.generate_groups, grpo.completion_logprobs
     for name, given in extras_asked(cfg).items():
@@ -572,10 +576,7 @@ def grpo_step(run, step):
         b.advantages = advantages                                             # [N]
     batches = sampled.trained
     with torch.no_grad():
-        for b in batches:
-            b.ref_logp = reference_logprobs(run, b.rollout) if cfg.beta else None
-            if cfg.num_iterations > 1:  # the policy as it sampled; with one update it is logp.detach()
-                b.old_logp = run.recipe.logprobs(run.policy, b.rollout, run.tokens.pad_id, cfg.temperature)
+        run.recipe.guard(run, lambda: fixed_logprobs(run, batches))
     if run.reference is not None:
         M.reshard(run.reference)  # it never runs backward, which is where FSDP would free its root units
     local = sum(run.recipe.loss_count(b) for b in sampled.all)
@@ -589,6 +590,15 @@ def grpo_step(run, step):
     stats.update(losses, skipped=skipped, prompts_sampled=sampled.prompts, groups_dropped=sampled.dropped)
     metrics = {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}
     return metrics, sample_records(sampled.all, cfg.log_samples, step + 1)
+
+
+def fixed_logprobs(run, batches):
+    """The log-probs the loss holds fixed: the reference's, and with --num-iterations > 1 the policy's as it
+    sampled (with one update they are logp.detach())."""
+    for b in batches:
+        b.ref_logp = reference_logprobs(run, b.rollout) if run.cfg.beta else None
+        if run.cfg.num_iterations > 1:
+            b.old_logp = run.recipe.logprobs(run.policy, b.rollout, run.tokens.pad_id, run.cfg.temperature)
 
 
 def my_micro_batches(cfg):
@@ -663,21 +673,28 @@ def reference_logprobs(run, rollout):
 
 def optimizer_step(run, batches, denominator):
     """Accumulate the loss of every micro-batch (each divided by the whole batch's count, so micro-batches and
-    processes add up to one batch), clip, and step."""
-    cfg, sums = run.cfg, torch.zeros(5, device=run.device)
+    processes add up to one batch), clip, and step; a skipped update leaves the lr schedule where it is."""
+    sums = run.recipe.guard(run, lambda: accumulate(run, batches, denominator))
+    grad_norm, finite = clip_and_step(run.policy, run.optimizer, run.cfg.grad_clip)
+    if finite:
+        run.scheduler.step()
+    kl, clip, low, high, tokens = all_sum(sums).tolist()
+    tokens = max(tokens, 1)
+    return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
+            "clip_frac_high": high / tokens, "grad_norm": grad_norm, "skipped": int(not finite)}
+
+
+def accumulate(run, batches, denominator):
+    """The loss's backward, micro-batch by micro-batch; returns this process's metric sums [5]."""
+    sums = torch.zeros(5, device=run.device)
     for b in batches:
-        logp = run.recipe.logprobs(run.policy, b.rollout, run.tokens.pad_id, cfg.temperature)  # [N, T]
+        logp = run.recipe.logprobs(run.policy, b.rollout, run.tokens.pad_id, run.cfg.temperature)  # [N, T]
         old = logp.detach() if b.old_logp is None else b.old_logp
         loss, m = run.recipe.loss(logp, old, b.ref_logp, b.advantages, b.rollout.mask, denominator=denominator)
         loss.backward()
         sums += torch.stack([m[k] * m["tokens"] for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high")]
                             + [m["tokens"]])
-    grad_norm, finite = clip_and_step(run.policy, run.optimizer, cfg.grad_clip)
-    run.scheduler.step()
-    kl, clip, low, high, tokens = all_sum(sums).tolist()
-    tokens = max(tokens, 1)
-    return {"kl": kl / tokens, "clip_frac": clip / tokens, "clip_frac_low": low / tokens,
-            "clip_frac_high": high / tokens, "grad_norm": grad_norm, "skipped": int(not finite)}
+    return sums
 
 
 def clip_and_step(model, optimizer, max_norm):
@@ -730,16 +747,22 @@ def supervised_step(run, optimizer, samples, targets, counts=None):
     batches = [teacher_forced(run, s, t, counts) for s, t in zip(data.chunks(samples, cfg.micro_batch),
                                                                  data.chunks(targets, cfg.micro_batch))]
     tokens = all_sum(sum(r.mask.sum() for r in batches).float()) / dist.get_world_size()
+    sums = run.recipe.guard(run, lambda: supervised_passes(run, batches, tokens))
+    grad_norm, finite = clip_and_step(run.policy, optimizer, cfg.grad_clip)
+    nll, prob, n = all_sum(sums).tolist()
+    return {"loss": nll / max(float(tokens) * dist.get_world_size(), 1), "answer_prob": prob / max(n, 1),
+            "grad_norm": grad_norm, "skipped": int(not finite)}
+
+
+def supervised_passes(run, batches, tokens):
+    """The cross-entropy's backward, micro-batch by micro-batch; returns this process's metric sums [3]."""
     sums = torch.zeros(3, device=run.device)
     for r in batches:
         logp = run.recipe.logprobs(run.policy, r, run.tokens.pad_id, 1.0)             # [B, T] targets: no temperature
         loss, m = grpo.sft_loss(logp, r.mask, tokens)
         loss.backward()
         sums += torch.stack([m["nll"] * m["tokens"], m["answer_prob"] * m["sequences"], m["sequences"]])
-    grad_norm, finite = clip_and_step(run.policy, optimizer, cfg.grad_clip)
-    nll, prob, n = all_sum(sums).tolist()
-    return {"loss": nll / max(float(tokens) * dist.get_world_size(), 1), "answer_prob": prob / max(n, 1),
-            "grad_norm": grad_norm, "skipped": int(not finite)}
+    return sums
 
 
 def teacher_forced(run, samples, targets, counts=None):

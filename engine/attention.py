@@ -18,6 +18,17 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "sdpa_or_flex"
+# What a FlexAttention kernel that cannot run raises: torch.compile's failures (dynamo's and inductor's
+# errors: Triton missing, a GPU too old, a tile needing more shared memory than the GPU has) and a failed
+# launch are RuntimeErrors; a backward torch lacks, NotImplementedError (the CPU's). torch.OutOfMemoryError
+# is a RuntimeError too, but not a kernel failure: the dense mask would need more memory, not less.
+KERNEL_ERRORS = (RuntimeError, NotImplementedError)
+# What a FlexAttention kernel that cannot run raises: torch.compile's failures (dynamo's and inductor's
+# errors, e.g. Triton missing, a GPU too old for it, or a tile needing more shared memory than the GPU
+# has) and a failed launch are RuntimeErrors; a backward or a setting torch lacks, NotImplementedError (the
+# CPU's backward). torch.OutOfMemoryError is a RuntimeError too, but not a kernel failure: the dense mask
+# would need more memory, not less (steps.flex_or_dense lets it through).
+KERNEL_ERRORS = (RuntimeError, NotImplementedError)
 
 
 def visible(q_seg, k_seg, q_idx, k_idx):

@@ -9,9 +9,13 @@ fp32 (tests/engine/test_packed.py).
 
 from dataclasses import dataclass
 
+from functools import partial
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+import model as M
 from engine import attention
 
 
@@ -69,3 +73,29 @@ def completion_logprobs(model, rollout, pad_id, temperature=1.0, flex=None):
     logits = model.lm_head(states).float() / temperature                   # [M, V]
     token_logp = logits.log_softmax(-1).gather(-1, rollout.completion_ids[mask][:, None]).squeeze(-1)  # [M]
     return torch.zeros(mask.shape, device=device, dtype=token_logp.dtype).masked_scatter(mask, token_logp)  # [N, T]
+
+
+def flex_or_dense(run, passes):
+    """passes(): the packed forwards (and backwards) of one step, run with FlexAttention. If its kernel fails
+    in them on any process (compiling, forward or backward), every process switches the run's log-probs to
+    the dense mask for the rest of the run, resets FSDP and redoes the whole of passes() from zeroed
+    gradients: a failure in a later micro-batch leaves earlier ones' gradients added. The verdict is
+    all-reduced, so the processes redo it together and FSDP's collectives stay paired."""
+    result, failure = None, None
+    try:
+        result = passes()
+    except attention.KERNEL_ERRORS as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    failed = torch.tensor([float(failure is not None)], device=run.device)
+    dist.all_reduce(failed)
+    if not failed.item():
+        return result
+    M.print0(f"FlexAttention failed ({failure or 'on another process'}); redoing the step with the dense mask, "
+             f"used for the rest of the run (--dense-attention uses it from the start)")
+    run.recipe.logprobs, run.recipe.guard = partial(completion_logprobs, flex=False), lambda run, passes: passes()
+    for model in (run.policy, run.reference):
+        if model is not None:
+            M.reset_after_error(model)
+    return passes()

@@ -36,7 +36,7 @@ def prefill_and_fork(model, batch, group_size, max_new_tokens):
                       feature_attention_mask=batch["feature_attention_mask"])
     N, P = ids.size(0) * G, ids.size(1)
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
-    prompt_layers = out.past_key_values.layers  # the prefill's own cache, ours to empty
+    prompt_layers = out.cache.layers  # the prefill's own cache, ours to empty
     for i in range(len(prompt_layers)):
         # the static layer is allocated at its first update, and each prompt layer dropped once copied:
         # the two caches together never hold much more than the static one
@@ -51,7 +51,7 @@ def prefill_and_fork(model, batch, group_size, max_new_tokens):
 def forward(model, tokens, mask, position, cache):
     """One token per row through the language model, writing its keys and values into the cache:
     [N, 1] -> next-token logits [N, V]. Shapes never change from token to token."""
-    hidden = model.model(input_ids=tokens, attention_mask=mask, position_ids=position, past_key_values=cache,
+    hidden = model.model(input_ids=tokens, attention_mask=mask, position_ids=position, cache=cache,
                          use_cache=True).last_hidden_state                 # [N, 1, H]
     return model.lm_head(hidden[:, -1])                                    # [N, V]
 

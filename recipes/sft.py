@@ -29,5 +29,6 @@ def step(run, step):
     targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
     run.policy.train()
     stats = train.supervised_step(run, run.optimizer, batch, targets, run.counts)
-    run.scheduler.step()
+    if not stats["skipped"]:  # a skipped update leaves the schedule where it is
+        run.scheduler.step()
     return {"step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0], "seconds": time.time() - t0}, []

@@ -1,6 +1,9 @@
 """Shared fixtures: the tiny offline Qwen2-Audio, built once per test session."""
 
+import logging
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,18 @@ from data import Sample  # noqa: E402
 from workshop.demo import build_tiny, make_synthetic  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+class LoggedDeprecations(logging.Handler):
+    """transformers announces some deprecations only through its logger (reading `output.past_key_values`,
+    for one): each becomes a FutureWarning, which pytest.ini's filters turn into the calling test's error."""
+
+    def emit(self, record):
+        if re.search(r"deprecat|will be removed", record.getMessage(), re.I):
+            warnings.warn(record.getMessage(), FutureWarning, stacklevel=2)
+
+
+logging.getLogger("transformers").addHandler(LoggedDeprecations(logging.WARNING))
 
 
 @pytest.fixture(scope="session")

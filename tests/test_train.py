@@ -209,6 +209,8 @@ def test_nan_loss_skips_the_update(warm_dir, pitch_task, tmp_path, monkeypatch):
     monkeypatch.setattr(T.grpo, "grpo_loss", poisoned)
     T.main(quick_args(warm_dir, pitch_task, tmp_path / "b", "--max-steps", "1"))
     assert metrics(tmp_path / "a")[0]["skipped"] == 0 and metrics(tmp_path / "b")[0]["skipped"] == 1
+    # one step: the schedule decays to 0 after its one update; a skipped update leaves it at 1e-3
+    assert metrics(tmp_path / "a")[0]["lr"] == 0.0 and metrics(tmp_path / "b")[0]["lr"] == 1e-3
     start = load_file(warm_dir / "model.safetensors")
     clean = load_file(tmp_path / "a" / "checkpoint-1" / "model.safetensors")
     poisoned_run = load_file(tmp_path / "b" / "checkpoint-1" / "model.safetensors")

@@ -210,10 +210,10 @@ def ideal_logprobs(bench):
         P, comp = len(prompt), roll.completion_ids[b * G:(b + 1) * G]      # comp [G, T]
         pre = model.model(input_ids=prompt[None], input_features=roll.input_features[b:b + 1],
                           feature_attention_mask=roll.feature_attention_mask[b:b + 1], use_cache=True)
-        cache = pre.past_key_values
+        cache = pre.cache
         cache.batch_repeat_interleave(G)
         pos = torch.arange(P, P + comp.size(1) - 1).expand(G, -1)          # [G, T-1]
-        hidden = model.model(input_ids=comp[:, :-1], position_ids=pos, past_key_values=cache,
+        hidden = model.model(input_ids=comp[:, :-1], position_ids=pos, cache=cache,
                              use_cache=True).last_hidden_state             # [G, T-1, H]
         first = model.lm_head(pre.last_hidden_state[:, -1]).expand(G, 1, -1)  # [G, 1, V] one row, shared
         logits = torch.cat([first, model.lm_head(hidden)], 1).float()     # [G, T, V]

@@ -113,7 +113,7 @@ class Run:
         with torch.device(device):
             policy = Qwen2AudioForConditionalGeneration(config)           # fp32, random
         ref = copy.deepcopy(policy).to(torch.bfloat16).requires_grad_(False).eval()
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.policy, self.ref = M.shard(policy, torch.bfloat16), M.shard(ref)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-6)
         t = np.arange(seconds * SAMPLE_RATE) / SAMPLE_RATE

@@ -106,7 +106,7 @@ def test_flex_path_gradients_equal_dense(fresh, monkeypatch):
     rollout = rollout_for(fresh, n_prompts=2, G=3, max_new_tokens=8)
     calls = []
     monkeypatch.setattr(attention, "flex_kernel", sdpa_on_mask_mod(calls))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     results = {}
     try:
@@ -116,7 +116,7 @@ def test_flex_path_gradients_equal_dense(fresh, monkeypatch):
             (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
             results[flex] = (logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
     finally:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
         model.eval().zero_grad(set_to_none=True)
     assert len(calls) == 2 * model.config.text_config.num_hidden_layers
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-6, rtol=0)

@@ -42,7 +42,7 @@ def old_generate_groups(model, batch, generators, group_size, max_new_tokens, en
     out = model.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                       input_features=batch["input_features"],
                       feature_attention_mask=batch["feature_attention_mask"])
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(G)
     logits = model.lm_head(out.last_hidden_state[:, -1]).repeat_interleave(G, 0)
     attn = attn.repeat_interleave(G, 0)
@@ -61,7 +61,7 @@ def old_generate_groups(model, batch, generators, group_size, max_new_tokens, en
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         out = model.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
-                          past_key_values=cache, use_cache=True)
+                          cache=cache, use_cache=True)
         logits = model.lm_head(out.last_hidden_state[:, -1])
         next_pos = next_pos + 1
     completion_ids = torch.stack(tokens, dim=1)
