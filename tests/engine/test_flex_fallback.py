@@ -1,4 +1,4 @@
-"""When FlexAttention's kernel fails (steps.flex_or_dense): the run prints one line naming the reason and
+"""When FlexAttention's kernel fails (engine/packed.flex_or_dense, train.Recipe.guard): the run prints one line naming the reason and
 --dense-attention, redoes the step with the dense mask and keeps it for the rest of the run, and ends
 with the weights of a run that used the dense mask from the start (exactly, on one process).
 
@@ -19,13 +19,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-import attention
-import grpo
 import train as T
 from conftest import quick_args
+from engine import attention, packed
 from test_attention import sdpa_on_mask_mod
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINE = "FlexAttention failed ("
 
 
@@ -62,8 +61,8 @@ def assert_same_weights(a, b):
 
 def spy_flex(monkeypatch):
     """The flex argument of every packed forward, in order (None = FlexAttention where it runs)."""
-    seen, real = [], grpo.completion_logprobs
-    monkeypatch.setattr(grpo, "completion_logprobs", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    seen, real = [], packed.completion_logprobs
+    monkeypatch.setattr(packed, "completion_logprobs", lambda *a, **k: seen.append(k["flex"]) or real(*a, **k))
     return seen
 
 
@@ -132,12 +131,12 @@ def test_a_failing_kernel_redoes_the_step_dense(where, warm_dir, pitch_task, den
 
 
 def test_two_processes_fall_back_together(warm_dir, pitch_task, dense, tmp_path):
-    """Two processes under torchrun, FlexAttention forced on the CPU (tests/flex_fallback_run.py): both
+    """Two processes under torchrun, FlexAttention forced on the CPU (tests/engine/flex_fallback_run.py): both
     fail in their first policy forward, agree through the all-reduced flag, reset FSDP and redo the
     step together (no hang), rank 0 prints the one line, and the weights equal one dense process's
     within 1e-7 (measured 7.5e-9: the two processes sum gradients in another order)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "flex_fallback_run.py"),
+           str(ROOT / "tests" / "engine" / "flex_fallback_run.py"),
            *quick_args(warm_dir, pitch_task, tmp_path, "--max-steps", "2", "--algo", "grpo", "--beta", "0")]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
