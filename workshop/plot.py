@@ -17,7 +17,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 
-class MetricsError(Exception):
+class MetricsError(ValueError):
     """A missing, empty or unreadable metrics.jsonl (or a bad command line). main shows it as one line.
     Not model.UsageError: this module stays standard-library only, so it loads without torch."""
 
