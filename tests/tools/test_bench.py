@@ -1,17 +1,17 @@
-"""Tests for tests/bench_step.py's measuring pieces, on a smaller setting than the benchmark.
+"""Tests for tools/bench_step.py's measuring pieces, on a smaller setting than the benchmark.
 
 What must hold whatever the machine's speed: ours, the baseline and the ideal compute the same
 log-probs, loss and gradients; per phase ours counts fewer FLOPs than the baseline and no fewer
 than the ideal; the FLOP counter sees CPU attention; the memory probe sees torch's allocations.
 No wall-time assertions.
 
-Run: python -m pytest -q tests/test_bench.py
+Run: python -m pytest -q tests/tools/test_bench.py
 """
 
 import pytest
 import torch
 
-import bench_step
+from tools import bench_step
 
 G, T = 4, 5  # small group, short completions
 
