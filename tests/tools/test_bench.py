@@ -32,6 +32,16 @@ def bench(tiny2_dir):
     return bench_step.setup(tiny2_dir, group_size=G, new_tokens=T)
 
 
+def test_without_a_model_the_tiny_one_is_built(tmp_path, monkeypatch):
+    """`python -m tools.bench_step` with no model builds the tiny model with a SECONDS (10 s) window
+    in .cache on first use: 50 encoder positions a second, so 500."""
+    monkeypatch.setattr(bench_step, "REPO", tmp_path)
+    small = bench_step.setup(group_size=2, new_tokens=3)
+    assert small.model.config.audio_config.max_source_positions == 50 * bench_step.SECONDS == 500
+    assert small.rollout.completion_ids.shape == (2 * 2, 3)
+    assert any((tmp_path / ".cache").iterdir())
+
+
 def test_rollout_has_forced_length(bench):
     """Both samplers emit exactly T tokens per completion, so both sides do the same work."""
     assert bench.rollout.completion_ids.shape == (2 * G, T)
