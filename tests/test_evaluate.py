@@ -24,13 +24,14 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen2AudioForConditionalGeneration
 
-import benchmarks as B
 import evaluate as E
 import model as M
+import reward as R
 from conftest import ROOT, pitch_samples
 from data import SAMPLE_RATE, Sample
-from synthetic import make_synthetic
 from reward import extract_answer, mmau_correct
+from tools import benchmarks
+from workshop.demo import build_tiny, make_synthetic
 
 MMAU_DIR = Path(os.environ.get("MMAU_DIR", ROOT.parent / "shared" / "mmau"))
 MMAU = MMAU_DIR / "mmau-test-mini.json"  # the revised version (2025-05-15)
@@ -109,13 +110,13 @@ def test_generate_on_a_sharded_policy_matches_the_plain_model(tiny, tiny_dir):
     model, processor = tiny
     samples, audios = pitch_samples(4)
     # 12 new tokens: the random tiny model rarely stops early, so the texts are long enough to differ
-    expected = E.generate(model, processor, samples, audios, "answer", 12)
+    expected = M.generate(model, processor, samples, audios, "answer", 12)
     assert len(set(expected)) > 1 and all(expected)
     M.init_distributed(always=True)
     try:
         policy = M.sharded_load(tiny_dir, param_dtype=torch.float32).eval()
         with M.unsharded(policy):
-            assert E.generate(policy, processor, samples, audios, "answer", 12) == expected
+            assert M.generate(policy, processor, samples, audios, "answer", 12) == expected
     finally:
         dist.destroy_process_group()
 
@@ -357,7 +358,7 @@ def test_values_the_official_script_does_not_know_come_after_its_own():
     """A modality outside MMAR's seven (where its script would stop with a KeyError) is printed after them."""
     s = E.score([mmar("Flute", "Flute", INSTRUMENTS, "vocal", "Signal Layer")])
     assert list(s.groups["modality"])[-2:] == ["mix-sound-music-speech", "vocal"]
-    assert s.groups["modality"]["vocal"] == B.Tally(1, 1)
+    assert s.groups["modality"]["vocal"] == R.Tally(1, 1)
 
 
 def mmsu(prediction, answer, category, sub, choices=("Happy", "Sad", "Angry", "None")):
@@ -393,7 +394,7 @@ def test_mmsu_letter_rule():
         "": "", "None": "",
         "c": None, "maybe": None, "X": None,  # lowercase; "m" and "b"; one character that is not A-D
     }
-    assert {r: B.mmsu_letter(r) for r in cases} == cases
+    assert {r: benchmarks.mmsu_letter(r) for r in cases} == cases
 
 
 def test_mmsu_is_scored_and_printed_as_its_script():
@@ -416,7 +417,7 @@ def test_mmsu_is_scored_and_printed_as_its_script():
         "Overall Accuracy: 0.4286",
         "Total count: 7",
     ]
-    assert B.note_lines(s) == ["2 items have a response with no letter A-D where MMSU's script looks (the first "
+    assert E.note_lines(s) == ["2 items have a response with no letter A-D where MMSU's script looks (the first "
                                "character or the one before the last): not counted, as in the official script"]
 
 
@@ -432,7 +433,7 @@ def test_mmsu_prediction_record_has_the_response_its_script_reads():
 
 def test_the_benchmark_is_recognised_from_the_fields():
     """MMSU by choice_a, MMAR by modality with audio_path, MMAU by task/difficulty/sub-category, else other."""
-    assert [B.detect(r) for r in (MMSU_RECORDS, MMAR_RECORDS, [item("Man", task="sound")], [item("Man")])] == \
+    assert [R.detect(r) for r in (MMSU_RECORDS, MMAR_RECORDS, [item("Man", task="sound")], [item("Man")])] == \
         ["mmsu", "mmar", "mmau", "other"]
 
 
@@ -557,7 +558,7 @@ def test_withheld_answers_give_a_submission_not_a_score(withheld_run):
     assert "Total Accuracy" not in stdout
     assert f"the submission for the leaderboard is {E.submission_path(out)}" in stdout
     summary = json.loads(E.summary_path(out).read_text())
-    assert summary["benchmark"] == B.NAMES["withheld"] and summary["items"] == 3 and "accuracy" not in summary
+    assert summary["benchmark"] == R.NAMES["withheld"] and summary["items"] == 3 and "accuracy" not in summary
     assert summary["submission_sha256"] == hashlib.sha256(E.submission_path(out).read_bytes()).hexdigest()
 
 
@@ -572,7 +573,7 @@ def test_withheld_predictions_are_not_scored(withheld_run, capsys):
 def test_a_run_without_answers_has_no_table(tmp_path, capsys):
     """A run folder evaluated on a withheld test set prints no accuracy table and writes no table.json."""
     p = E.Plan([], [], "0" * 64, tmp_path / "table.json")
-    assert E.report_table(p, [B.Score("withheld", "model_prediction", B.Tally(), {}, 0, [])]) is None
+    assert E.report_table(p, [R.Score("withheld", "model_prediction", R.Tally(), {}, 0, [])]) is None
     assert "answers withheld: no table" in capsys.readouterr().out and not p.table.exists()
 
 
@@ -704,7 +705,8 @@ def test_missing_audio_dir_is_one_line(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, says", [(None, "no such file"), ("[{oops", "not a JSON file"),
-                                           ('{"answer": "Man"}', "a JSON dict"), ("[1, 2]", "item 0"),
+                                           ('{\n  "answer": "Man"\n}', "a JSON dict"), ("[1, 2]", "item 0"),
+                                           ('{"answer": "Man"}', "item 0"),  # JSONL: one record without choices
                                            ('[{"answer": "Man", "choices": ["Man"], "model_output": null}]', "item 0")])
 def test_bad_predictions_file_is_one_line(content, says, tmp_path, capsys):
     """--score: a missing file, a file that is not JSON, JSON that is not a list of question records."""
@@ -763,7 +765,7 @@ def test_run_folder_evaluates_every_checkpoint_once(tiny2_dir, audio_dir, tmp_pa
     predictions file, the best total marked. A second run loads no model: every checkpoint is done,
     and the item whose clip is still missing is not retried."""
     run = tmp_path / "run"
-    checkpoint(run, "checkpoint-2", M.build_tiny(tmp_path / "other", seed=1, window_seconds=2))
+    checkpoint(run, "checkpoint-2", build_tiny(tmp_path / "other", seed=1, window_seconds=2))
     checkpoint(run, "checkpoint-0", tiny2_dir)
     checkpoint(run, "checkpoint-4.tmp", tiny2_dir)  # still being written
     argv = ["--model", str(run), "--data", str(MMAU), "--audio-dir", str(audio_dir), "--limit", "8",
