@@ -19,6 +19,7 @@ import checkpoint
 import completions_log
 import train as T
 from conftest import quick_args
+from recipes import lora
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -34,7 +35,7 @@ def metrics(out):
 
 def weight_diffs(a, b):
     """|a - b| of every weight of two checkpoints (a LoRA run's last one: its merged model), flattened."""
-    folder = lambda c: Path(c) / checkpoint.MERGED if (Path(c) / checkpoint.MERGED).is_dir() else Path(c)
+    folder = lambda c: Path(c) / lora.MERGED if (Path(c) / lora.MERGED).is_dir() else Path(c)
     wa, wb = (load_file(folder(c) / "model.safetensors") for c in (a, b))
     assert wa.keys() == wb.keys()
     return torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])

@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 from transformers import Qwen2AudioForConditionalGeneration
 
 import data
-import synthetic
 import grpo
 import model as M
 import checkpoint
-import batches as B
-import steps as S
 import train as T
 from conftest import quick_args
+from engine import packed
+from recipes import dynamic_sampling, variants
+from workshop import demo
 
 
 def metrics(out):
@@ -63,26 +63,6 @@ def test_r1_aqa_defaults():
     assert c.lr_decay and c.dtype == "bfloat16" and c.algo == "grpo" and c.lora_rank == 0
 
 
-def test_balanced_order_interleaves_answers():
-    """Balanced: each window of 4 consecutive samples holds each of the 4 answers once; a permutation either way."""
-    answers = ["a", "b", "c", "d"] * 10
-    order = B.epoch_order(answers, epoch=0, seed=0, balance=True)
-    assert sorted(order) == list(range(40))
-    for w in range(0, 40, 4):
-        assert sorted(answers[i] for i in order[w:w + 4]) == ["a", "b", "c", "d"]
-    assert sorted(B.epoch_order(answers, 0, 0, balance=False)) == list(range(40))
-
-
-def test_step_indices_run_through_epochs():
-    """Steps tile an endless run of epochs: 10 samples, 4 per step -> steps 0..4 cover two epochs exactly."""
-    cfg = T.Config(prompts_per_step=4, seed=3)
-    answers = list("abcdeabcde")
-    steps = [B.step_indices(cfg, answers, s) for s in range(5)]
-    flat = sum(steps, [])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert B.step_indices(cfg, answers, 2) == steps[2]  # depends only on (seed, step)
-
-
 def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
     """Two GRPO steps from the warm-started model: two metric records, samples, and checkpoints that
     from_pretrained opens, with weights that moved. Gradient checkpointing is on (the default for real
@@ -111,7 +91,7 @@ def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
 
 def test_beta_zero_runs_without_reference(tiny2_dir, pitch_task, tmp_path):
     """beta 0: no reference model is built and the logged KL is exactly 0."""
-    assert T.reference(T.Config(beta=0.0), tiny2_dir) is None
+    assert T.reference(T.Config(beta=0.0), T.Recipe(), tiny2_dir) is None
     T.main(quick_args(tiny2_dir, pitch_task, tmp_path, "--beta", "0", "--max-steps", "1"))
     assert metrics(tmp_path)[0]["kl"] == 0.0
 
@@ -146,7 +126,7 @@ def fresh_run(tiny2_dir, pitch_task, tmp_path):
     cfg, _ = T.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--warm-start-steps", "15",
                                      "--warm-start-lr", "1e-2", "--lr", "1e-3"))
     _, _, device = M.init_distributed(always=True)
-    run, _, start = T.setup(cfg, device)
+    run, _, start = T.setup(cfg, T.recipe_for(cfg), device)
     assert start == 0 and (tmp_path / "run" / "checkpoint-0").exists()
     return run
 
@@ -167,7 +147,7 @@ def test_first_grpo_update_equals_a_fresh_adamw(fresh_run, monkeypatch):
         return norm
 
     monkeypatch.setattr(T.torch.nn.utils, "clip_grad_norm_", recording_clip)
-    metrics_1, _ = S.train_step(run, 0)
+    metrics_1, _ = T.grpo_step(run, 0)
     assert metrics_1["frac_zero_std"] < 1 and metrics_1["skipped"] == 0  # there was something to learn
     fresh = [torch.nn.Parameter(b.clone()) for b in before]
     for p, g in zip(fresh, grads):
@@ -183,16 +163,16 @@ def test_the_reference_is_resharded_after_its_pass(fresh_run):
     """The frozen reference never runs backward, where FSDP frees the root units: after a step every one
     of its parameters is back to its sharded DTensor (nothing left gathered)."""
     from torch.distributed.tensor import DTensor
-    S.train_step(fresh_run, 0)
-    params = list(fresh_run.ref.parameters())
+    T.grpo_step(fresh_run, 0)
+    params = list(fresh_run.reference.parameters())
     assert len(params) == 66 and all(isinstance(p, DTensor) for p in params)
 
 
 def test_kl_is_zero_at_the_first_step(fresh_run):
     """Before the first update the policy is the reference (checkpoint-0), so the k3 KL of step 1 is 0
     in float32 (a wrong reference, e.g. the model before the warm start, gives a clearly positive KL)."""
-    metrics_1, _ = S.train_step(fresh_run, 0)
-    metrics_2, _ = S.train_step(fresh_run, 1)
+    metrics_1, _ = T.grpo_step(fresh_run, 0)
+    metrics_2, _ = T.grpo_step(fresh_run, 1)
     assert metrics_1["kl"] == 0.0 and metrics_2["kl"] > 0
 
 
@@ -304,8 +284,8 @@ def test_mask_truncated_leaves_cut_off_completions_out(warm_dir, pitch_task, tmp
     """With 6 new tokens some completions reach their end token and some are cut off. --mask-truncated
     trains on exactly the rows that ended; without it every row is trained on. Lengths and rewards are
     logged the same way either way."""
-    groups, real_score = [], S.score
-    monkeypatch.setattr(S, "score", lambda *a: groups.append(real_score(*a)) or groups[-1])
+    groups, real_score = [], T.score
+    monkeypatch.setattr(T, "score", lambda *a: groups.append(real_score(*a)) or groups[-1])
     args = lambda out, *extra: quick_args(warm_dir, pitch_task, out, "--max-steps", "1", "--max-new-tokens", "6",
                                           *extra)
     T.main(args(tmp_path / "kept"))
@@ -322,21 +302,19 @@ def test_mask_truncated_leaves_cut_off_completions_out(warm_dir, pitch_task, tmp
 
 
 def fake_rollouts(informative_by_round, G=2):
-    """A stand-in for train.rollout: round r's prompt p gets rewards [1, 0] (informative) or [1, 1];
-    it records which global positions and samples each call was given."""
+    """A stand-in for train.rollout (one micro-batch a call): round r's prompt p gets rewards [1, 0]
+    (informative) or [1, 1]; it records which global positions and samples each call was given."""
     calls = []
 
     def rollout(run, step, positions, samples):
         calls.append((list(positions), [s.question for s in samples]))
-        groups = []
-        for pos in B.chunks(list(positions), run.cfg.micro_batch):
-            flags = [informative_by_round[p // run.cfg.prompts_per_step][p % run.cfg.prompts_per_step] for p in pos]
-            rewards = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags]).flatten()
-            r = grpo.Rollout([], None, None, torch.zeros(len(rewards), 3, dtype=torch.long),
-                             torch.ones(len(rewards), 3, dtype=torch.bool), G)
-            groups.append(S.Group(r, [], [""] * len(rewards), rewards, rewards, rewards,
-                                  torch.ones(len(rewards), dtype=torch.bool), torch.full((len(rewards),), 3)))
-        return groups
+        flags = [informative_by_round[p // run.cfg.prompts_per_step][p % run.cfg.prompts_per_step] for p in positions]
+        rewards = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags]).flatten()
+        r = grpo.Rollout([], None, None, torch.zeros(len(rewards), 3, dtype=torch.long),
+                         torch.ones(len(rewards), 3, dtype=torch.bool), G)
+        ones = torch.ones(len(rewards), dtype=torch.bool)
+        return T.MicroBatch(r, [], [""] * len(rewards), rewards, rewards, rewards, ones, torch.full((len(rewards),), 3),
+                            ones.clone())
     return rollout, calls
 
 
@@ -348,17 +326,21 @@ def test_dynamic_sampling_keeps_the_first_informative_groups(monkeypatch):
     M.init_distributed(always=True)
     cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=3, seed=5)
     train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
-    run = types.SimpleNamespace(cfg=cfg, train=train, device=torch.device("cpu"), pass_rates=None)
+    recipe = T.recipe_for(cfg)
+    run = types.SimpleNamespace(cfg=cfg, recipe=recipe, questions=train, device=torch.device("cpu"))
     fake, calls = fake_rollouts([[1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
-    monkeypatch.setattr(S, "rollout", fake)
-    groups, sampled, dropped = S.sample_groups(run, step=3)
-    assert (sampled, dropped) == (8, 4) and len(calls) == 2 and len(groups) == 4
+    monkeypatch.setattr(T, "rollout", fake)
+    sampled = recipe.sample(run, step=3)
+    groups = sampled.all
+    # one call per micro-batch of 2 prompts: 2 rounds x 2 micro-batches
+    assert (sampled.prompts, sampled.dropped) == (8, 4) and len(calls) == 4 and len(groups) == 4
     kept = [g.rollout.mask.view(-1, 2, 3).any(2).all(1).tolist() for g in groups]  # per prompt
     assert sum(kept, []) == [True, False, True, False, False, True, True, False]
     assert sum([g.counted.view(-1, 2).all(1).tolist() for g in groups], []) == sum(kept, [])  # dropped: not counted
-    assert calls[0][0] == [0, 1, 2, 3] and calls[1][0] == [4, 5, 6, 7]
-    expected = [f"q{i}" for i in B.step_indices(cfg, ["a"] * 10, 3, extra_round=1)]
-    assert calls[1][1] == expected and B.step_indices(cfg, ["a"] * 10, 3, 1) != B.step_indices(cfg, ["a"] * 10, 4, 1)
+    assert calls[0][0] + calls[1][0] == [0, 1, 2, 3] and calls[2][0] + calls[3][0] == [4, 5, 6, 7]
+    expected = [f"q{i}" for i in dynamic_sampling.round_questions(cfg, 10, 3, 1)]
+    assert calls[2][1] + calls[3][1] == expected
+    assert dynamic_sampling.round_questions(cfg, 10, 3, 1) != dynamic_sampling.round_questions(cfg, 10, 4, 1)
 
 
 def test_dynamic_sampling_stops_at_its_cap(monkeypatch):
@@ -367,12 +349,19 @@ def test_dynamic_sampling_stops_at_its_cap(monkeypatch):
     M.init_distributed(always=True)
     train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
     fake, calls = fake_rollouts([[0, 0, 1, 0], [0, 0, 0, 0]])
-    monkeypatch.setattr(S, "rollout", fake)
+    monkeypatch.setattr(T, "rollout", fake)
     for rounds, expected in ((1, (8, 7)), (0, (4, 0))):
         cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=rounds)
-        groups, sampled, dropped = S.sample_groups(types.SimpleNamespace(cfg=cfg, train=train, device="cpu", pass_rates=None), 0)
-        assert (sampled, dropped) == expected
-        assert sum(int(g.rollout.mask.any(1).sum()) for g in groups) == (2 if rounds else 8)
+        recipe = T.recipe_for(cfg)
+        sampled = recipe.sample(types.SimpleNamespace(cfg=cfg, recipe=recipe, questions=train, device="cpu"), 0)
+        assert (sampled.prompts, sampled.dropped) == expected
+        assert sum(int(g.rollout.mask.any(1).sum()) for g in sampled.all) == (2 if rounds else 8)
+
+
+def set_advantages(recipe, groups, group_size):
+    """What train.grpo_step does with the recipe's advantages: one [N] per micro-batch, on the micro-batch."""
+    for g, advantages in zip(groups, recipe.advantages(groups, group_size)):
+        g.advantages = advantages
 
 
 def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
@@ -382,12 +371,12 @@ def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
     M.init_distributed(always=True)
     fake, _ = fake_rollouts([[1, 1, 0, 1]])
     cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, advantage_scale="batch")
-    run = types.SimpleNamespace(cfg=cfg, train=[], device="cpu")
-    groups = fake(run, 0, range(4), [])
+    run = types.SimpleNamespace(cfg=cfg, questions=[], device="cpu")
+    groups = [fake(run, 0, [0, 1], []), fake(run, 0, [2, 3], [])]
     groups[0].rewards = torch.tensor([1.0, 0.0, 2.0, 0.5])
     groups[1].rollout.mask[3] = False
     groups[1].counted[3] = False
-    S.set_advantages(run, groups)
+    set_advantages(T.recipe_for(cfg), groups, cfg.group_size)
     rewards = torch.cat([g.rewards for g in groups])
     std = rewards[:7].std()  # the 7 counted rewards
     centred = rewards.view(-1, 2) - rewards.view(-1, 2).mean(1, keepdim=True)
@@ -397,19 +386,25 @@ def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
 
 def truncated_batch():
     """16 completions (4 prompts, G = 4) in 2 micro-batches of 2 prompts, max_new_tokens T = 4, scored as
-    steps.score scores them with --mask-truncated: rows 0-2 of each group end at token 1 (end id 9), so
-    2 tokens are trained on; row 3 never ends, so grpo.mask_truncated empties its mask. Rewards:
+    train.score scores them with --mask-truncated: rows 0-2 of each group end at token 1 (end id 9), so
+    2 tokens are trained on; row 3 never ends, so variants.mask_truncated empties its mask. Rewards:
     [2, 2, 0 | 0], [2, 0, 0 | 0], [2, 2, 0 | 0], [2, 0, 0 | 0] (the truncated one last, 0)."""
     ends, cut = [5, 9, 0, 0], [5, 6, 7, 5]
     ids = torch.tensor(([ends] * 3 + [cut]) * 4)                                       # [16, 4]
-    mask = grpo.mask_truncated(grpo.completion_mask(ids, [9]), ids, [9])              # [16, 4]
+    mask = variants.mask_truncated(grpo.Rollout([], None, None, ids, grpo.completion_mask(ids, [9]), 4), [9])
     rewards = torch.tensor([2.0, 2, 0, 0, 2, 0, 0, 0, 2, 2, 0, 0, 2, 0, 0, 0])
     groups = []
     for rows in (slice(0, 8), slice(8, 16)):
         r = grpo.Rollout([], None, None, ids[rows], mask[rows], 4)
-        groups.append(S.Group(r, [], [""] * 8, rewards[rows], rewards[rows], rewards[rows],
-                              torch.ones(8, dtype=torch.bool), mask[rows].sum(1)))
+        groups.append(T.MicroBatch(r, [], [""] * 8, rewards[rows], rewards[rows], rewards[rows],
+                                   torch.ones(8, dtype=torch.bool), mask[rows].sum(1), torch.ones(8, dtype=torch.bool)))
     return groups
+
+
+def loss_count(recipe, groups):
+    """The count train.grpo_step divides the loss by, on one process (its all-reduce over one process and
+    its division by a world of 1 leave it as it is)."""
+    return sum(recipe.loss_count(g) for g in groups)
 
 
 @pytest.mark.parametrize("aggregation, denominator, loss", [
@@ -426,16 +421,15 @@ def test_truncated_completions_count_in_the_loss_scale(aggregation, denominator,
     truncated. The denominator and the loss over both micro-batches, by hand (comments)."""
     M.init_distributed(always=True)
     cfg = T.Config(group_size=4, max_new_tokens=4, loss_aggregation=aggregation, advantage_scale="none",
-                   mask_truncated=True)
-    run, groups = types.SimpleNamespace(cfg=cfg, device="cpu"), truncated_batch()
-    S.set_advantages(run, groups)
-    got = S.loss_denominator(run, groups)
+                   mask_truncated=True, beta=0.0)
+    recipe, groups = T.recipe_for(cfg), truncated_batch()
+    set_advantages(recipe, groups, cfg.group_size)
+    got = loss_count(recipe, groups)
     assert got.item() == denominator
     total = 0.0
     for g in groups:
         logp = torch.zeros(8, 4, dtype=torch.float64, requires_grad=True)
-        part, _ = grpo.grpo_loss(logp, logp.detach(), None, g.advantages.double(), g.rollout.mask, 0.0,
-                                 aggregation=aggregation, denominator=got)
+        part, _ = recipe.loss(logp, logp.detach(), None, g.advantages.double(), g.rollout.mask, denominator=got)
         total += part.item()
     assert total == pytest.approx(loss, abs=1e-12)
     assert torch.cat([g.advantages for g in groups]).tolist() == [1, 1, -1, 0, 1.5, -.5, -.5, 0] * 2
@@ -445,24 +439,23 @@ def test_batch_std_counts_truncated_completions_and_not_dropped_groups():
     """--advantage-scale batch with --mask-truncated: the std is over every counted reward, the truncated
     ones' too, as TRL's. 16 rewards, six 2s: sum 12, squares 24, unbiased var (24 - 12^2/16) / 15 = 1,
     std 1; without the 4 truncated 0s it would be (24 - 12^2/12) / 11 = 12/11, std 1.0445. So the first
-    row's A = 1 / (1 + 1e-4), not 1 / (1.0445 + 1e-4). A group dynamic sampling drops (sample_groups
+    row's A = 1 / (1 + 1e-4), not 1 / (1.0445 + 1e-4). A group dynamic sampling drops (sample_rounds
     clears both its mask and counted) is out of both the count and the std: drop the last group, and 12
     rows count: five 2s, sum 10, squares 20, var (20 - 10^2/12) / 11 = 35/33, std 1.02986."""
     M.init_distributed(always=True)
     cfg = T.Config(group_size=4, max_new_tokens=4, advantage_scale="batch", mask_truncated=True)
-    run, groups = types.SimpleNamespace(cfg=cfg, device="cpu"), truncated_batch()
-    S.set_advantages(run, groups)
+    recipe, groups = T.recipe_for(cfg), truncated_batch()
+    set_advantages(recipe, groups, cfg.group_size)
     centred = torch.tensor([1, 1, -1, 0, 1.5, -.5, -.5, 0] * 2)  # the truncated rows get 0
     torch.testing.assert_close(torch.cat([g.advantages for g in groups]), centred / (1 + 1e-4), rtol=0, atol=1e-6)
     groups[1].rollout.mask[4:] = False
     groups[1].counted[4:] = False
-    S.set_advantages(run, groups)
+    set_advantages(recipe, groups, cfg.group_size)
     kept = centred * torch.tensor([1.0] * 12 + [0.0] * 4)
     std = (35 / 33) ** 0.5
     assert abs(std - 1.02986) < 1e-5
     torch.testing.assert_close(torch.cat([g.advantages for g in groups]), kept / (std + 1e-4), rtol=0, atol=1e-6)
-    run.cfg.loss_aggregation = "sequence_mean"
-    assert S.loss_denominator(run, groups).item() == 12
+    assert cfg.loss_aggregation == "sequence_mean" and loss_count(recipe, groups).item() == 12
 
 
 def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tmp_path):
@@ -484,7 +477,7 @@ def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tm
     for logged in records:
         row = rows[logged["step"]]
         assert row["accuracy"]["total"] == pytest.approx(100 * logged["eval_accuracy"], abs=1e-9)
-        for band in synthetic.PITCH_CHOICES:
+        for band in demo.PITCH_CHOICES:
             assert row["accuracy"][band] == pytest.approx(100 * logged["eval_groups"][f"category={band}"], abs=1e-9)
 
 
@@ -501,8 +494,8 @@ def test_reward_weights_weigh_the_logged_reward(warm_dir, pitch_task, tmp_path):
 def test_dense_attention_forces_the_fallback(warm_dir, pitch_task, tmp_path, monkeypatch):
     """Every packed forward gets flex=None (FlexAttention on a GPU, the dense mask on a CPU) unless
     --dense-attention, which forces flex=False everywhere: reference, policy and supervised passes."""
-    seen, real = [], grpo.completion_logprobs
-    monkeypatch.setattr(T.grpo, "completion_logprobs", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    seen, real = [], packed.completion_logprobs  # the engine's log-probs, train.py's default
+    monkeypatch.setattr(packed, "completion_logprobs", lambda *a, **k: seen.append(k["flex"]) or real(*a, **k))
     T.main(quick_args(warm_dir, pitch_task, tmp_path / "auto", "--max-steps", "1", "--num-iterations", "2"))
     auto = list(seen)
     seen.clear()

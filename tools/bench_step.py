@@ -73,6 +73,7 @@ from engine import attention, packed, sampler  # noqa: E402  (after the path ins
 import grpo  # noqa: E402
 import model as qwen  # noqa: E402
 from data import SAMPLE_RATE, Sample  # noqa: E402
+from workshop import demo  # noqa: E402
 
 GROUP_SIZE = 8    # G, as R1-AQA
 NEW_TOKENS = 12   # T, forced: every completion has exactly this many tokens
@@ -115,7 +116,7 @@ def setup(model_dir=None, samples=SAMPLES, group_size=GROUP_SIZE, new_tokens=NEW
     """Load the model (default: the tiny one with a SECONDS window, built on first use), collate the
     prompts with clips that fill the window, sample our rollout once."""
     torch.manual_seed(0)
-    model, processor = qwen.load(model_dir or qwen.tiny(REPO / ".cache", SECONDS), dtype=torch.float32)
+    model, processor = qwen.load(model_dir or demo.tiny(REPO / ".cache", SECONDS), dtype=torch.float32)
     model.eval()  # dropout is 0 in this config, so eval changes nothing for the policy pass
     tok = processor.tokenizer
     end_ids = qwen.end_token_ids(tok)

@@ -1,17 +1,17 @@
-"""Tests for tests/bench_step.py's measuring pieces, on a smaller setting than the benchmark.
+"""Tests for tools/bench_step.py's measuring pieces, on a smaller setting than the benchmark.
 
 What must hold whatever the machine's speed: ours, the baseline and the ideal compute the same
 log-probs, loss and gradients; per phase ours counts fewer FLOPs than the baseline and no fewer
 than the ideal; the FLOP counter sees CPU attention; the memory probe sees torch's allocations.
 No wall-time assertions.
 
-Run: python -m pytest -q tests/test_bench.py
+Run: python -m pytest -q tests/tools/test_bench.py
 """
 
 import pytest
 import torch
 
-import bench_step
+from tools import bench_step
 
 G, T = 4, 5  # small group, short completions
 
@@ -30,6 +30,16 @@ def one_thread():
 def bench(tiny2_dir):
     """The tiny model with a 2 s window (50 audio tokens), 2 prompts of different lengths, G = 4, 5 tokens."""
     return bench_step.setup(tiny2_dir, group_size=G, new_tokens=T)
+
+
+def test_without_a_model_the_tiny_one_is_built(tmp_path, monkeypatch):
+    """`python -m tools.bench_step` with no model builds the tiny model with a SECONDS (10 s) window
+    in .cache on first use: 50 encoder positions a second, so 500."""
+    monkeypatch.setattr(bench_step, "REPO", tmp_path)
+    small = bench_step.setup(group_size=2, new_tokens=3)
+    assert small.model.config.audio_config.max_source_positions == 50 * bench_step.SECONDS == 500
+    assert small.rollout.completion_ids.shape == (2 * 2, 3)
+    assert any((tmp_path / ".cache").iterdir())
 
 
 def test_rollout_has_forced_length(bench):

@@ -1,22 +1,26 @@
-"""tests/gpu_check.py on a machine without a GPU: it exits at once, its arithmetic is right by hand, and
+"""tools/gpu_check.py on a machine without a GPU: it exits at once, its arithmetic is right by hand, and
 its checks run end to end on the CPU with the tiny model (the figures mean nothing there: this finds
 broken code, not slow kernels).
 
-Run: python -m pytest -q tests/test_gpu_check.py
+Run: python -m pytest -q tests/tools/test_gpu_check.py
 """
 
 import itertools
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-import attention
-import gpu_check
 import model as M
-import plan
-from test_attention import sdpa_on_mask_mod
+from engine import attention
+from tools import gpu_check, plan
+from workshop import demo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))  # tests/engine/, for its helper below
+from test_attention import sdpa_on_mask_mod  # noqa: E402
 
 
 def test_without_cuda_one_line_and_exit_0(monkeypatch, capsys):
@@ -51,7 +55,7 @@ def test_decode_bound_by_hand():
     (6,476,660,736 + 639,107,072) * 2 = 14,231,535,616 bytes.
     KV cache: 2 * 32 layers * 4096 * 1106 slots * 8 rows * 2 bytes = 4,638,900,224 bytes.
     Bound: 8 * 3.35e12 / 18,870,435,840 = 1420.2 tokens/s."""
-    counts, sizes = plan.count_model(M.config_7b())
+    counts, sizes = plan.count_model(plan.config_7b())
     assert counts["lm_layer"] == 202_395_648
     weights, cache = gpu_check.decode_bytes(counts, sizes, rows=8, cache_len=850 + 256)
     assert (weights, cache) == (14_231_535_616, 4_638_900_224)
@@ -68,7 +72,7 @@ def test_few_layers_keep_the_7b_widths():
     30 audio layers (q, v, out 1280^2 + 1280, k 1280^2, 2 layer norms 2 * 1280, fc1 1280 * 5120 + 5120,
     fc2 5120 * 1280 + 1280: 19,676,160 each) fewer than the 7B's 8,397,094,912: 1,734,940,672."""
     config = gpu_check.few_layer_config(2, 2, audio_token_id=7)
-    big = M.config_7b()
+    big = plan.config_7b()
     assert config.text_config.num_hidden_layers == 2 and len(config.text_config.layer_types) == 2
     assert config.audio_config.encoder_layers == 2 and config.audio_token_index == 7
     for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
@@ -82,7 +86,7 @@ def test_packed_flops_count_only_visible_pairs():
     """Against the dense count, the useful FLOPs miss exactly 4 * hidden * layers * (L^2 - visible):
     at P = 850, G = 8, T = 256, L = 2898, visible = 850^2 / 2 + 8 * (256 * 850 + 256^2 / 2) = 361,250 + 8 * 250,368
     = 2,364,194: 4 * 4096 * 32 * (8,398,404 - 2,364,194) = 3,163,663,892,480."""
-    counts, sizes = plan.count_model(M.config_7b())
+    counts, sizes = plan.count_model(plan.config_7b())
     useful = gpu_check.packed_flops(counts, sizes, 8, 850, 256)
     dense = sum(plan.pass_flops(counts, sizes, 8, 850, 256, packed=True, attention="dense"))
     assert dense - useful == 4 * 4096 * 32 * (2898**2 - 2_364_194) == 3_163_663_892_480
@@ -98,8 +102,8 @@ def test_checks_run_on_the_cpu(monkeypatch):
     ticks = itertools.count(1)  # a "time" that grows, so that differences of times are not 0
     monkeypatch.setattr(gpu_check, "seconds", lambda fn, *args, repeats=0: (fn(*args), float(next(ticks)))[1])
     monkeypatch.setattr(attention, "flex_kernel", sdpa_on_mask_mod([]))
-    tokenizer = M.build_tokenizer()
-    config = M.tiny_config(tokenizer, window_seconds=2)
+    tokenizer = demo.build_tokenizer()
+    config = demo.tiny_config(tokenizer, window_seconds=2)
     M.init_distributed(always=True)
     try:
         args = gpu_check.parse(["--group-size", "2", "--new-tokens", "4"])

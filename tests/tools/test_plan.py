@@ -1,16 +1,15 @@
-"""Tests for plan.py: the 7B's parameter count, hand-derived memory rows, the moments and the fits
+"""Tests for tools/plan.py: the 7B's parameter count, hand-derived memory rows, the moments and the fits
 verdict, LoRA and SFT, attention FLOPs, and the plan against allocator peaks measured on the CPU.
 
-Run: python -m pytest -q tests/test_plan.py
+Run: python -m pytest -q tests/tools/test_plan.py
 """
 
 import pytest
 import torch
 import torch.distributed as dist
 
-import measure_memory
 import model as qwen
-import plan
+from tools import measure_memory, plan
 
 P7B = 8_397_094_912
 LM_HEAD = 4096 * 156032            # 639,107,072, also the embedding
@@ -24,7 +23,7 @@ L7B = 850 + 8 * 256                # packed length: P + G * T = 2898
 
 @pytest.fixture(scope="module")
 def config():
-    return qwen.config_7b()
+    return plan.config_7b()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +94,7 @@ def test_reduce_scatter_buffers(rows):
     assert rows[("trunk root gradient bf16, or its fp32 shard", "policy:root_reduction")] == 1_303_379_968
     shards = rows[("gradient shards fp32", "policy")]  # (8,397,094,912 - 1,920,000) * 4 / 8
     assert shards == 4_197_587_456
-    assert plan.memory_plan(qwen.config_7b()).moments["policy:root_reduction"] == shards + 3 * 1_303_379_968
+    assert plan.memory_plan(plan.config_7b()).moments["policy:root_reduction"] == shards + 3 * 1_303_379_968
 
 
 def test_reference_phase(rows, config):
@@ -266,7 +265,7 @@ def test_step_flops(config):
 
 
 # -----------------------------------------------------------------------------
-# The plan against the allocator (tests/measure_memory.py), one process, one torch thread
+# The plan against the allocator (tools/measure_memory.py), one process, one torch thread
 
 @pytest.fixture(scope="module")
 def mid_model(tmp_path_factory):
