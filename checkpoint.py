@@ -15,10 +15,11 @@ files: from_pretrained with PEFT installed would add the adapters to weights tha
 Beside the checkpoints, metrics.jsonl and samples.jsonl log the run, one JSON record a step.
 
 Finished work is never lost:
-- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced, then it
-  is renamed. Saving a step that exists first renames the old one to checkpoint-{step}.old, so a
-  complete copy of every saved step is on disk at every moment. tidy() clears what a crash left
-  (stale .tmp folders; an .old whose replacement never arrived is put back).
+- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced (each file
+  by the process that wrote it), then it is renamed. Saving a step that exists first renames the old
+  one to checkpoint-{step}.old, so a complete copy of every saved step is on disk at every moment.
+  tidy() clears what a crash left (stale .tmp folders; an .old whose replacement never arrived is put
+  back).
 - A run that is not --resume refuses a folder that holds another run (--overwrite starts over);
   --resume refuses a run made with settings that change the run (check_run_folder).
 
@@ -49,7 +50,7 @@ import model as M
 # another experiment, so --resume refuses it.
 MAY_CHANGE_ON_RESUME = {"out", "max_steps", "save_every", "keep_last", "resume", "overwrite", "log_samples",
                         "max_bad_fraction", "eval_data", "eval_samples", "eval_every", "micro_batch", "gradient_checkpointing",
-                        "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem"}
+                        "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem", "dist_timeout_minutes"}
 RUN_FILES = ("metrics.jsonl", "samples.jsonl")  # what a run writes besides its checkpoints
 
 
@@ -130,11 +131,55 @@ def prune(out, keep_last):
             shutil.rmtree(p)
 
 
+def checkpoint_bytes(policy, lora, dtype_bytes, optimizer=True, merged=False):
+    """One checkpoint folder: train_state/'s fp32 weights (LoRA: the adapters) and, once AdamW has stepped, its
+    two fp32 moments of what trains; the Hugging Face weights in the compute dtype (LoRA: the adapters in
+    fp32, and in the last checkpoint the merged model too). The config and tokenizer files are not counted."""
+    total = sum(p.numel() for p in policy.parameters())                  # a DTensor's numel is the whole one's
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    moments = 2 * trained * 4 if optimizer else 0
+    if lora:
+        return trained * 4 + moments + trained * 4 + ((total - trained) * dtype_bytes if merged else 0)
+    return total * 4 + moments + total * dtype_bytes
+
+
+def saves(max_steps, save_every, start=0):
+    """Checkpoints steps start+1 .. max_steps write: every save_every-th step, and the last."""
+    return 0 if max_steps <= start else max_steps // save_every - start // save_every + (max_steps % save_every != 0)
+
+
+def check_disk(run, resume_from):
+    """Stop before anything is written if the checkpoints this run keeps at once cannot fit where --out is: a
+    save writes a new one before pruning the oldest (keep_last + 1 at the peak), plus checkpoint-0 if it is
+    still to come. Rank 0 measures the free space and every rank decides on its figure. Returns the bytes."""
+    cfg, lora = run.cfg, run.recipe.adapters is not None
+    start = step_of(resume_from) if resume_from else 0
+    kept = len([p for p in complete(cfg.out) if step_of(p) != 0]) if resume_from else 0
+    first = resume_from is None and bool(cfg.warm_start_steps or run.recipe.before_training)
+    size = lambda **kw: checkpoint_bytes(run.policy, lora, getattr(torch, cfg.dtype).itemsize, **kw)
+    at_once = min(saves(cfg.max_steps, cfg.save_every, start), cfg.keep_last + 1 - min(kept, cfg.keep_last))
+    zero = size(optimizer=False, merged=cfg.max_steps == 0) if first else 0
+    need = zero + ((at_once - 1) * size() + size(merged=True) if at_once else 0)
+    free = torch.tensor([shutil.disk_usage(cfg.out).free if dist.get_rank() == 0 else 0], dtype=torch.float64,
+                        device=run.device)
+    dist.broadcast(free, src=0)
+    if need > free.item():
+        raise M.UsageError(f"--out {cfg.out}: the run needs about {need / 1e9:.1f} GB for its checkpoints "
+                           f"({at_once} at once{' and checkpoint-0' if first else ''}) but {free.item() / 1e9:.1f} GB "
+                           f"are free there: free some space, lower --keep-last, or choose another --out")
+    return need
+
+
 # -----------------------------------------------------------------------------
 # Saving and loading
 
 def save(run, step):
-    """Write OUT/checkpoint-{step} (all ranks call): under a temporary name, fsynced, then renamed."""
+    """Write OUT/checkpoint-{step} (all ranks call): under a temporary name, fsynced, then renamed; then prune.
+    Rank 0 works alone on what only it holds, while the others wait for it in a collective, each wait under
+    the process group's timeout: writing the Hugging Face weights (others wait in dcp.save's first
+    collective), fsyncing its own files and renaming (at the barrier), and pruning, after the barrier (in
+    the next step's first collective) so that it never adds to the other two. Every rank fsyncs only the
+    files it wrote: dcp's writer its train_state/ shards, rank 0 the rest."""
     cfg, rank = run.cfg, dist.get_rank()
     out = Path(cfg.out)
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
@@ -142,7 +187,8 @@ def save(run, step):
     if rank == 0:
         for folder in folders:
             run.processor.save_pretrained(folder)
-    dcp.save(training_state(run), checkpoint_id=tmp / "train_state")
+    writer = dcp.FileSystemWriter(tmp / "train_state", sync_files=True)  # each rank fsyncs the shards it writes
+    dcp.save(training_state(run), storage_writer=writer)
     counts = torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)
     dist.all_reduce(counts)  # the run's totals, kept by rank 0
     seen, bad = counts.tolist()
@@ -151,8 +197,9 @@ def save(run, step):
                     "counts": {"seen": seen, "bad": bad}, "config": asdict(cfg)}, tmp / "trainer_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         publish(tmp, final)
+    dist.barrier()  # the checkpoint is in place before any rank reads it (setup's reference, a resume)
+    if rank == 0:
         prune(out, cfg.keep_last)
-    dist.barrier()  # a later resume or save on any rank must see the renamed folder
 
 
 def write_weights(run, step, folder):
@@ -186,7 +233,7 @@ def training_state(run):
 
 def publish(tmp, final):
     """Make tmp the checkpoint `final` with no moment at which the step has no complete checkpoint."""
-    fsync_tree(tmp)
+    fsync_tree(tmp, skip=tmp / "train_state")
     old = final.with_name(final.name + ".old")
     if final.exists():
         final.rename(old)
@@ -195,10 +242,11 @@ def publish(tmp, final):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def fsync_tree(root):
-    """Push every file and folder under root to the disk (a kill is safe without it, a power cut is not)."""
+def fsync_tree(root, skip=None):
+    """Push every folder under root, and every file but those in `skip` (fsynced by the processes that wrote
+    them), to the disk: a kill is safe without it, a power cut is not."""
     for folder, _, files in os.walk(root):
-        for name in files:
+        for name in files if Path(folder) != skip else ():
             with open(Path(folder) / name, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(folder)

@@ -9,12 +9,14 @@ record: Qwen2-Audio's is here, Qwen2.5-Omni's comes from recipes/omni.py when a 
 LoRA plugs in through an `adapters` object (recipes/lora.py) at loading and saving.
 """
 
+import copy
 import json
 import os
 import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -101,10 +103,12 @@ def other_family(matches, what):
 # -----------------------------------------------------------------------------
 # Processes and devices
 
-def init_distributed(always=False):
+def init_distributed(always=False, timeout=None):
     """Join the torchrun process group: CUDA + nccl when a GPU is present, else CPU + gloo.
     Returns (rank, world_size, device). Without torchrun there is no group unless `always`, which
-    makes a one-process group so that training runs the same sharded code on 1 process as on 8."""
+    makes a one-process group so that training runs the same sharded code on 1 process as on 8.
+    timeout (a timedelta): how long a rank may wait in one collective before the group aborts
+    (NCCL's watchdog); None leaves torch's default (10 minutes for nccl, 30 for gloo)."""
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -113,12 +117,27 @@ def init_distributed(always=False):
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, device_id=device if cuda else None)
+            dist.init_process_group(backend, device_id=device if cuda else None, timeout=timeout)
         elif always:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
+
+
+# A host wait's timeout: a rank that dies is stopped by torchrun together with the others, so this only ends
+# a hang; it must outlast any difference between ranks' long uneven work (the curriculum's pre-pass).
+HOST_WAIT = timedelta(hours=24)
+
+
+def wait_for_all():
+    """A barrier on the host, for the end of long uneven work that no collective interrupts (the curriculum's
+    pre-pass: hours of decoding, which ranks finish minutes apart). On a GPU dist.barrier() is a NCCL
+    collective, which NCCL's watchdog aborts once a rank has waited in it longer than the process group's
+    timeout; this one runs in a gloo group made for the wait, whose timeout is HOST_WAIT."""
+    group = dist.new_group(backend="gloo", timeout=HOST_WAIT)
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
 
 
 def print0(*args, **kwargs):
@@ -387,6 +406,28 @@ def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_c
     if Path(path, "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
+
+
+@torch.no_grad()
+def sharded_copy(model, dtype):
+    """A second model, sharded as `model` is, holding its weights in `dtype` (the frozen reference: the policy
+    at step 0 in the compute dtype). Each rank casts its own shards on its own device: nothing is read from
+    disk or sent between ranks, so the checkpoint is read once for both models. Equal to sharded_load of a
+    checkpoint of `model` written in `dtype` (checkpoint.save rounds its weights the same way)."""
+    device = next(model.parameters()).device
+    twin = meta_model(copy.deepcopy(model.config)).to(dtype)  # its own config: attention.enable changes one
+    shard(twin)
+    twin.to_empty(device=device)
+    source = model.state_dict()  # DTensor shards, laid out as the twin's: the same shapes on the same mesh
+    for name, target in twin.state_dict().items():
+        _local(target).copy_(_local(source[name]))
+    reset_rotary(twin, device)
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    return twin
+
+
+def _local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -112,6 +113,7 @@ class Config:
     max_bad_fraction: float = flag(0.01, "stop if more than this share of samples has unreadable audio")
     eval_samples: int = flag(200, "held-out questions scored (the first N of --eval-data)")
     eval_every: int = flag(0, "also score them at every checkpoint whose step is a multiple of this (0 = never)")
+    dist_timeout_minutes: float = flag(30.0, "a process waiting longer than this in one collective aborts the run")
     plan: bool = flag(False, "print the per-GPU memory plan and FLOPs of this config (the 7B unless --model is a "
                              "folder), exit", "plan")
     gpus: int = flag(8, "number of GPUs the --plan is for")
@@ -211,6 +213,7 @@ def mode_rules(cfg):
          "is 0, so --lora-alpha/--lora-dropout/--lora-targets/--lora-audio would do nothing: give a rank"),
         (cfg.lora_rank == 0 or not cfg.warm_start_steps, "lora_rank",
          "with --warm-start-steps: warm start a full model first, then start LoRA from its checkpoint-0"),
+        (cfg.dist_timeout_minutes > 0, "dist_timeout_minutes", "must be > 0"),
     ]
 
 
@@ -344,7 +347,7 @@ def main(argv=None):
         return print_plan(cfg)
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_paths(cfg)
-    _, world, device = M.init_distributed(always=True)
+    _, world, device = M.init_distributed(always=True, timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     recipe = recipe_for(cfg)
     torch.manual_seed(cfg.seed)
     print0(f"{'demo preset' if demo else 'config'}: {json.dumps(asdict(cfg))}")
@@ -356,8 +359,8 @@ def main(argv=None):
     history = loop(run, start, held_out)
     if held_out:
         after = heldout(run, held_out)
-        print0(f"held-out after: accuracy {after['eval_accuracy']:.1%}, format {after['eval_format']:.1%}"
-               + (f" (before: {before['eval_accuracy']:.1%})" if before else ""))
+        print0(f"held-out after: accuracy {after['eval_accuracy']:.1%}, format {after['eval_format']:.1%} "
+               f"({after['eval_questions']} questions)" + (f" (before: {before['eval_accuracy']:.1%})" if before else ""))
     if history:
         key, label = ("answer_prob", "p(answer)") if cfg.algo == "sft" else ("accuracy", "train accuracy")
         print0(text_chart([h[key] for h in history], label=label))
@@ -392,11 +395,13 @@ def setup(cfg, recipe, device):
         print0(f"--overwrite: deleting the run in {out}")
         checkpoint.wipe(out)
     run = build_run(cfg, recipe, model_folder(cfg), questions, device)
+    checkpoint.check_disk(run, resume_from)
     if resume_from is None and (cfg.warm_start_steps or recipe.before_training):
         if cfg.warm_start_steps:
             warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
         checkpoint.save(run, 0)  # the starting policy: the reference, and a pre-pass resumes from it
-    run.reference = reference(cfg, recipe, out / "checkpoint-0" if cfg.warm_start_steps else run.base)
+    run.reference = reference(cfg, recipe, run.policy, out / "checkpoint-0" if resume_from and cfg.warm_start_steps
+                              else None)
     start = checkpoint.load(run, resume_from) if resume_from else 0
     for prepare in recipe.before_training:
         prepare(run)
@@ -467,12 +472,16 @@ def build_run(cfg, recipe, model_dir, questions, device):
                {"seen": 0, "bad": 0}, Path(model_dir).resolve())
 
 
-def reference(cfg, recipe, path):
-    """The frozen reference: the policy at step 0, in the compute dtype, sharded, without grads. None with
-    beta 0, SFT (no KL term), and LoRA (the policy with its adapters off is the reference)."""
+def reference(cfg, recipe, policy, start=None):
+    """The frozen reference: the policy at step 0, in the compute dtype, sharded, without grads; a copy of the
+    policy's own shards (the weights are read once), or where it no longer holds them (a resumed run that
+    began with a warm start) read from `start`, its checkpoint-0. None with beta 0, SFT (no KL term), and LoRA
+    (the policy with its adapters off is the reference)."""
     if cfg.beta == 0 or cfg.algo == "sft" or recipe.adapters is not None:
         return None
-    return M.sharded_load(path, storage_dtype=getattr(torch, cfg.dtype)).requires_grad_(False).eval()
+    dtype = getattr(torch, cfg.dtype)
+    ref = M.sharded_copy(policy, dtype) if start is None else M.sharded_load(start, storage_dtype=dtype)
+    return ref.requires_grad_(False).eval()
 
 
 def trainable(model):
@@ -804,12 +813,13 @@ def heldout(run, samples):
     """The held-out questions scored as evaluate.py scores a checkpoint: greedy completions (the
     checkpoint's generation settings), the benchmark's rule on the first answer tag (MMAU's string match
     for MMAU, synthetic and plain data), per category too; plus the rate of completions in the prompt's
-    format. Every rank decodes its share; all of them are gathered."""
+    format. The batches are dealt round-robin, so every question is scored once whatever the number of
+    processes; unequal shares are safe, as inside model.unsharded a forward issues no collective."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     run.policy.eval()
     records = []
     with M.unsharded(run.policy):
-        for batch in data.chunks(data.my_share(samples, rank, world), cfg.micro_batch):
+        for batch in data.chunks(samples, cfg.micro_batch)[rank::world]:  # each question once; shares may differ
             audios, _ = data.read_audio(batch, cfg.downmix)
             texts = M.generate(run.policy, run.processor, batch, audios, cfg.prompt, cfg.max_new_tokens,
                                cfg.system_prompt or None, cfg.think_words)

@@ -6,7 +6,7 @@ kernel compute all L^2 pairs (3.5x the visible ones at P = 850, G = 8, T = 256);
 same rule per 128 x 128 block and skips the blocks without a visible pair. It is the default on CUDA
 only (torch 2.13 has no FlexAttention backward on the CPU). `enable(model)` registers "sdpa_or_flex"
 with transformers' public AttentionInterface for the language model alone: FlexAttention for a
-BlockMask, exactly sdpa otherwise. docs/performance.md says more.
+BlockMask, exactly sdpa otherwise; compiled once, for dynamic lengths. docs/performance.md says more.
 """
 
 import functools
@@ -22,12 +22,6 @@ NAME = "sdpa_or_flex"
 # errors: Triton missing, a GPU too old, a tile needing more shared memory than the GPU has) and a failed
 # launch are RuntimeErrors; a backward torch lacks, NotImplementedError (the CPU's). torch.OutOfMemoryError
 # is a RuntimeError too, but not a kernel failure: the dense mask would need more memory, not less.
-KERNEL_ERRORS = (RuntimeError, NotImplementedError)
-# What a FlexAttention kernel that cannot run raises: torch.compile's failures (dynamo's and inductor's
-# errors, e.g. Triton missing, a GPU too old for it, or a tile needing more shared memory than the GPU
-# has) and a failed launch are RuntimeErrors; a backward or a setting torch lacks, NotImplementedError (the
-# CPU's backward). torch.OutOfMemoryError is a RuntimeError too, but not a kernel failure: the dense mask
-# would need more memory, not less (steps.flex_or_dense lets it through).
 KERNEL_ERRORS = (RuntimeError, NotImplementedError)
 
 
@@ -61,8 +55,10 @@ def flex_default(device):
 
 @functools.cache
 def compiled_flex():
-    """torch.compile(flex_attention), made once: a new compile per call would recompile every time."""
-    return torch.compile(flex_attention)
+    """torch.compile(flex_attention), made once: a new compile per call would recompile every time. Compiled
+    for dynamic shapes from the start: the packed length, and with it the BlockMask's number of blocks,
+    changes at every call; the default would compile a static kernel first, then recompile."""
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def flex_kernel(query, key, value, block_mask, scale):

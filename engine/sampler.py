@@ -4,12 +4,12 @@ preallocated cache, and decode with a step of fixed shapes (as in gpt-fast).
 A decoded token is written in place into a transformers StaticCache with room for every new token (a
 growing cache copies itself at every token), and the attention mask is preallocated too. The step never
 waits for the device (no .item(), no branch on a tensor), so torch.compile can trace it whole; the host
-asks whether every row has finished only every check_every tokens. Compilation is opt-in (compile_options).
+asks whether every row has finished only every check_every tokens. It runs eagerly: under FSDP2 each
+unit's hooks break a compiled step apart (docs/performance.md).
 generate_groups has the signature of grpo.generate_groups and gives the same tokens for the same generators
 (tests/engine/test_sampler.py).
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,18 +58,11 @@ def forward(model, tokens, mask, position, cache):
     return model.lm_head(hidden[:, -1])                                    # [N, V]
 
 
-@functools.cache
-def compiled(options):
-    """forward under torch.compile(**dict(options)), built once per process and set of options."""
-    return torch.compile(forward, **dict(options))
-
-
-def step(model, state, tokens, compile_options=None):
+def step(model, state, tokens):
     """Feed the tokens just sampled [N]; returns the logits of the next ones [N, V]. The new slot is switched
     on in the mask before the forward: a token sees itself."""
     state.mask.index_fill_(-1, state.slot, True)                           # [N, 1, 1, S]
-    run = forward if compile_options is None else compiled(tuple(sorted(compile_options.items())))
-    logits = run(model, tokens[:, None], state.mask, state.position, state.cache)  # [N, V]
+    logits = forward(model, tokens[:, None], state.mask, state.position, state.cache)  # [N, V]
     state.position.add_(1)
     state.slot.add_(1)
     return logits
@@ -77,11 +70,10 @@ def step(model, state, tokens, compile_options=None):
 
 @torch.no_grad()
 def generate_groups(model, batch, generators, group_size, max_new_tokens, end_ids, pad_id, suppress_ids=(),
-                    temperature=1.0, top_k=50, top_p=1.0, check_every=8, compile_options=None):
+                    temperature=1.0, top_k=50, top_p=1.0, check_every=8):
     """grpo.generate_groups, fast: one prefill per prompt, the cache forked G ways, a fixed-shape decode
     step. Finished rows emit pad; the result is cut back to the longest completion, so the tokens do not
-    depend on check_every. compile_options: arguments of torch.compile for the decode step, e.g.
-    {"mode": "reduce-overhead"} (CUDA graphs); None = eager. Returns a grpo.Rollout."""
+    depend on check_every. Returns a grpo.Rollout."""
     logits, state = prefill_and_fork(model, batch, group_size, max_new_tokens)  # [N, V]
     N, device = logits.size(0), logits.device
     suppress = torch.as_tensor(list(suppress_ids), dtype=torch.long, device=device)
@@ -95,7 +87,7 @@ def generate_groups(model, batch, generators, group_size, max_new_tokens, end_id
         done |= torch.isin(tok, end)
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and done.all()):
             break
-        logits = step(model, state, tok, compile_options)                  # [N, V]
+        logits = step(model, state, tok)                                   # [N, V]
     mask = grpo.completion_mask(tokens[:, :t + 1], end_ids)                # [N, t+1]
     T = int(mask.sum(1).max())                                             # the longest completion
     prompts = [row[m.bool()] for row, m in zip(batch["input_ids"], batch["attention_mask"])]

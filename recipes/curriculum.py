@@ -59,7 +59,7 @@ def pass_rates(run):
         with open_part(parts / f"rank{rank}.jsonl") as part, M.unsharded(run.policy):
             for batch in tqdm(todo[rank::world], desc="curriculum pre-pass", disable=rank != 0):
                 append(part, batch, sample_rates(run, batch))
-        dist.barrier()
+        M.wait_for_all()  # ranks finish minutes apart after hours of uneven decoding: a wait on the host
         if rank == 0:
             write_atomically(final, merged(read_parts(parts), len(run.questions), run.cfg.curriculum))
         dist.barrier()

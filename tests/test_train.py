@@ -278,6 +278,10 @@ def test_plan_prints_the_7b_table_for_this_runs_batch():
     with contextlib.redirect_stdout(buf):  # the run's algorithm and LoRA rank reach the plan
         T.main(["--plan", "--algo", "sft", "--lora-rank", "64", "--gpus", "1", "--gpu-mem", "48"])
     assert buf.getvalue().startswith("SFT, LoRA r=64, memory per GPU: 1 GPUs") and "fits in 48 GiB" in buf.getvalue()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # the run's checkpoint settings reach the disk line: 3 of 117.5 GB
+        T.main(["--plan", "--max-steps", "300", "--save-every", "100", "--keep-last", "5"])
+    assert "keeps up to 3 at once (the newest and the one being written): 352.6 GB" in buf.getvalue()
 
 
 def test_mask_truncated_leaves_cut_off_completions_out(warm_dir, pitch_task, tmp_path, monkeypatch):

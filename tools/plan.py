@@ -1,4 +1,4 @@
-"""What one training step of the 7B costs: per-GPU memory, and FLOPs per optimizer step.
+"""What one training step of the 7B costs: per-GPU memory, FLOPs per optimizer step, and the run's disk.
 
 Purpose: before renting GPUs, check that a run fits and how much compute a step is. Nothing is
 allocated: the model is built on the meta device (model.meta_model) only to count its parameters.
@@ -45,6 +45,11 @@ on its full 30 s window (1500 positions) because the processor pads every clip t
 thinker (--model omni-7b) runs the same formulas on its own sizes: its encoder reads only the real
 frames (a 30 s clip, as PROMPT_TOKENS assumes, is the same 1500 positions) and attends within windows
 of 100 positions; its vision tower is not part of the model that trains.
+
+Disk (disk_plan): a checkpoint holds the fp32 weights and AdamW's two moments (train_state/) and the
+weights in bf16 for from_pretrained: 14 bytes per parameter, 117.5 GB at 7B. A save writes the new one
+before pruning, so --keep-last K keeps up to K + 1 on the disk at once. train.py checks this against the
+free space of --out before it builds the model.
 
     python plan.py                          # the 7B on 8 x 80 GB, R1-AQA settings
     python plan.py --model DIR --gpus 4 --gpu-mem 40 --prompt-tokens 350   # 10 s clips: 250 audio tokens
@@ -409,6 +414,58 @@ def format_plan(plan):
 
 
 # -----------------------------------------------------------------------------
+# Disk: the checkpoints a run keeps at once
+
+@dataclass
+class DiskPlan:
+    checkpoint: int   # bytes of one checkpoint (checkpoint.save)
+    last: int         # of the last one (LoRA: with the merged model)
+    first: int        # of checkpoint-0, written before training (warm start or curriculum); else 0
+    at_once: int      # checkpoints of this run's saves on the disk together at the peak
+    total: int        # bytes the run needs: checkpoint-0 + the peak
+
+
+def checkpoint_bytes(p, st, compute_bytes=2, optimizer=True, merged=False):
+    """One checkpoint folder: train_state/'s fp32 weights (LoRA: the adapters) and, once AdamW has stepped,
+    its two fp32 moments of what trains; the Hugging Face weights in the compute dtype (LoRA: the adapters
+    in fp32, and in the last checkpoint the merged model too). The config and tokenizer files (a few MB)
+    are not counted."""
+    if st.lora:
+        a = adapters(p, st)
+        return a * 4 + (2 * a * 4 if optimizer else 0) + a * 4 + (p["total"] * compute_bytes if merged else 0)
+    return p["total"] * 4 + (2 * trained(p, st) * 4 if optimizer else 0) + p["total"] * compute_bytes
+
+
+def saves(max_steps, save_every, start=0):
+    """Checkpoints steps start+1 .. max_steps write: every save_every-th step, and the last."""
+    if max_steps <= start:
+        return 0
+    return max_steps // save_every - start // save_every + (max_steps % save_every != 0)
+
+
+def disk_plan(p, st, compute_bytes=2, max_steps=1000, save_every=100, keep_last=3, start=0, kept=0, first=False):
+    """The disk a run needs for its checkpoints. A save writes a new checkpoint before pruning the oldest, so
+    keep_last + 1 are on the disk at the peak (fewer if the run saves fewer times). A resumed run (from
+    `start`, with `kept` checkpoints besides checkpoint-0 already on the disk) needs room for its new ones
+    only. first: checkpoint-0 is still to be written (it is always kept)."""
+    at_once = min(saves(max_steps, save_every, start), keep_last + 1 - min(kept, keep_last))
+    one = checkpoint_bytes(p, st, compute_bytes)
+    last = checkpoint_bytes(p, st, compute_bytes, merged=True)
+    zero = checkpoint_bytes(p, st, compute_bytes, optimizer=False, merged=max_steps == 0) if first else 0
+    return DiskPlan(one, last, zero, at_once, zero + (at_once - 1) * one + last if at_once else zero)
+
+
+def format_disk(d, keep_last, save_every, max_steps):
+    """One line: what a checkpoint weighs and how many the run keeps at once (GB = 10^9 bytes, as disks count)."""
+    gb = lambda n: f"{n / 1e9:.1f} GB"
+    last = f" (the last {gb(d.last)}, with the merged model)" if d.last != d.checkpoint else ""
+    first = f" + checkpoint-0 {gb(d.first)}" if d.first else ""
+    return (f"disk: a checkpoint is {gb(d.checkpoint)}{last}; --keep-last {keep_last} with a save every {save_every} "
+            f"of {max_steps} steps keeps up to {d.at_once} at once (the newest and the one being written){first}: "
+            f"{gb(d.total)}")
+
+
+# -----------------------------------------------------------------------------
 # FLOPs per optimizer step
 
 def encoder_flops(p, s):
@@ -525,7 +582,8 @@ def print_for(cfg):
     model = cfg.model if Path(cfg.model).is_dir() else {"tiny-omni": "omni-7b"}.get(cfg.model)
     print(report(load_config(model), cfg.gpus, cfg.micro_batch, cfg.prompts_per_step, cfg.group_size,
                  new_tokens=cfg.max_new_tokens, gpu_mem_gb=cfg.gpu_mem, beta=cfg.beta, algo=cfg.algo,
-                 lora_rank=cfg.lora_rank, attention="dense" if cfg.dense_attention else "block"))
+                 lora_rank=cfg.lora_rank, attention="dense" if cfg.dense_attention else "block",
+                 max_steps=cfg.max_steps, save_every=cfg.save_every, keep_last=cfg.keep_last))
 
 
 def load_config(model):
@@ -553,9 +611,10 @@ def flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, be
 
 def report(config, gpus=8, prompts_per_gpu=1, prompts=16, group_size=8, prompt_tokens=PROMPT_TOKENS,
            new_tokens=256, gpu_mem_gb=80, beta=0.04, algo="grpo", lora_rank=0, target_tokens=TARGET_TOKENS,
-           attention="block"):
-    """The whole plan as text: the memory table, then the FLOPs. train.py --plan prints this too.
-    attention: "block" (FlexAttention, what the code runs on a GPU) or "dense" (the fallback mask)."""
+           attention="block", max_steps=1000, save_every=100, keep_last=3):
+    """The whole plan as text: the memory table, the FLOPs, and the disk the checkpoints need (in bf16).
+    train.py --plan prints this too. attention: "block" (FlexAttention, what the code runs on a GPU) or
+    "dense" (the fallback mask)."""
     variant = dict(algo=algo, lora_rank=lora_rank, target_tokens=target_tokens)
     plan = memory_plan(config, gpus, prompts_per_gpu, group_size, prompt_tokens, new_tokens, gpu_mem_gb, beta,
                        attention=attention, **variant)
@@ -565,7 +624,8 @@ def report(config, gpus=8, prompts_per_gpu=1, prompts=16, group_size=8, prompt_t
     head = f"{algo.upper()}, {f'LoRA r={lora_rank}' if lora_rank else 'full fine-tuning'}, memory per GPU: {gpus} GPUs, {what}"
     flops = flops_table(config, prompts, group_size, prompt_tokens, new_tokens, gpus, beta, attention=attention,
                         **variant)
-    return "\n".join([head, format_plan(plan), "", flops])
+    disk = disk_plan(count_model(config)[0], Step(lora_rank=lora_rank), 2, max_steps, save_every, keep_last)
+    return "\n".join([head, format_plan(plan), "", flops, "", format_disk(disk, keep_last, save_every, max_steps)])
 
 
 def fit_summary(config, lora_rank=64, sft_batch=8, cards=(24, 48, 80)):
@@ -602,6 +662,9 @@ def main(argv=None):
     parser.add_argument("--attention", choices=("dense", "block"), default="block",
                         help="the packed passes' attention: visible blocks only (FlexAttention, on a GPU), or all "
                              "L^2 pairs over a dense mask (the fallback, train.py --dense-attention)")
+    parser.add_argument("--max-steps", type=int, default=1000, help="for the disk: the run's length")
+    parser.add_argument("--save-every", type=int, default=100, help="for the disk: a checkpoint every this many steps")
+    parser.add_argument("--keep-last", type=int, default=3, help="for the disk: checkpoints kept")
     parser.add_argument("--summary", action="store_true", help="full vs LoRA, SFT vs GRPO, 1 and 8 GPUs")
     args = parser.parse_args(argv)
     config = load_config(args.model)
@@ -609,7 +672,7 @@ def main(argv=None):
         return print(fit_summary(config, args.lora_rank or 64))
     print(report(config, args.gpus, args.prompts_per_gpu, args.prompts, args.group_size, args.prompt_tokens,
                  args.new_tokens, args.gpu_mem, args.beta, args.algo, args.lora_rank, args.target_tokens,
-                 args.attention))
+                 args.attention, args.max_steps, args.save_every, args.keep_last))
 
 
 if __name__ == "__main__":

@@ -205,6 +205,8 @@ def test_cli(capsys):
     assert "prompt 850 tokens + target 20" in capsys.readouterr().out
     plan.main(["--summary"])
     assert "| GRPO, LoRA r=64" in capsys.readouterr().out
+    plan.main(["--max-steps", "250", "--save-every", "100", "--keep-last", "1"])  # 2 at once of 117.5 GB
+    assert capsys.readouterr().out.rstrip().endswith("keeps up to 2 at once (the newest and the one being written): 235.1 GB")
 
 
 def test_cpu_rows(config):
@@ -335,3 +337,32 @@ def test_lora_plan_matches_measured_peaks(mid_model, algo):
     counted = measure_memory.state_bytes(step)
     assert counted == {"master": state["base weights bf16, a full copy on every GPU"] + state["adapters fp32 (shard)"],
                        "moments": state["adapter AdamW exp_avg + exp_avg_sq (shard)"], "reference": 0}
+
+
+def test_disk_by_hand(config):
+    """A full fine-tune checkpoint of the 7B: fp32 weights 4 * 8,397,094,912 = 33,588,379,648, AdamW's two
+    fp32 moments of all but the frozen position table 8 * 8,395,174,912 = 67,161,399,296, and the bf16
+    weights 16,794,189,824: 117,543,968,768 bytes. --keep-last 3 with a save every 100 of 1000 steps: 10
+    saves, 4 on the disk at once (3 kept + the one being written) = 470,175,875,072. With checkpoint-0 to
+    write first (no AdamW state yet): 50,382,569,472 more. 250 steps save at 100, 200, 250: 3 at once.
+    Resumed at step 600 with 3 kept: each new save adds one before the oldest goes. A resume with 1 kept:
+    3 more at once. LoRA r=8 on the 7 linears of 32 layers: per layer (in + out) = 4 * 8192 + 3 * 15104 =
+    78,080, adapters 8 * 32 * 78,080 = 19,988,480, a checkpoint 16 bytes each (fp32 train_state, two
+    moments, the adapter file) = 319,815,680; the last also holds the merged bf16 model: 17,114,005,504;
+    4 at once: 3 * 319,815,680 + 17,114,005,504 = 18,073,452,544."""
+    counts, _ = plan.count_model(config)
+    full = plan.Step()
+    assert plan.checkpoint_bytes(counts, full) == 33_588_379_648 + 67_161_399_296 + 16_794_189_824 == 117_543_968_768
+    d = plan.disk_plan(counts, full)
+    assert (d.at_once, d.total) == (4, 470_175_875_072)
+    assert plan.disk_plan(counts, full, first=True).total == 470_175_875_072 + 50_382_569_472
+    assert plan.saves(250, 100) == 3 and plan.disk_plan(counts, full, max_steps=250).at_once == 3
+    assert plan.saves(1000, 100, start=600) == 4
+    assert plan.disk_plan(counts, full, start=600, kept=3).at_once == 1
+    assert plan.disk_plan(counts, full, start=600, kept=1).at_once == 3
+    assert plan.disk_plan(counts, full, max_steps=600, start=600, kept=3).total == 0
+    lora = plan.disk_plan(counts, plan.Step(lora_rank=8))
+    assert (lora.checkpoint, lora.last, lora.total) == (319_815_680, 17_114_005_504, 18_073_452_544)
+    assert plan.format_disk(d, 3, 100, 1000) == (
+        "disk: a checkpoint is 117.5 GB; --keep-last 3 with a save every 100 of 1000 steps keeps up to 4 at once "
+        "(the newest and the one being written): 470.2 GB")
