@@ -113,9 +113,10 @@ def group_advantages(rewards, group_size, eps=1e-4):
 # -----------------------------------------------------------------------------
 # 4. Log-probs of the sampled tokens
 
-def completion_logprobs(model, rollout, pad_id, temperature=1.0):
+def completion_logprobs(model, rollout, pad_id, temperature=1.0, suppress_ids=()):
     """log pi(token) of every completion token, fp32, 0 where the mask is False: each completion after its
-    prompt as one row (the audio encoded once per row), right-padded, one forward over the N rows."""
+    prompt as one row (the audio encoded once per row), right-padded, one forward over the N rows. The
+    tokens sampling never draws (suppress_ids) are left out of the softmax: the distribution sampled from."""
     G, N, T = rollout.group_size, *rollout.completion_ids.shape
     prompts = [p for p in rollout.prompt_ids for _ in range(G)]                         # N prompts
     seqs = [torch.cat([p, c]) for p, c in zip(prompts, rollout.completion_ids)]         # N tensors [P_b + T]
@@ -130,6 +131,8 @@ def completion_logprobs(model, rollout, pad_id, temperature=1.0):
     at = torch.stack([len(p) - 1 + torch.arange(T, device=ids.device) for p in prompts])  # [N, T]
     states = hidden.gather(1, at[..., None].expand(-1, -1, hidden.size(-1)))           # [N, T, H]
     logits = model.lm_head(states).float() / temperature                               # [N, T, V]
+    logits = logits.index_fill(-1, torch.as_tensor(list(suppress_ids), dtype=torch.long, device=ids.device),
+                               float("-inf"))                                          # [N, T, V]
     logp = logits.log_softmax(-1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)  # [N, T]
     return logp.masked_fill(~rollout.mask, 0.0)                                        # [N, T]
 

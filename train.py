@@ -105,6 +105,8 @@ class Config:
     reward_weights: str = flag("1,1", "weights of the accuracy and format rewards (R1-AQA 1,1)")
     warm_start_steps: int = flag(0, "supervised steps on the answer FORMAT only (random answers), before GRPO")
     warm_start_lr: float = flag(3e-3, "learning rate of the warm start")
+    warm_start_data: str = flag("", "warm start on these questions' CORRECT answers, audio encoder frozen ('' = "
+                                    "format only: random answers; synthetic-loudness: the demo's second question)")
     save_every: int = flag(100, "write a checkpoint every this many steps (and at the end)")
     keep_last: int = flag(3, "newest checkpoints kept (>= 1), besides checkpoint-0")
     resume: bool = flag(False, "continue the run in --out from its newest complete checkpoint (same settings)")
@@ -120,16 +122,19 @@ class Config:
     gpu_mem: float = flag(80.0, "GiB per GPU that the --plan checks against")
 
 
+TINY_MODELS = ("tiny", "tiny-omni")  # --model names of the tiny models workshop/ builds offline
+LOUDNESS = "synthetic-loudness"  # --warm-start-data: the demo's second question, built in --cache-dir
 # The workshop demo (`python train.py`): a tiny model learns a synthetic task on a laptop CPU in minutes.
-# R1-AQA's values above stay the defaults for real models; flags given explicitly override these. Why these
-# values (beta 0.1, a constant lr 1e-3, balanced answers, a format warm start): docs/workshop.md.
-DEMO = dict(max_steps=600, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=False, beta=0.1,
+# R1-AQA's values above stay the defaults for real models; flags given explicitly override these. The warm
+# start answers another question about the same clips (how loud), the audio encoder frozen: a start that
+# listens, as a pretrained base does. beta 0.1 keeps some probability on every answer; the lr decays to 0,
+# so the end of the run is stable. Why each, as measured: docs/workshop.md.
+DEMO = dict(max_steps=300, prompts_per_step=32, micro_batch=32, lr=1e-3, lr_decay=True, beta=0.1,
             max_new_tokens=16, dtype="float32", gradient_checkpointing=False, balance_answers=True,
-            warm_start_steps=60, save_every=50, seed=0)
+            warm_start_steps=200, warm_start_data=LOUDNESS, save_every=50, eval_every=50, seed=0)
 # The learning rate when none is given, by (algo, LoRA): GRPO R1-AQA's 1e-6; the others are the common
 # choices for a 7B (the paper gives no SFT settings; docs/experiment.md).
 DEFAULT_LR = {("grpo", False): 1e-6, ("grpo", True): 1e-5, ("sft", False): 1e-5, ("sft", True): 1e-4}
-TINY_MODELS = ("tiny", "tiny-omni")  # --model names of the tiny models workshop/ builds offline
 WARM_START_BATCH = 16  # questions per warm-start step, all processes together
 
 
@@ -211,6 +216,8 @@ def mode_rules(cfg):
         (cfg.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = no LoRA)"),
         (cfg.lora_rank > 0 or all(getattr(cfg, n) == getattr(Config, n) for n in lora), "lora_rank",
          "is 0, so --lora-alpha/--lora-dropout/--lora-targets/--lora-audio would do nothing: give a rank"),
+        (cfg.warm_start_steps or not cfg.warm_start_data, "warm_start_data",
+         "would do nothing without --warm-start-steps: give the number of steps"),
         (cfg.lora_rank == 0 or not cfg.warm_start_steps, "lora_rank",
          "with --warm-start-steps: warm start a full model first, then start LoRA from its checkpoint-0"),
         (cfg.dist_timeout_minutes > 0, "dist_timeout_minutes", "must be > 0"),
@@ -234,11 +241,12 @@ def check_paths(cfg):
             raise M.UsageError(f"--model {cfg.model}: LoRA adapters, not a model to train: give the merged model "
                                f"of a LoRA run's last checkpoint (checkpoint-N/merged) or the base model "
                                f"{M.adapter_base(cfg.model)} (--resume continues the LoRA run itself)")
-    for name, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if path and path != "synthetic" and not Path(path).is_file():
+    named = {"--data": "synthetic", "--warm-start-data": LOUDNESS}
+    for name, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--warm-start-data", cfg.warm_start_data)):
+        if path and path != named.get(name) and not Path(path).is_file():
             what = "is a folder, not a question file" if Path(path).is_dir() else "no such file"
             raise M.UsageError(f"{name} {path}: {what} (give an R1-AQA/AVQA JSONL, MMAU JSON or plain JSONL file"
-                               + (", or `synthetic`)" if name == "--data" else ")"))
+                               + (f", or `{named[name]}`)" if name in named else ")"))
     if cfg.audio_dir:
         try:
             data.check_audio_dir(cfg.audio_dir)
@@ -384,9 +392,9 @@ def setup(cfg, recipe, device):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.tidy(out)
-        if cfg.model in TINY_MODELS or cfg.data == "synthetic":
-            from workshop import demo  # the tiny model and the synthetic task, built once in --cache-dir
-            demo.build(cfg.cache_dir, cfg.model, cfg.data == "synthetic")
+        if cfg.model in TINY_MODELS or cfg.data == "synthetic" or cfg.warm_start_data == LOUDNESS:
+            from workshop import demo  # the tiny model and the synthetic questions, built once in --cache-dir
+            demo.build(cfg.cache_dir, cfg.model, cfg.data == "synthetic", cfg.warm_start_data == LOUDNESS)
     dist.barrier()  # the folder is tidy and the tiny model and task exist before any rank reads them
     resume_from = checkpoint.check_run_folder(cfg, asdict(Config()))
     questions, held_out = load_questions(cfg)
@@ -398,7 +406,7 @@ def setup(cfg, recipe, device):
     checkpoint.check_disk(run, resume_from)
     if resume_from is None and (cfg.warm_start_steps or recipe.before_training):
         if cfg.warm_start_steps:
-            warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr)
+            warm_start(run, cfg.warm_start_steps, cfg.warm_start_lr, warm_start_questions(cfg))
         checkpoint.save(run, 0)  # the starting policy: the reference, and a pre-pass resumes from it
     run.reference = reference(cfg, recipe, run.policy, out / "checkpoint-0" if resume_from and cfg.warm_start_steps
                               else None)
@@ -446,6 +454,12 @@ def check_first_batch(cfg, recipe, questions):
         hint = "check --audio-dir" if cfg.audio_dir else "give --audio-dir, the folder the audio paths are relative to"
         raise M.UsageError(f"--data {cfg.data}: none of the {len(paths)} clips of the first batch exists, "
                            f"e.g. {paths[0]} ({hint})")
+
+
+def warm_start_questions(cfg):
+    """The questions of --warm-start-data ([] for a format-only warm start)."""
+    path = str(Path(cfg.cache_dir) / LOUDNESS / "train.jsonl") if cfg.warm_start_data == LOUDNESS else cfg.warm_start_data
+    return read_questions("--warm-start-data", path, cfg)
 
 
 def step_questions(cfg, recipe, questions, step):
@@ -610,7 +624,7 @@ def fixed_logprobs(run, batches):
     for b in batches:
         b.ref_logp = reference_logprobs(run, b.rollout) if run.cfg.beta else None
         if run.cfg.num_iterations > 1:
-            b.old_logp = run.recipe.logprobs(run.policy, b.rollout, run.tokens.pad_id, run.cfg.temperature)
+            b.old_logp = logprobs(run, run.policy, b.rollout)
 
 
 def my_micro_batches(cfg):
@@ -678,9 +692,16 @@ def reference_logprobs(run, rollout):
     """Log-probs under the frozen reference: its own sharded copy, or with LoRA the policy itself with its
     adapters switched off (the base model, with no second copy of the weights)."""
     if run.reference is not None:
-        return run.recipe.logprobs(run.reference, rollout, run.tokens.pad_id, run.cfg.temperature)
+        return logprobs(run, run.reference, rollout)
     with run.recipe.adapters.disabled(run.policy):
-        return run.recipe.logprobs(run.policy, rollout, run.tokens.pad_id, run.cfg.temperature)
+        return logprobs(run, run.policy, rollout)
+
+
+def logprobs(run, model, rollout, temperature=None):
+    """The recipe's log-probs of the distribution the completions were sampled from: at the run's temperature,
+    the suppressed tokens left out of the softmax as sampling leaves them out."""
+    temperature = run.cfg.temperature if temperature is None else temperature
+    return run.recipe.logprobs(model, rollout, run.tokens.pad_id, temperature, suppress_ids=run.tokens.suppress_ids)
 
 
 def optimizer_step(run, batches, denominator):
@@ -700,7 +721,7 @@ def accumulate(run, batches, denominator):
     """The loss's backward, micro-batch by micro-batch; returns this process's metric sums [5]."""
     sums = torch.zeros(5, device=run.device)
     for b in batches:
-        logp = run.recipe.logprobs(run.policy, b.rollout, run.tokens.pad_id, run.cfg.temperature)  # [N, T]
+        logp = logprobs(run, run.policy, b.rollout)                                  # [N, T]
         old = logp.detach() if b.old_logp is None else b.old_logp
         loss, m = run.recipe.loss(logp, old, b.ref_logp, b.advantages, b.rollout.mask, denominator=denominator)
         loss.backward()
@@ -770,7 +791,7 @@ def supervised_passes(run, batches, tokens):
     """The cross-entropy's backward, micro-batch by micro-batch; returns this process's metric sums [3]."""
     sums = torch.zeros(3, device=run.device)
     for r in batches:
-        logp = run.recipe.logprobs(run.policy, r, run.tokens.pad_id, 1.0)             # [B, T] targets: no temperature
+        logp = logprobs(run, run.policy, r, temperature=1.0)                          # [B, T] targets: no temperature
         loss, m = grpo.sft_loss(logp, r.mask, tokens)
         loss.backward()
         sums += torch.stack([m["nll"] * m["tokens"], m["answer_prob"] * m["sequences"], m["sequences"]])
@@ -790,19 +811,26 @@ def teacher_forced(run, samples, targets, counts=None):
     return grpo.Rollout(prompts, inputs["input_features"], inputs["feature_attention_mask"], ids, mask, group_size=1)
 
 
-def warm_start(run, steps, lr):
-    """Teach a random model the answer FORMAT only: `<answer>{a random choice}</answer>`. It then starts GRPO
-    at chance accuracy with a good format, and has to learn to listen. The questions and the random answers
-    are drawn for the whole global batch before each process takes its share, so it does not depend on the
-    number of processes."""
+def warm_start(run, steps, lr, questions=()):
+    """Teach a random model the answer format before RL. With questions (--warm-start-data): their CORRECT
+    answers, the audio encoder frozen, so the model learns to read the audio for another question, as a
+    pretrained base has. Without: the training questions with `<answer>{a random choice}</answer>`; it
+    starts GRPO at chance, but has learned that the answer does not depend on the audio (docs/workshop.md).
+    The batch is drawn for all processes before each takes its share: it does not depend on their number."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
-    rng = np.random.default_rng(cfg.seed)
+    rng, pool = np.random.default_rng(cfg.seed), questions or run.questions
+    frozen = [p for p in run.policy.model.audio_tower.parameters() if p.requires_grad] if questions else []
+    for p in frozen:
+        p.requires_grad_(False)
     opt = torch.optim.AdamW(trainable(run.policy), lr=lr, weight_decay=0.0)
     run.policy.train()
-    for _ in tqdm(range(steps), desc="warm start (format only)", disable=rank != 0):
-        batch = [run.questions[i] for i in rng.choice(len(run.questions), WARM_START_BATCH)]
-        targets = [data.target_text(rng.choice(s.choices), cfg.prompt) + M.END_TOKENS[0] for s in batch]
+    for _ in tqdm(range(steps), desc="warm start" + ("" if questions else " (format only)"), disable=rank != 0):
+        batch = [pool[i] for i in rng.choice(len(pool), WARM_START_BATCH)]
+        answers = [s.answer for s in batch] if questions else [rng.choice(s.choices) for s in batch]
+        targets = [data.target_text(a, cfg.prompt) + M.END_TOKENS[0] for a in answers]
         supervised_step(run, opt, data.my_share(batch, rank, world), data.my_share(targets, rank, world))
+    for p in frozen:
+        p.requires_grad_(True)
 
 
 # -----------------------------------------------------------------------------
@@ -830,9 +858,25 @@ def heldout(run, samples):
     records = [r for part in everyone for r in part]
     s = reward.score_predictions(records, "model_prediction")
     groups = {f"{name}={value}": t.accuracy / 100 for name, tallies in s.groups.items() for value, t in tallies.items()}
+    nll = {} if cfg.prompt == "think" else {"eval_answer_nll": answer_nll(run, samples)}
     return {"eval_accuracy": s.total.accuracy / 100, "eval_format":
             sum(reward.format_reward(r["model_output"], cfg.prompt) for r in records) / max(len(records), 1),
-            "eval_questions": s.total.total, "eval_groups": groups}
+            "eval_questions": s.total.total, "eval_groups": groups, **nll}
+
+
+@torch.no_grad()
+def answer_nll(run, samples):
+    """The mean over questions of -log p(the correct answer's whole target | the prompt): it moves where greedy
+    accuracy stays flat (log 4 = 1.39 for a policy in format that spreads its mass over four choices)."""
+    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
+    sums = torch.zeros(2, device=run.device)
+    for batch in data.chunks(data.my_share(samples, rank, world), cfg.micro_batch):
+        targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
+        r = teacher_forced(run, batch, targets)
+        logp = logprobs(run, run.policy, r, temperature=1.0)                   # [B, T]
+        sums += torch.stack([-(logp * r.mask).sum(), r.mask.any(1).sum().float()])
+    nll, n = all_sum(sums).tolist()
+    return nll / max(n, 1)
 
 
 if __name__ == "__main__":

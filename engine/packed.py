@@ -57,10 +57,11 @@ def pack_groups(rollout, pad_id):
     return Packed(ids, pos, seg, source * mask)
 
 
-def completion_logprobs(model, rollout, pad_id, temperature=1.0, flex=None):
+def completion_logprobs(model, rollout, pad_id, temperature=1.0, suppress_ids=(), flex=None):
     """log pi(token) of every completion token, fp32, 0 where the mask is False, from one packed forward
-    per group. flex: attention through a FlexAttention BlockMask (True) or a dense [B, 1, L, L] mask
-    (False); None = attention.flex_default: FlexAttention on CUDA, the dense mask elsewhere."""
+    per group, the suppressed tokens out of the softmax (grpo.completion_logprobs). flex: attention through
+    a FlexAttention BlockMask (True) or a dense [B, 1, L, L] mask (False); None = attention.flex_default:
+    FlexAttention on CUDA, the dense mask elsewhere."""
     packed = pack_groups(rollout, pad_id)
     device = rollout.completion_ids.device
     flex = attention.flex_default(device) if flex is None else flex
@@ -71,6 +72,8 @@ def completion_logprobs(model, rollout, pad_id, temperature=1.0, flex=None):
     mask = rollout.mask                                                    # [N, T]
     states = hidden.flatten(0, 1)[packed.source.to(device)[mask]]          # [M, H] M = trained tokens
     logits = model.lm_head(states).float() / temperature                   # [M, V]
+    logits = logits.index_fill(-1, torch.as_tensor(list(suppress_ids), dtype=torch.long, device=device),
+                               float("-inf"))                              # [M, V] as sampling drew
     token_logp = logits.log_softmax(-1).gather(-1, rollout.completion_ids[mask][:, None]).squeeze(-1)  # [M]
     return torch.zeros(mask.shape, device=device, dtype=token_logp.dtype).masked_scatter(mask, token_logp)  # [N, T]
 

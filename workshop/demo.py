@@ -128,13 +128,18 @@ def tiny(cache_dir, window_seconds=10, seed=0, family="qwen2-audio"):
         build_tiny(path, seed=seed, window_seconds=window_seconds, family=family)
     return path
 
-def build(cache_dir, model_name, synthetic):
-    """What a run on the demo's pieces needs, built once in cache_dir: the tiny model (if model_name is one)
-    and the synthetic task (if asked)."""
+LOUDNESS = "synthetic-loudness"  # --warm-start-data: the loudness question, written in --cache-dir
+
+
+def build(cache_dir, model_name, synthetic, loudness=False):
+    """What a run on the demo's pieces needs, built once in cache_dir: the tiny model (if model_name is one),
+    the synthetic pitch task and the loudness question (if asked)."""
     if model_name in TINY_MODELS:
         tiny_model(cache_dir, model_name)
     if synthetic:
         make_synthetic(Path(cache_dir) / "synthetic")
+    if loudness:
+        make_synthetic(Path(cache_dir) / LOUDNESS, task="loudness")
 
 
 def tiny_model(cache_dir, model_name):
@@ -149,9 +154,16 @@ PITCH_CHOICES = ["very low", "low", "high", "very high"]
 PITCH_CENTERS_HZ = [200.0, 500.0, 1200.0, 3000.0]  # with +-15% jitter the bands never overlap
 PITCH_JITTER = 0.15
 PITCH_QUESTION = "What is the pitch of the tone in the audio?"
+# A second question about the same kind of clips, for a start that listens (the demo's warm start): how loud is
+# the tone? Its answers are the pitch task's words, so a model that learned it answers the pitch question with a
+# choice. The peak levels are an octave apart; with +-15% jitter the bands never overlap.
+LOUDNESS_LEVELS = [0.07, 0.14, 0.28, 0.56]
+LOUDNESS_QUESTION = "What is the volume of the tone in the audio?"
+TASKS = {"pitch": "pitch-band", "loudness": "loudness-band"}
 
 
-def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> tuple[Path, Path]:
+def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0,
+                   task: str = "pitch") -> tuple[Path, Path]:
     """
     Write wavs/ and R1-AQA-style train.jsonl and test.jsonl under out_dir; return the two paths.
     Labels are balanced; the same arguments give the same files, and a second call with the
@@ -161,7 +173,7 @@ def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 
     out_dir = Path(out_dir)
     train, test = out_dir / "train.jsonl", out_dir / "test.jsonl"
     manifest = out_dir / "manifest.json"
-    params = {"task": "pitch-band", "n_train": n_train, "n_test": n_test, "seed": seed}
+    params = {"task": TASKS[task], "n_train": n_train, "n_test": n_test, "seed": seed}
     if manifest.exists() and json.loads(manifest.read_text()) == params and train.exists() and test.exists():
         return train, test
     manifest.unlink(missing_ok=True)  # written last, so an interrupted run is never reused
@@ -169,7 +181,8 @@ def make_synthetic(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 
     for split, n, jsonl in (("train", n_train, train), ("test", n_test, test)):
         rng = np.random.default_rng([seed, split == "test"])
         labels = rng.permutation(np.arange(n) % len(PITCH_CHOICES))
-        records = [_write_tone(out_dir, f"{split}_{i:05d}", int(label), rng) for i, label in enumerate(labels)]
+        write = _write_tone if task == "pitch" else _write_loudness
+        records = [write(out_dir, f"{split}_{i:05d}", int(label), rng) for i, label in enumerate(labels)]
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     manifest.write_text(json.dumps(params))
     return train, test
@@ -208,6 +221,16 @@ def make_shifted(out_dir, kind: str, n: int = 200, seed: int = 0) -> Path:
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     manifest.write_text(json.dumps(params))
     return jsonl
+
+
+def _write_loudness(out_dir: Path, name: str, label: int, rng: np.random.Generator) -> dict:
+    """One sine in a random pitch band, its peak level in loudness band `label` -> its record, asking how loud
+    it is (the answer: the label's word of PITCH_CHOICES)."""
+    level = LOUDNESS_LEVELS[label] * rng.uniform(1 - PITCH_JITTER, 1 + PITCH_JITTER)
+    tones = Tones(level=(level, level), question=LOUDNESS_QUESTION)
+    record = _write_tone(out_dir, name, int(rng.integers(len(PITCH_CHOICES))), rng, tones)
+    return {**record, "answer": label, "category": PITCH_CHOICES[label], "pitch": record["category"],
+            "level": round(level, 4)}
 
 
 def _write_tone(out_dir: Path, name: str, label: int, rng: np.random.Generator, tones: Tones = Tones()) -> dict:
