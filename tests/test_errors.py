@@ -58,6 +58,7 @@ def fails(argv, capsys, monkeypatch=None):
     ("--think-words", "50", "only the think prompt asks for a reasoning"),
     ("--micro-batch", "3", "must divide each process's 4 prompts"),
     ("--keep-last", "0", "the newest checkpoint is what --resume continues from"),
+    ("--warm-start-data", "synthetic-loudness", "would do nothing without --warm-start-steps"),
     ("--prompt", "cot", "must be one of direct, answer, think"),
     ("--dtype", "float16", "must be bfloat16 or float32"),
 ])
@@ -86,7 +87,8 @@ def no_config_folder(tmp_path):
     return tmp_path / "weights"
 
 
-@pytest.mark.parametrize("case", ["no such model", "no config.json", "no such data", "no such audio dir"])
+@pytest.mark.parametrize("case", ["no such model", "no config.json", "no such data", "no such audio dir",
+                                  "no such warm-start data"])
 def test_wrong_paths_stop_before_any_model_is_built(tiny2_dir, pitch_task, tmp_path, capsys, monkeypatch, case):
     """A typo'd --model, a folder without config.json, a missing --data file or --audio-dir: one line naming
     the path and what would work."""
@@ -98,6 +100,9 @@ def test_wrong_paths_stop_before_any_model_is_built(tiny2_dir, pitch_task, tmp_p
     elif case == "no such data":
         path = tmp_path / "no-such.jsonl"
         extra = ["--data", str(path)]
+    elif case == "no such warm-start data":
+        path = tmp_path / "no-such.jsonl"
+        extra = ["--warm-start-data", str(path), "--warm-start-steps", "1"]
     else:
         path = tmp_path / "no-dir"
         extra = ["--audio-dir", str(path)]
@@ -105,7 +110,7 @@ def test_wrong_paths_stop_before_any_model_is_built(tiny2_dir, pitch_task, tmp_p
     assert str(path) in line
     want = {"no such model": "no such folder (give a local Qwen2-Audio folder",
             "no config.json": "no config.json in this folder", "no such data": "no such file (give",
-            "no such audio dir": "no such folder"}[case]
+            "no such audio dir": "no such folder", "no such warm-start data": "no such file (give"}[case]
     assert want in line
 
 

@@ -9,7 +9,7 @@ import torch
 import grpo
 import model as M
 from conftest import pitch_samples
-from engine import sampler
+from engine import packed, sampler
 
 
 def rollout_for(tiny, n_prompts=2, G=4, max_new_tokens=8, seed=0, step=0, first_index=0,
@@ -24,9 +24,9 @@ def rollout_for(tiny, n_prompts=2, G=4, max_new_tokens=8, seed=0, step=0, first_
                     M.suppressed_token_ids(tok, model.config.text_config.vocab_size), **sampling)
 
 
-def naive_logprobs(model, rollout):
+def naive_logprobs(model, rollout, suppress_ids=()):
     """The slow reference: G separate [prompt, c_i] forwards through the model's own forward, with the
-    audio encoded by the model every time, full logits everywhere."""
+    audio encoded by the model every time, full logits everywhere (less suppress_ids)."""
     out = torch.zeros(rollout.completion_ids.shape)
     for n, (ids, mask) in enumerate(zip(rollout.completion_ids, rollout.mask)):
         b, k = n // rollout.group_size, int(mask.sum())
@@ -36,6 +36,7 @@ def naive_logprobs(model, rollout):
                        input_features=rollout.input_features[b:b + 1],
                        feature_attention_mask=rollout.feature_attention_mask[b:b + 1]).logits[0]
         P = len(prompt)
+        logits[:, list(suppress_ids)] = float("-inf")
         out[n, :k] = logits[P - 1:P - 1 + k].float().log_softmax(-1).gather(-1, ids[:k, None]).squeeze(-1)
     return out
 
@@ -62,6 +63,23 @@ def test_logprobs_equal_separate_forwards(tiny):
         naive = naive_logprobs(model, rollout)
     assert (plain - naive).abs().max() <= 1e-5
     assert (plain[~rollout.mask] == 0).all()
+
+
+def test_logprobs_are_of_the_distribution_sampled_from(tiny):
+    """With suppress_ids (the tokens sampling never draws), the log-probs equal the separate forwards'
+    log-softmax without those tokens, to 1e-5: log p - log(1 - p(suppressed)). The random tiny model puts
+    mass on them, so this differs from the full softmax: every sampled token's log-prob is higher (it is
+    never one of them), and by more than 1e-3 somewhere. The engine's packed log-probs agree."""
+    model, processor = tiny
+    rollout = rollout_for(tiny, n_prompts=2, G=3, max_new_tokens=8)
+    suppress = M.suppressed_token_ids(processor.tokenizer, model.config.text_config.vocab_size)
+    with torch.no_grad():
+        full = grpo.completion_logprobs(model, rollout, pad_id=0)
+        sampled = grpo.completion_logprobs(model, rollout, pad_id=0, suppress_ids=suppress)
+        fast = packed.completion_logprobs(model, rollout, pad_id=0, suppress_ids=suppress)
+        naive = naive_logprobs(model, rollout, suppress)
+    assert (sampled - naive).abs().max() <= 1e-5 and (fast - naive).abs().max() <= 1e-5
+    assert (sampled[rollout.mask] >= full[rollout.mask]).all() and (sampled - full).max() > 1e-3
 
 
 def test_logprobs_depend_on_the_audio(tiny):

@@ -52,6 +52,17 @@ def test_every_config_field_is_a_flag():
             assert getattr(T.parse_args([flag, value])[0], f.name) == f.type(value)
 
 
+def test_the_demo_warm_starts_on_loudness_and_decays_the_lr():
+    """`python train.py`: 200 warm-start steps on the synthetic loudness question (correct answers, audio
+    encoder frozen), then 300 GRPO steps whose lr decays linearly from 1e-3 to 0, the held-out set scored
+    every 50 steps; flags still override the preset."""
+    cfg, demo = T.parse_args([])
+    assert demo and (cfg.warm_start_data, cfg.warm_start_steps, cfg.max_steps) == (T.LOUDNESS, 200, 300)
+    assert (cfg.lr, cfg.lr_decay, cfg.beta, cfg.eval_every, cfg.eval_samples) == (1e-3, True, 0.1, 50, 200)
+    cfg, _ = T.parse_args(["--warm-start-data", "", "--no-lr-decay"])
+    assert cfg.warm_start_data == "" and not cfg.lr_decay
+
+
 def test_r1_aqa_defaults():
     """Without the demo preset the defaults are R1-AQA's."""
     c = T.Config()
@@ -525,3 +536,59 @@ def test_tiny_omni_is_a_demo_model():
     cfg, demo = T.parse_args(["--model", "tiny-omni"])
     assert demo and cfg.lr == T.DEMO["lr"]
     T.check_paths(cfg)  # no folder to check: it is built in setup()
+
+
+def test_warm_start_on_another_question_keeps_the_encoder(tiny2_dir, pitch_task, tmp_path, monkeypatch):
+    """--warm-start-data: each warm-start step trains on those questions with their CORRECT answers as
+    targets, with the audio encoder frozen: in checkpoint-0 its weights equal the base's while the language
+    model's moved. The training after it trains the encoder again (checkpoint-1 differs there)."""
+    loud, _ = demo.make_synthetic(tmp_path / "loud", n_train=16, n_test=4, task="loudness")
+    seen, real = [], T.supervised_step
+
+    def spy(run, optimizer, samples, targets, counts=None):
+        seen.append((samples, targets, any(p.requires_grad for p in run.policy.model.audio_tower.parameters())))
+        return real(run, optimizer, samples, targets, counts)
+    monkeypatch.setattr(T, "supervised_step", spy)
+    out = tmp_path / "run"
+    T.main(quick_args(tiny2_dir, pitch_task, out, "--algo", "sft", "--max-steps", "1", "--save-every", "1",
+                      "--warm-start-steps", "2", "--warm-start-data", str(loud)))
+    warm, sft = seen[:2], seen[2:]
+    assert len(warm) == 2 and len(sft) == 1 and sft[0][2]  # the SFT step trains the encoder
+    for samples, targets, encoder_trains in warm:
+        assert not encoder_trains and len(samples) == T.WARM_START_BATCH
+        assert all(s.question == demo.LOUDNESS_QUESTION for s in samples)
+        assert targets == [f"<answer>{s.answer}</answer><|im_end|>" for s in samples]
+    base, start, after = (Qwen2AudioForConditionalGeneration.from_pretrained(d).state_dict() for d in
+                          (tiny2_dir, out / "checkpoint-0", out / "checkpoint-1"))
+    encoder = [k for k in base if "audio_tower." in k and "embed_positions" not in k]
+    language = [k for k in base if "language_model." in k]
+    assert encoder and all(torch.equal(base[k], start[k]) for k in encoder)
+    assert all(not torch.equal(base[k], start[k]) for k in language)
+    assert sum(not torch.equal(start[k], after[k]) for k in encoder) > len(encoder) // 2
+
+
+def test_heldout_answer_nll_is_the_targets_log_prob(warm_dir, pitch_task, tmp_path):
+    """eval_answer_nll, logged with the held-out scores, is the mean over questions of -log p of the whole
+    correct target `<answer>{answer}</answer><|im_end|>` after the prompt, in the distribution sampling draws
+    from (the suppressed tokens out of the softmax): here recomputed one question at a time by a plain
+    forward of the saved checkpoint over prompt + target ids."""
+    out, test = tmp_path / "run", pitch_task[1]
+    T.main(quick_args(warm_dir, pitch_task, out, "--max-steps", "1", "--save-every", "1", "--eval-every", "1",
+                      "--eval-data", str(test), "--eval-samples", "3"))
+    logged = metrics(out)[0]["eval_answer_nll"]
+    model, processor = M.load(out / "checkpoint-1", dtype=torch.float32)
+    suppress = M.suppressed_token_ids(processor.tokenizer, model.config.text_config.vocab_size)
+    nlls = []
+    for s in data.read_samples(test)[:3]:
+        prompt = M.collate(processor, [s], [data.load_audio(s.audio_path)])
+        target = processor.tokenizer(data.target_text(s.answer) + M.END_TOKENS[0], add_special_tokens=False,
+                                     return_tensors="pt")["input_ids"]
+        ids = torch.cat([prompt["input_ids"], target], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=prompt["input_features"],
+                           feature_attention_mask=prompt["feature_attention_mask"]).logits[0]
+        logits[:, suppress] = float("-inf")
+        logp = logits[-target.shape[1] - 1:-1].log_softmax(-1).gather(1, target[0][:, None])
+        nlls.append(-logp.sum().item())
+    assert 0.5 < logged < 50  # in format after the warm start, not yet right: well above 0
+    assert logged == pytest.approx(sum(nlls) / 3, rel=1e-4)

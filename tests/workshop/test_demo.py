@@ -68,3 +68,23 @@ def test_shifted_splits_lie_outside_the_training_task(tmp_path):
     stamp = (tmp_path / "shifted-audio" / "test.jsonl").stat().st_mtime_ns
     demo.make_shifted(tmp_path, "audio", n=8)
     assert (tmp_path / "shifted-audio" / "test.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_loudness_task_asks_the_level_of_the_same_tones(tmp_path):
+    """task "loudness": the clips are the pitch task's kind of tone (1-2 s, FFT peak in the band the record
+    names) asking "What is the volume ...?" with the pitch words as choices. The peak level lies in the
+    labelled octave: level * (1 +- 15%), so the bands never overlap (0.0805 < 0.119); the clip's peak is that
+    level plus up to 10% noise, at most 5 std away (0.5 of the level). Labels are balanced (8 = 2 of each)."""
+    train, _ = demo.make_synthetic(tmp_path, n_train=8, n_test=4, seed=0, task="loudness")
+    samples = data.read_samples(train)
+    assert sorted(s.answer for s in samples) == sorted(demo.PITCH_CHOICES * 2)
+    for s in samples:
+        assert s.question == demo.LOUDNESS_QUESTION and s.choices == demo.PITCH_CHOICES
+        centre = demo.LOUDNESS_LEVELS[demo.PITCH_CHOICES.index(s.answer)]
+        assert 0.85 * centre <= s.meta["level"] <= 1.15 * centre
+        clip = data.load_audio(s.audio_path)
+        assert SAMPLE_RATE <= len(clip) <= 2 * SAMPLE_RATE
+        assert 0.99 * s.meta["level"] - 1e-4 <= np.abs(clip).max() <= 1.5 * s.meta["level"]
+        peak_hz = np.argmax(np.abs(np.fft.rfft(clip))) * SAMPLE_RATE / len(clip)
+        pitch = demo.PITCH_CENTERS_HZ[demo.PITCH_CHOICES.index(s.meta["pitch"])]
+        assert 0.85 * pitch - 1 <= peak_hz <= 1.15 * pitch + 1
