@@ -1,29 +1,12 @@
-"""Checkpoints and run folders: what train.py writes, how a run resumes, and how runs never mix.
+"""Checkpoints and run folders: what train.py writes, how a run resumes exactly, and how runs never mix.
 
-OUT/checkpoint-{step}/ is a Hugging Face model folder in the compute dtype (from_pretrained,
-model.load and evaluate.py open it) plus the exact training state:
-  train_state/        fp32 weight shards and the optimizer, written by torch.distributed.checkpoint
-                      (with LoRA: the adapters and their optimizer only; the base never changes)
-  trainer_state.pt    the step, the lr scheduler, the RNG, the run's sample counters and the config
-  train_config.json   the config, readable
-Nothing else is needed to continue bit for bit: the data order is a pure function of (seed, step).
-With LoRA every checkpoint holds, in place of the model, the adapters in PEFT's layout
-(adapter_model.safetensors and an adapter_config.json naming the base model), which model.load merges
-onto the base and PeftModel.from_pretrained(base, checkpoint) opens; the last one also holds the merged
-model in merged/, a plain Hugging Face folder. No folder holds both a model's weights and adapter
-files: from_pretrained with PEFT installed would add the adapters to weights that already hold them.
-Beside the checkpoints, metrics.jsonl and samples.jsonl log the run, one JSON record a step.
-
-Finished work is never lost:
-- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced (each file
-  by the process that wrote it), then it is renamed. Saving a step that exists first renames the old
-  one to checkpoint-{step}.old, so a complete copy of every saved step is on disk at every moment.
-  tidy() clears what a crash left (stale .tmp folders; an .old whose replacement never arrived is put
-  back).
-- A run that is not --resume refuses a folder that holds another run (--overwrite starts over);
-  --resume refuses a run made with settings that change the run (check_run_folder).
-
-train.py is the only user:  checkpoint.save(run, step), checkpoint.load(run, path).
+OUT/checkpoint-{step}/ is a Hugging Face model folder in the compute dtype (a LoRA run: the adapters in
+PEFT's layout, and in its last checkpoint merged/, the merged model) plus train_state/ (fp32 weights and
+AdamW, by torch.distributed.checkpoint), trainer_state.pt (step, schedule, RNG, counters, config) and
+train_config.json. A checkpoint is written as .tmp, fsynced and renamed, so a complete copy of every saved
+step is always on disk; a fresh run refuses a folder that holds another run, --resume one made with other
+settings; resuming reads every pickle as plain data only. The disk a run needs is checked at its start.
+docs/training.md has the layout, the order of the waits between processes, and the safety rules.
 """
 
 import io

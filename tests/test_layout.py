@@ -77,7 +77,7 @@ def core_only(tmp_path_factory):
     return copy
 
 
-CASES = {"recipes/lora.py": ["--lora-rank", "8"], "recipes/sft.py": ["--algo", "sft"],
+CASES = {"recipes/lora.py": ["--lora-rank", "8", "--warm-start-steps", "0"], "recipes/sft.py": ["--algo", "sft"],
          "recipes/variants.py": ["--loss-aggregation", "token_mean"],
          "recipes/dynamic_sampling.py": ["--dynamic-sampling", "2"], "recipes/curriculum.py": ["--curriculum", "4"],
          "tools/plan.py": ["--plan"]}

@@ -1,54 +1,11 @@
-"""Benchmark one GRPO step's compute: grpo.py against the usual Hugging Face way, and the ideal.
+"""Benchmark one GRPO step's compute: the engine against the usual Hugging Face way, and the ideal.
 
-Purpose: show, per phase of a GRPO step, how much work grpo.py saves over the way TRL's
-GRPOTrainer (and so R1-AQA) computes the same numbers, and how close it is to the minimum.
-
-The three phases of a step, each done by two implementations on the same model and inputs:
-  rollout    ours: grpo.generate_groups (encode + prefill once per prompt, fork the KV cache G ways
-             into a preallocated one, decode.py)
-             baseline: model.generate(num_return_sequences=G), which encodes the audio and
-             prefills the prompt G times. Both counts include every decode step.
-  reference  log-probs of the sampled tokens under the frozen model, no grad
-             ours: grpo.completion_logprobs (one packed forward per group, lm_head only where a
-             completion token is predicted)
-             baseline: G full forwards [prompt, completion] with the audio repeated G times,
-             logits and log_softmax at every position, then slice the completion positions
-  policy     the same log-probs with grad, grpo.grpo_loss, backward
-
-Both log-prob passes of both sides run on OUR rollout's completions, so their log-probs must agree
-(checked to 1e-5 before anything is printed). The baseline's own rollout is only measured: its
-completions differ (different sampler) but have the same length, because both samplers are forced
-to emit exactly NEW_TOKENS tokens (end tokens suppressed).
-
-The ideal is every unique token processed once per pass: per prompt, the audio encoded once, the
-prompt once, each completion token that predicts another once (it attends to the prompt and its
-own past), and lm_head only at the 1 + G*(T-1) states that predict a completion token:
-    FLOPs = encoder(1 clip) + LM(P prompt tokens) + LM(G*(T-1) tokens) + 2*H*V*(1 + G*(T-1))
-            per prompt and forward; the policy pass adds that computation's backward.
-It is counted, not estimated: ideal_logprobs runs exactly that computation (prefill, fork the
-cache, one chunk for the completions) under the same FLOP counter. The rollout's ideal is the same
-count (sampling needs the same states; decoding one token at a time only trims attention's triangle).
-
-Measured: FLOPs with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention;
-attention counted dense, masked entries included, as the kernels compute them), wall time (median
-over RUNS after a warm-up, the two sides interleaved), and peak memory = the most bytes that torch's
-CPU allocator had handed out during the phase and not yet taken back, from the profiler's
-allocation events (tracemalloc does not see torch's allocations; RSS hides frees in malloc).
-Attention on the CPU: completion_logprobs takes the dense mask there (attention.flex_default:
-FlexAttention only on CUDA; torch has no CPU backward for it), and the decode step attends over its
-whole preallocated cache, unwritten slots masked; both are counted as computed. What FlexAttention
-computes on a GPU is printed beside the table, counted from the real BlockMask: the (query, key)
-pairs of its 128 x 128 blocks, against dense and visible pairs, here and at R1-AQA's lengths.
-Other processes on the machine add noise to the wall times, hence the median. Worse, when other
-processes keep the cores busy, 2 intra-op threads wait on each other at every op and wall times
-grow 10-100x, unevenly; the script prints the load and says so, and --threads 1 is then reliable.
-
-Setting: the tiny Qwen2-Audio at R1-AQA proportions: 10 s clips (250 audio tokens), the R1-AQA
-prompt, G = 8, 12 new tokens, B = 2 prompts of different lengths (so left padding is exercised;
-R1-AQA runs 1 prompt per GPU, B = 2 is two such micro-batches at once). fp32, no checkpointing.
-
-    python tools/bench_step.py              # 15-40 s on 2 CPU cores
-    python tools/bench_step.py --threads 1  # on a busy machine
+Per phase (rollout, reference, policy): the FLOPs the profiler counts and the wall time of ours (one
+prefill per prompt with the KV cache forked G ways; one packed forward per group, lm_head only where a
+completion token is predicted) against model.generate with num_return_sequences and G separate [prompt,
+c_i] forwards with full logits, and against the ideal count of useful work. It checks that ours gives the
+same log-probs. docs/performance.md has the measured tables.
+    python -m tools.bench_step [--model DIR] [--group-size 8 --new-tokens 256]
 """
 
 import argparse

@@ -1,29 +1,11 @@
-"""Measure the memory of one GRPO step on the CPU, phase by phase, and compare it with plan.py.
+"""Measure the memory of one GRPO (or SFT, or LoRA) step on the CPU, phase by phase, against tools/plan.py.
 
-Purpose: plan.py predicts per-GPU memory from formulas; a test that re-derives the same formulas
-cannot find a term the plan forgot. This script runs the real phases of a step under FSDP2 with
-the plan's settings (fp32 master weights, bf16 compute, fp32 gradient reduction, gradient
-checkpointing) on a mid-size random Qwen2-Audio, profiles the second step (the first creates the
-AdamW moments) and takes, per phase, the most bytes torch's CPU allocator held above what was
-alive when the step began (the state). The phases, as train.py runs them with 2 micro-batches:
-  rollout    grpo.generate_groups for each micro-batch under one model.unsharded
-  reference  grpo.completion_logprobs on the bf16 reference, no grad; its units resharded after
-  policy     grpo.completion_logprobs with grad, grpo.grpo_loss, backward, per micro-batch
-  optimizer  gradient clipping, the AdamW step, zero_grad
-Each is compared with plan.memory_plan(device="cpu") for the same config and batch. Completions
-are forced to their full length (end tokens suppressed), as the plan assumes. Under torchrun the
-numbers are rank 0's, without the copies gloo's collectives make of their inputs (NCCL works in
-place), which gloo keeps until a worker thread lets go.
-
-With --lora-rank R the policy is built as train.py builds it for LoRA (the frozen base whole in bf16,
-fp32 adapters sharded) and the reference is the policy with its adapters off. With --algo sft the step
-is SFT's: no rollout and no reference, cross-entropy on a target of --new-tokens tokens per prompt.
-
-    python tools/measure_memory.py                                             # 1 process, ~2 min
-    python tools/measure_memory.py --lora-rank 8 --algo sft                    # LoRA SFT
-    torchrun --standalone --nproc_per_node 2 tools/measure_memory.py            # 2 processes
-    python tools/measure_memory.py --width 256 --layers 4 --vocab 8192 --audio-width 128 \
-        --window-seconds 2 --group-size 4 --new-tokens 32                       # the test's model
+It builds the step as train.py does (sharded with FSDP2, gradient checkpointing, a bf16 reference), runs
+the rollout, the reference pass, the policy pass and the optimizer step under the profiler, and compares
+each phase's peak with plan.memory_plan(device="cpu") for the same config and batch. Under torchrun it
+measures one rank of several. docs/training.md has the measured table.
+    python -m tools.measure_memory [--algo sft] [--lora-rank 8]
+    torchrun --standalone --nproc_per_node 2 -m tools.measure_memory
 """
 
 import argparse

@@ -1,14 +1,9 @@
-"""Measure the host memory that writing a checkpoint's Hugging Face weights takes, the old way and ours.
+"""The host memory of writing a checkpoint: VmHWM of each process while checkpoint.save gathers the weights.
 
-Purpose: checkpoint.save writes the model in the compute dtype for from_pretrained. At 7B the old way
-gathered the full fp32 state on rank 0's CPU (33.6 GB) and then made a bf16 copy of it (about 50 GB
-at the peak); model.gathered_state_dict casts each shard on its device first and gathers tensor by
-tensor, so the host holds one bf16 copy. This script measures both on the CPU with a random
-Qwen2-Audio of about 148M parameters, sharded as train.py shards it (fp32 master weights): the peak
-resident memory (VmHWM, reset through /proc/self/clear_refs) during the save, minus what was resident
-before it. Each way runs in a fresh process, so neither inherits the other's freed memory.
-
-    python tools/measure_save.py        # both ways, on 1 process and on 2 (rank 0), about a minute
+Saving gathers the weights tensor by tensor in the compute dtype (model.gathered_state_dict), so rank 0's
+host holds one copy in bf16 rather than an fp32 copy plus its cast. This measures it on a model of a few
+hundred million parameters, on 1 and 2 processes. docs/training.md has the figures.
+    python -m tools.measure_save
 """
 
 import argparse

@@ -1,61 +1,12 @@
-"""What one training step of the 7B costs: per-GPU memory, FLOPs per optimizer step, and the run's disk.
+"""What one training step of the 7B costs: per-GPU memory, FLOPs per optimizer step, and the disk its
+checkpoints need, from the config on the meta device (nothing is allocated).
 
-Purpose: before renting GPUs, check that a run fits and how much compute a step is. Nothing is
-allocated: the model is built on the meta device (model.meta_model) only to count its parameters.
-
-Memory (per GPU, bytes) under FSDP2 with bf16 compute, fp32 master weights and fp32 gradient
-reduction (reduce_dtype), as train.py shards the model (model.shard): one unit per audio and
-decoder layer, and two roots, the trunk `model.model` (embeddings, audio convs, projector, norms)
-and `lm_head`. Every row is one kind of tensor, with its formula, and belongs to a phase:
-  state      alive through the whole step (master weights, AdamW moments, the reference's shard)
-  rollout    sampling under model.unsharded; peaks when lm_head is gathered (last, after the prefill
-             forked the prompt's KV cache) and at the last decoded token
-  reference  the frozen reference's pass; peaks in a decoder layer's forward and at the logits.
-             Its units are resharded right after the pass, so nothing of it is left for training
-  policy     forward + backward of the policy, per micro-batch. While its autograd graph lives
-             (policy:graph): the logits' backward, lm_head's gradient reduction, a decoder
-             layer's and an audio layer's backward, the embedding's backward (autograd runs it
-             last); then the trunk root's own reduction, in FSDP2's final callback
-  optimizer  gradient clipping and the AdamW step
-A phase name with a colon is a part of its phase: a row of `policy` is alive in every
-`policy:...` moment, a row of `policy:graph:backward` in `policy:graph:backward:decoder` and the
-others. The leaves are the moments.  total = state + the largest moment
-The rows of a moment are alive together; where two peaks lie close together in time (the unit
-in backward next to the previous unit's reduce-scatter input), the moment takes the larger and
-says so. No headroom is counted for the CUDA context, NCCL buffers or the allocator's
-fragmentation. device="cpu" gives the same plan for torch's CPU kernels, which
-tests/measure_memory.py checks against the peaks the allocator held on a CPU.
-
-Attention: on a GPU the packed passes (grpo.completion_logprobs) run FlexAttention over a BlockMask
-(attention.py), which computes only the 128 x 128 blocks holding a visible (query, key) pair and
-needs no [L, L] tensor: attention="block", the default for device="cuda". With the dense fallback
-(train.py --dense-attention, and always on a CPU) they hand sdpa a [B, 1, L, L] boolean mask,
-L = P + G*T: sdpa then runs the memory-efficient kernel (flash takes no mask), which turns the mask
-into an additive bf16 bias [B, 1, L, L] (kept for backward), never materialises the [B, heads, L, L]
-scores, and computes all L^2 pairs, the masked ones too: attention="dense" counts that.
-
-Variants (the same rows, switched): --algo sft (no rollout, no reference: one forward + backward
-over [prompt, target], logits at the target's positions) and --lora-rank R (adapters A: r x in,
-B: out x r, fp32, on q, k, v, o, gate, up, down; the frozen base stays in bf16 on every GPU,
-unsharded and ignored by FSDP2; the reference is the base with the adapters switched off).
-
-FLOPs per optimizer step (step_flops): 2 FLOPs per parameter per token for every matmul, plus
-attention (q.k and p.v: 4 * hidden FLOPs per (query, key) pair per layer); the encoder always runs
-on its full 30 s window (1500 positions) because the processor pads every clip to it. Qwen2.5-Omni's
-thinker (--model omni-7b) runs the same formulas on its own sizes: its encoder reads only the real
-frames (a 30 s clip, as PROMPT_TOKENS assumes, is the same 1500 positions) and attends within windows
-of 100 positions; its vision tower is not part of the model that trains.
-
-Disk (disk_plan): a checkpoint holds the fp32 weights and AdamW's two moments (train_state/) and the
-weights in bf16 for from_pretrained: 14 bytes per parameter, 117.5 GB at 7B. A save writes the new one
-before pruning, so --keep-last K keeps up to K + 1 on the disk at once. train.py checks this against the
-free space of --out before it builds the model.
-
-    python plan.py                          # the 7B on 8 x 80 GB, R1-AQA settings
-    python plan.py --model DIR --gpus 4 --gpu-mem 40 --prompt-tokens 350   # 10 s clips: 250 audio tokens
-    python plan.py --algo sft --lora-rank 64 --gpus 1 --gpu-mem 24
-    python plan.py --summary                # full vs LoRA, SFT vs GRPO, on 1 GPU and on 8
-    python plan.py --model omni-7b          # Qwen2.5-Omni-7B's thinker, without its weights
+Memory is planned row by row (one kind of tensor each, with its formula) per phase of the step (state,
+rollout, reference, policy, optimizer) under FSDP2 with bf16 compute and fp32 masters, as train.py shards
+the model; FLOPs count every matmul and the attention pairs the packed passes compute (FlexAttention's
+visible blocks, or the dense mask's L^2). tools/measure_memory.py checks the plan against the allocator.
+docs/training.md explains each row and gives the 7B's tables.
+    python -m tools.plan [--model DIR|omni-7b] [--gpus 4 --gpu-mem 40] [--algo sft --lora-rank 64] [--summary]
 """
 
 import argparse
