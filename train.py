@@ -151,6 +151,8 @@ def parse_args(argv=None):
     demo = (given.get("model", "tiny") in TINY_MODELS and given.get("data", "synthetic") == "synthetic"
             and not given.get("plan"))
     cfg = replace(Config(), **{**(DEMO if demo else {}), **given})
+    if demo and not cfg.warm_start_steps and "warm_start_data" not in given:
+        cfg.warm_start_data = ""  # --warm-start-steps 0 turns the demo's warm start off, its data too
     if "lr" not in given and not demo:
         cfg.lr = DEFAULT_LR.get((cfg.algo, cfg.lora_rank > 0), cfg.lr)
     return cfg, demo

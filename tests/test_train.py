@@ -61,6 +61,8 @@ def test_the_demo_warm_starts_on_loudness_and_decays_the_lr():
     assert (cfg.lr, cfg.lr_decay, cfg.beta, cfg.eval_every, cfg.eval_samples) == (1e-3, True, 0.1, 50, 200)
     cfg, _ = T.parse_args(["--warm-start-data", "", "--no-lr-decay"])
     assert cfg.warm_start_data == "" and not cfg.lr_decay
+    cfg, _ = T.parse_args(["--warm-start-steps", "0"])  # no warm start at all: its data goes with it
+    assert (cfg.warm_start_steps, cfg.warm_start_data) == (0, "")
 
 
 def test_r1_aqa_defaults():
