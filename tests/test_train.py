@@ -15,6 +15,7 @@ import data
 import grpo
 import model as M
 import checkpoint
+import config
 import train as T
 from conftest import quick_args
 from engine import packed
@@ -36,38 +37,38 @@ def no_leftover_group():
 
 def test_every_config_field_is_a_flag():
     """Each Config field maps to --kebab-case; bools take --x / --no-x; explicit flags beat the demo preset."""
-    cfg, demo = T.parse_args([])
-    assert demo and cfg.lr == T.DEMO["lr"] and cfg.prompts_per_step == 32
-    cfg, demo = T.parse_args(["--lr", "5e-4"])
-    assert demo and cfg.lr == 5e-4 and cfg.max_new_tokens == T.DEMO["max_new_tokens"]
-    cfg, demo = T.parse_args(["--model", "/some/Qwen2-Audio-7B-Instruct", "--data", "train.jsonl"])
-    assert not demo and cfg == T.Config(model="/some/Qwen2-Audio-7B-Instruct", data="train.jsonl")
-    for f in fields(T.Config):
+    cfg, demo = config.parse_args([])
+    assert demo and cfg.lr == config.DEMO["lr"] and cfg.prompts_per_step == 32
+    cfg, demo = config.parse_args(["--lr", "5e-4"])
+    assert demo and cfg.lr == 5e-4 and cfg.max_new_tokens == config.DEMO["max_new_tokens"]
+    cfg, demo = config.parse_args(["--model", "/some/Qwen2-Audio-7B-Instruct", "--data", "train.jsonl"])
+    assert not demo and cfg == config.Config(model="/some/Qwen2-Audio-7B-Instruct", data="train.jsonl")
+    for f in fields(config.Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            assert getattr(T.parse_args([flag])[0], f.name) is True
-            assert getattr(T.parse_args(["--no-" + f.name.replace("_", "-")])[0], f.name) is False
+            assert getattr(config.parse_args([flag])[0], f.name) is True
+            assert getattr(config.parse_args(["--no-" + f.name.replace("_", "-")])[0], f.name) is False
         else:
             value = {int: "7", float: "0.5", str: "x"}[f.type]
-            assert getattr(T.parse_args([flag, value])[0], f.name) == f.type(value)
+            assert getattr(config.parse_args([flag, value])[0], f.name) == f.type(value)
 
 
 def test_the_demo_warm_starts_on_loudness_and_decays_the_lr():
     """`python train.py`: 200 warm-start steps on the synthetic loudness question (correct answers, audio
     encoder frozen), then 300 GRPO steps whose lr decays linearly from 1e-3 to 0, the held-out set scored
     every 50 steps; flags still override the preset."""
-    cfg, demo = T.parse_args([])
-    assert demo and (cfg.warm_start_data, cfg.warm_start_steps, cfg.max_steps) == (T.LOUDNESS, 200, 300)
+    cfg, demo = config.parse_args([])
+    assert demo and (cfg.warm_start_data, cfg.warm_start_steps, cfg.max_steps) == (config.LOUDNESS, 200, 300)
     assert (cfg.lr, cfg.lr_decay, cfg.beta, cfg.eval_every, cfg.eval_samples) == (1e-3, True, 0.1, 50, 200)
-    cfg, _ = T.parse_args(["--warm-start-data", "", "--no-lr-decay"])
+    cfg, _ = config.parse_args(["--warm-start-data", "", "--no-lr-decay"])
     assert cfg.warm_start_data == "" and not cfg.lr_decay
-    cfg, _ = T.parse_args(["--warm-start-steps", "0"])  # no warm start at all: its data goes with it
+    cfg, _ = config.parse_args(["--warm-start-steps", "0"])  # no warm start at all: its data goes with it
     assert (cfg.warm_start_steps, cfg.warm_start_data) == (0, "")
 
 
 def test_r1_aqa_defaults():
     """Without the demo preset the defaults are R1-AQA's."""
-    c = T.Config()
+    c = config.Config()
     assert (c.group_size, c.lr, c.beta, c.temperature, c.top_k, c.max_new_tokens) == (8, 1e-6, 0.04, 1.0, 50, 256)
     assert (c.weight_decay, c.grad_clip, c.seed, c.save_every, c.clip_low, c.clip_high, c.num_iterations) == (
         0, 1.0, 42, 100, 0.2, 0.2, 1)
@@ -104,7 +105,7 @@ def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
 
 def test_beta_zero_runs_without_reference(tiny2_dir, pitch_task, tmp_path):
     """beta 0: no reference model is built and the logged KL is exactly 0."""
-    assert T.reference(T.Config(beta=0.0), T.Recipe(), tiny2_dir) is None
+    assert T.reference(config.Config(beta=0.0), T.Recipe(), tiny2_dir) is None
     T.main(quick_args(tiny2_dir, pitch_task, tmp_path, "--beta", "0", "--max-steps", "1"))
     assert metrics(tmp_path)[0]["kl"] == 0.0
 
@@ -136,7 +137,7 @@ def test_second_iteration_clips(warm_dir, pitch_task, tmp_path, monkeypatch):
 def fresh_run(tiny2_dir, pitch_task, tmp_path):
     """train.setup() from nothing: the warm start of conftest's warm_dir (after which rewards differ within
     groups), checkpoint-0 saved, the reference built."""
-    cfg, _ = T.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--warm-start-steps", "15",
+    cfg, _ = config.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--warm-start-steps", "15",
                                      "--warm-start-lr", "1e-2", "--lr", "1e-3"))
     _, _, device = M.init_distributed(always=True)
     run, _, start = T.setup(cfg, T.recipe_for(cfg), device)
@@ -341,7 +342,7 @@ def test_dynamic_sampling_keeps_the_first_informative_groups(monkeypatch):
     kept = [1, 0, 1, 0] then [0, 1, 1, 0]. Round 1's questions come from (seed, step, round) alone, and its
     generator indices (4..7) differ from round 0's (0..3)."""
     M.init_distributed(always=True)
-    cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=3, seed=5)
+    cfg = config.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=3, seed=5)
     train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
     recipe = T.recipe_for(cfg)
     run = types.SimpleNamespace(cfg=cfg, recipe=recipe, questions=train, device=torch.device("cpu"))
@@ -368,7 +369,7 @@ def test_dynamic_sampling_stops_at_its_cap(monkeypatch):
     fake, calls = fake_rollouts([[0, 0, 1, 0], [0, 0, 0, 0]])
     monkeypatch.setattr(T, "rollout", fake)
     for rounds, expected in ((1, (8, 7)), (0, (4, 0))):
-        cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=rounds)
+        cfg = config.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=rounds)
         recipe = T.recipe_for(cfg)
         sampled = recipe.sample(types.SimpleNamespace(cfg=cfg, recipe=recipe, questions=train, device="cpu"), 0)
         assert (sampled.prompts, sampled.dropped) == expected
@@ -387,7 +388,7 @@ def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
     and gets 0."""
     M.init_distributed(always=True)
     fake, _ = fake_rollouts([[1, 1, 0, 1]])
-    cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, advantage_scale="batch")
+    cfg = config.Config(prompts_per_step=4, micro_batch=2, group_size=2, advantage_scale="batch")
     run = types.SimpleNamespace(cfg=cfg, questions=[], device="cpu")
     groups = [fake(run, 0, [0, 1], []), fake(run, 0, [2, 3], [])]
     groups[0].rewards = torch.tensor([1.0, 0.0, 2.0, 0.5])
@@ -437,7 +438,7 @@ def test_truncated_completions_count_in_the_loss_scale(aggregation, denominator,
     mask), but the loss divides by every row as TRL's does, so the scale does not move with the number
     truncated. The denominator and the loss over both micro-batches, by hand (comments)."""
     M.init_distributed(always=True)
-    cfg = T.Config(group_size=4, max_new_tokens=4, loss_aggregation=aggregation, advantage_scale="none",
+    cfg = config.Config(group_size=4, max_new_tokens=4, loss_aggregation=aggregation, advantage_scale="none",
                    mask_truncated=True, beta=0.0)
     recipe, groups = T.recipe_for(cfg), truncated_batch()
     set_advantages(recipe, groups, cfg.group_size)
@@ -460,7 +461,7 @@ def test_batch_std_counts_truncated_completions_and_not_dropped_groups():
     clears both its mask and counted) is out of both the count and the std: drop the last group, and 12
     rows count: five 2s, sum 10, squares 20, var (20 - 10^2/12) / 11 = 35/33, std 1.02986."""
     M.init_distributed(always=True)
-    cfg = T.Config(group_size=4, max_new_tokens=4, advantage_scale="batch", mask_truncated=True)
+    cfg = config.Config(group_size=4, max_new_tokens=4, advantage_scale="batch", mask_truncated=True)
     recipe, groups = T.recipe_for(cfg), truncated_batch()
     set_advantages(recipe, groups, cfg.group_size)
     centred = torch.tensor([1, 1, -1, 0, 1.5, -.5, -.5, 0] * 2)  # the truncated rows get 0
@@ -535,9 +536,9 @@ def test_the_runs_prompt_settings_reach_every_forward(tiny2_dir, pitch_task, tmp
 
 def test_tiny_omni_is_a_demo_model():
     """--model tiny-omni, like tiny, is built offline and runs the workshop preset."""
-    cfg, demo = T.parse_args(["--model", "tiny-omni"])
-    assert demo and cfg.lr == T.DEMO["lr"]
-    T.check_paths(cfg)  # no folder to check: it is built in setup()
+    cfg, demo = config.parse_args(["--model", "tiny-omni"])
+    assert demo and cfg.lr == config.DEMO["lr"]
+    config.check_paths(cfg)  # no folder to check: it is built in setup()
 
 
 def test_warm_start_on_another_question_keeps_the_encoder(tiny2_dir, pitch_task, tmp_path, monkeypatch):
@@ -557,7 +558,7 @@ def test_warm_start_on_another_question_keeps_the_encoder(tiny2_dir, pitch_task,
     warm, sft = seen[:2], seen[2:]
     assert len(warm) == 2 and len(sft) == 1 and sft[0][2]  # the SFT step trains the encoder
     for samples, targets, encoder_trains in warm:
-        assert not encoder_trains and len(samples) == T.WARM_START_BATCH
+        assert not encoder_trains and len(samples) == config.WARM_START_BATCH
         assert all(s.question == demo.LOUDNESS_QUESTION for s in samples)
         assert targets == [f"<answer>{s.answer}</answer><|im_end|>" for s in samples]
     base, start, after = (Qwen2AudioForConditionalGeneration.from_pretrained(d).state_dict() for d in

@@ -15,12 +15,13 @@ import json
 import sys
 from pathlib import Path
 
+import config
 import evaluate
 import model as M
 import train
 from workshop import demo
 
-# Shared by every run: the demo's batch and sampling settings (train.DEMO), for a model given by path.
+# Shared by every run: the demo's batch and sampling settings (config.DEMO), for a model given by path.
 COMMON = ["--prompts-per-step", "32", "--micro-batch", "32", "--max-new-tokens", "16", "--dtype", "float32",
           "--no-gradient-checkpointing", "--balance-answers", "--lr-decay"]
 RUNS = {
@@ -29,8 +30,8 @@ RUNS = {
     "GRPO, full": ["--beta", "0.1", "--lr", "1e-3"],
     "GRPO, LoRA": ["--beta", "0.1", "--lora-rank", "8", "--lr", "1e-2"],
 }
-WARM_START = ["--max-steps", "0", "--warm-start-steps", str(train.DEMO["warm_start_steps"]),
-              "--warm-start-data", train.LOUDNESS]
+WARM_START = ["--max-steps", "0", "--warm-start-steps", str(config.DEMO["warm_start_steps"]),
+              "--warm-start-data", config.LOUDNESS]
 
 
 def prepare(cache):

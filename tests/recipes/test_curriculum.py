@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch.distributed as dist
 
+import config
 import data
 import train as T
 from conftest import quick_args
@@ -48,7 +49,7 @@ def test_balanced_curriculum_interleaves_answers_from_easy_to_hard():
 def test_step_indices_follow_the_curriculum(monkeypatch):
     """A step's batch is the next slice of the curriculum order (the recipe's, once the pre-pass has
     measured the rates); without rates, the usual shuffle."""
-    cfg = T.Config(prompts_per_step=2, seed=1)
+    cfg = config.Config(prompts_per_step=2, seed=1)
     rates = [i / 10 for i in range(10)]  # question 9 easiest
     questions = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
     run = SimpleNamespace(recipe=T.Recipe())

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2AudioForConditionalGeneration
 
 import checkpoint as C
+import config
 import data
 import evaluate as E
 import grpo
@@ -91,7 +92,7 @@ def test_an_sft_run_logs_the_loss_it_trains_on(tiny2_dir, pitch_task, tmp_path):
     out = tmp_path / "sft"
     args = quick_args(tiny2_dir, pitch_task, out, "--algo", "sft", "--prompt", "direct")
     args = args[:args.index("--lr")] + args[args.index("--lr") + 2:]
-    cfg, _ = T.parse_args(args)
+    cfg, _ = config.parse_args(args)
     recipe = T.recipe_for(cfg)
     assert cfg.lr == 1e-5 and T.reference(cfg, recipe, tiny2_dir) is None
     T.main(args)
