@@ -1,13 +1,9 @@
 """Check the GPUs before renting eight for a day: what a real run does, in minutes, then a table of what passed
 and what to change (--micro-batch, --keep-last, --dist-timeout-minutes) for these GPUs and this disk.
+Random models with the 7B's widths and 2 + 2 layers (nothing downloaded) go through train.py's own code;
+docs/performance.md "Before renting eight GPUs" says what each section checks. Without CUDA: one line, exit 0.
 
-Random models with the 7B's widths and 2 + 2 layers (nothing downloaded) are written to OUT/gpu-check/ like a
-downloaded checkpoint and go through train.py's own code: loading, rollouts, the step's memory and speed
-against plan.py and the hardware, train.py's loop with saves, a resume and pruning, held-out scoring and
-evaluate.py's generation under FSDP, and Qwen2.5-Omni's thinker. README "Before renting eight GPUs" says what
-each section checks. Without CUDA it prints one line and exits 0.
-
-    torchrun --standalone --nproc_per_node 8 tests/gpu_check.py --out /disk/of/the/run
+    torchrun --standalone --nproc_per_node 8 -m tools.gpu_check --out /disk/of/the/run
 """
 
 import argparse
@@ -27,22 +23,16 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters  # dynamo's count of compiled graphs: torch has no public one
 from transformers import WhisperFeatureExtractor
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import attention  # noqa: E402  (after the path insert, for `python tests/gpu_check.py`)
-import batches as B  # noqa: E402
-import checkpoint  # noqa: E402
-import decode  # noqa: E402
-import evaluate as E  # noqa: E402
-import grpo  # noqa: E402
-import lora as L  # noqa: E402
-import model as M  # noqa: E402
-import plan  # noqa: E402
-import steps as S  # noqa: E402
-import synthetic  # noqa: E402
-import train as T  # noqa: E402
-from data import SAMPLE_RATE, Sample  # noqa: E402
+import checkpoint
+import data
+import grpo
+import model as M
+import train as T
+from data import SAMPLE_RATE, Sample
+from engine import attention, packed, sampler
+from recipes import lora
+from tools import plan
+from workshop import demo
 
 SAMPLE = Sample("", "What is the pitch of the tone in the audio?", ["very low", "low", "high", "very high"], "low", {})
 # (name fragment, HBM bytes/s, bf16 dense FLOP/s): vendor spec sheets, first match wins. Assumptions.
@@ -54,7 +44,7 @@ EXTRA_ENDS = list(range(100, 140))
 
 
 # -----------------------------------------------------------------------------
-# The arithmetic of the bounds (pure; tests/test_gpu_check.py checks it by hand)
+# The arithmetic of the bounds (pure; tests/tools/test_gpu_check.py checks it by hand)
 
 def gpu_spec(name):
     """(HBM bytes/s, bf16 dense FLOP/s) for a CUDA device name, or None if it is not in GPUS."""
@@ -88,10 +78,10 @@ def bus_bandwidth(nbytes, seconds, world):
 
 
 def few_layer_config(family, tokenizer, audio_layers=2, decoder_layers=2, full_vocab=True):
-    """The family's 7B config (model.config_7b) with fewer layers and the tiny tokenizer's special token ids;
+    """The family's 7B config (plan.config_7b) with fewer layers and the tiny tokenizer's special token ids;
     its vocabulary is the 7B's (ids past the tokenizer are never sampled) or, without full_vocab, the
     tokenizer's. Omni's vision tower, which audio never runs, is the smallest the class builds."""
-    d = M.config_7b(family).to_dict()
+    d = plan.config_7b(family).to_dict()
     d["audio_config"]["encoder_layers"] = audio_layers
     d["text_config"]["num_hidden_layers"] = decoder_layers
     d["text_config"].pop("layer_types", None)  # derived from the layer count
@@ -104,7 +94,7 @@ def few_layer_config(family, tokenizer, audio_layers=2, decoder_layers=2, full_v
         d.update(image_token_index=ids("<|IMAGE|>"), video_token_index=ids("<|VIDEO|>"),
                  audio_start_token_id=ids("<|audio_bos|>"), audio_end_token_id=ids("<|audio_eos|>"),
                  vision_start_token_id=ids("<|vision_bos|>"))
-    return M.FAMILIES[family].config_class(**d)
+    return demo.family_record(family).config_class(**d)
 
 
 def timeout_minutes(save_seconds, save_bytes, bytes_7b, timeout):
@@ -172,8 +162,8 @@ class Check:
 def write_model(folder, family, configs, full_vocab, seconds, device):
     """A random model of the family and its processor (the tiny tokenizer, a Whisper feature extractor of
     `seconds`) in bf16, as from_pretrained and train.py find a downloaded one."""
-    fam = M.FAMILIES[family]
-    tokenizer = M.build_tokenizer(special_tokens=fam.special_tokens, named_tokens=fam.named_tokens)
+    fam = demo.family_record(family)
+    tokenizer = demo.build_tokenizer(special_tokens=fam.special_tokens, named_tokens=fam.named_tokens)
     features = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, chunk_length=seconds)
     processor = fam.processor_class(feature_extractor=features, tokenizer=tokenizer, chat_template=fam.chat_template)
     torch.manual_seed(0)
@@ -191,16 +181,34 @@ def tone(seconds, hz=440.0):
 
 
 def sampled(c, model, processor, clips, group_size, new_tokens, forced=False, seed=0):
-    """A rollout of this rank's prompts (one per clip length, left-padded in one micro-batch) inside
-    model.unsharded: completions end at many lengths (EXTRA_ENDS), or with forced, never before new_tokens."""
+    """A rollout of this rank's prompts (one per clip length, left-padded in one micro-batch) by train.py's sampler
+    inside model.unsharded: completions end at many lengths (EXTRA_ENDS), or with forced, never before new_tokens."""
     tok, vocab = processor.tokenizer, model.config.text_config.vocab_size
     batch = M.collate(processor, [SAMPLE] * len(clips), [tone(s) for s in clips]).to(c.device)
     ends, suppress = M.end_token_ids(tok), M.suppressed_token_ids(tok, vocab)
+    ends, suppress = (ends, suppress + ends) if forced else (ends + EXTRA_ENDS, suppress)
     gens = grpo.prompt_generators(seed, 0, [c.rank * len(clips) + i for i in range(len(clips))], c.device)
     model.eval()
     with M.unsharded(model):
-        return grpo.generate_groups(model, batch, gens, group_size, new_tokens, ends if forced else ends + EXTRA_ENDS,
-                                    tok.pad_token_id, suppress + (ends if forced else []))
+        return sampler.generate_groups(model, batch, gens, group_size, new_tokens, ends, tok.pad_token_id, suppress)
+
+
+@contextmanager
+def calls_of(module, name):
+    """The wall seconds of every call of module.name while inside (a collective FSDP looks up at call time,
+    train.loop's checkpoint.save): one record a call."""
+    real, records = getattr(module, name), []
+
+    def timed(*args, **kwargs):
+        t0 = time.time()
+        out = real(*args, **kwargs)
+        records.append(time.time() - t0)
+        return out
+    setattr(module, name, timed)
+    try:
+        yield records
+    finally:
+        setattr(module, name, real)
 
 
 def max_over_ranks(x):
@@ -253,77 +261,43 @@ def section_load(c):
     r = sampled(c, plain, processor, c.clips(), c.args.group_size, 16)
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        expected = grpo.completion_logprobs(plain, r, pad, flex=False)
+        expected = packed.completion_logprobs(plain, r, pad, flex=False)
     rotary = [b for n, b in plain.named_buffers() if n.endswith("inv_freq")]
     del plain
     policy = M.sharded_load(folder, param_dtype=torch.bfloat16)
-    lora = M.sharded_load(folder, param_dtype=torch.bfloat16, lora=L.LoRASettings(rank=8))
+    adapted = M.sharded_load(folder, param_dtype=torch.bfloat16, adapters=lora.LoRA(lora.LoRASettings(rank=8)))
     diffs = {}
-    for name, model in (("policy", policy), ("reference", M.sharded_copy(policy, torch.bfloat16)), ("LoRA", lora)):
+    for name, model in (("policy", policy), ("reference", M.sharded_copy(policy, torch.bfloat16)), ("LoRA", adapted)):
         with torch.no_grad():
-            diffs[name] = max_over_ranks((grpo.completion_logprobs(model.eval(), r, pad, flex=False) - expected).abs().max())
+            logp = packed.completion_logprobs(model.eval(), r, pad, flex=False)
+        diffs[name] = max_over_ranks((logp - expected).abs().max())
         M.reshard(model)
-    frozen = [p for p in lora.parameters() if not p.requires_grad]
-    ignored = all(not hasattr(p, "to_local") for p in frozen) and all(hasattr(p, "to_local") for p in S.trainable(lora))
+    frozen = [p for p in adapted.parameters() if not p.requires_grad]
+    ignored = all(not hasattr(p, "to_local") for p in frozen) and all(hasattr(p, "to_local") for p in T.trainable(adapted))
     same_rotary = all(torch.equal(a, b) for a, b in zip(rotary, (b for n, b in policy.named_buffers() if n.endswith("inv_freq"))))
-    detail = (f"max |d logp| against a plain model, bf16: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+    detail = ("max |d logp| against a plain model, bf16: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
               + f"; LoRA base ignored by FSDP: {ignored}; rotary frequencies equal: {same_rotary}")
     return require(max(diffs.values()) < 0.05 and ignored and same_rotary, detail)
-
-
-def count_all_gathers():
-    """Wrap the collective FSDP2 gathers parameters with (dist.all_gather_single in torch 2.13; FSDP looks it up
-    on the module at call time). Returns (counter, restore)."""
-    counter, real = {"calls": 0}, dist.all_gather_single
-
-    def counting(*args, **kwargs):
-        counter["calls"] += 1
-        return real(*args, **kwargs)
-    dist.all_gather_single = counting
-    return counter, lambda: setattr(dist, "all_gather_single", real)
 
 
 def section_rollout(c):
     """A micro-batch of 2 prompts of different lengths per rank (padding rows), completions of many lengths and
     early stops: one all-gather per FSDP unit for the whole rollout (none on one process), and the packed
-    log-probs (FlexAttention where it runs) against separate [prompt, completion] forwards."""
+    log-probs (FlexAttention where it runs) against grpo.py's plain ones (a [prompt, completion] row each)."""
     big = c.step_model()
-    counter, restore = count_all_gathers()
-    try:
+    with calls_of(dist, "all_gather_single") as gathers:  # FSDP2's gather in torch 2.13, looked up at call time
         r = sampled(c, big.policy, big.processor, c.clips(), c.args.group_size, c.args.new_tokens)
-    finally:
-        restore()
     lengths = r.mask.sum(1)
     units = len(M.fsdp_units(big.policy))
-    packed = big.reference(r)
-    separate = separate_logprobs(big.ref, r)
-    diff = max_over_ranks((packed - separate).abs().max())
+    with torch.no_grad():
+        plain = grpo.completion_logprobs(big.ref, r, big.processor.tokenizer.pad_token_id)
+    M.reshard(big.ref)
+    diff = max_over_ranks((big.reference(r) - plain).abs().max())
     detail = (f"{r.completion_ids.size(0)} completions of {lengths.min().item()}..{lengths.max().item()} tokens "
               f"(limit {c.args.new_tokens}), prompts of {sorted(len(p) for p in r.prompt_ids)} tokens; "
-              f"all-gathers {counter['calls']} for {units} FSDP units; packed vs separate max |d logp| {diff:.1e}")
+              f"all-gathers {len(gathers)} for {units} FSDP units; packed vs plain max |d logp| {diff:.1e}")
     varied = len(set(lengths.tolist())) > 1 and lengths.min() < c.args.new_tokens
-    return require(counter["calls"] == (units if c.world > 1 else 0) and diff < 0.1 and varied, detail)
-
-
-@torch.no_grad()
-def separate_logprobs(model, rollout):
-    """Each completion through the model's own forward after its unpadded prompt (the slow reference)."""
-    out = torch.zeros(rollout.completion_ids.shape, device=rollout.mask.device)
-    for n, (ids, mask) in enumerate(zip(rollout.completion_ids, rollout.mask)):
-        b, k = n // rollout.group_size, int(mask.sum())
-        prompt = rollout.prompt_ids[b]
-        seq = torch.cat([prompt, ids[:k]])[None]
-        logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), input_features=rollout.input_features[b:b + 1],
-                       feature_attention_mask=rollout.feature_attention_mask[b:b + 1]).logits[0]
-        P = len(prompt)
-        out[n, :k] = logits[P - 1:P - 1 + k].float().log_softmax(-1).gather(-1, ids[:k, None]).squeeze(-1)
-    M.reshard(model)
-    return out
-
-
-def compiled_graphs():
-    """Graphs dynamo has compiled in this process."""
-    return counters["stats"]["unique_graphs"]
+    return require(len(gathers) == (units if c.world > 1 else 0) and diff < 0.1 and varied, detail)
 
 
 def section_recompiles(c):
@@ -331,14 +305,14 @@ def section_recompiles(c):
     packed lengths at R1-AQA's prompt (850 tokens, G = 8, T = 64, 128, 256): the graphs compiled (1 expected)."""
     text = c.step_model().config.text_config
     heads, kv, dim = text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads
-    before, lengths = compiled_graphs(), []
+    before, lengths = counters["stats"]["unique_graphs"], []
     for new in (64, 128, 256):
         seg = torch.tensor([[0] * plan.PROMPT_TOKENS + [i + 1 for i in range(8) for _ in range(new)]], device=c.device)
         q = torch.randn(1, heads, seg.size(1), dim, dtype=torch.bfloat16, device=c.device)
         k = torch.randn(1, kv, seg.size(1), dim, dtype=torch.bfloat16, device=c.device)
         attention.compiled_flex()(q, k, k, block_mask=attention.block_mask(seg), scale=dim ** -0.5, enable_gqa=heads != kv)
         lengths.append(f"{seg.size(1)} ({-(-seg.size(1) // plan.BLOCK)} blocks)")
-    graphs = compiled_graphs() - before
+    graphs = counters["stats"]["unique_graphs"] - before
     return require(graphs <= 1, f"{graphs} graph(s) compiled over packed lengths {', '.join(lengths)}; 1 expected "
                                 "(TORCH_LOGS=recompiles names the guard that failed)")
 
@@ -356,7 +330,7 @@ class Big:
         self.config = plan.load_config(str(folder))
         self.policy = M.sharded_load(folder, param_dtype=torch.bfloat16, gradient_checkpointing=True)
         self.ref = M.sharded_copy(self.policy, torch.bfloat16).requires_grad_(False).eval()
-        self.optimizer = torch.optim.AdamW(S.trainable(self.policy), lr=1e-6)
+        self.optimizer = torch.optim.AdamW(T.trainable(self.policy), lr=1e-6)
         self.flex = {"auto": None, "flex": True, "dense": False}[c.args.attention]
 
     def rollout(self):
@@ -369,19 +343,19 @@ class Big:
         batch = M.collate(self.processor, [SAMPLE], [tone(self.c.seconds)]).to(self.device)
         self.policy.eval()
         with M.unsharded(self.policy):
-            return decode.prefill_and_fork(self.policy, batch, self.args.group_size, self.args.new_tokens)
+            return sampler.prefill_and_fork(self.policy, batch, self.args.group_size, self.args.new_tokens)
 
     @torch.no_grad()
     def reference(self, rollout, flex=None):
-        logp = grpo.completion_logprobs(self.ref, rollout, self.processor.tokenizer.pad_token_id,
-                                        flex=self.flex if flex is None else flex)
+        logp = packed.completion_logprobs(self.ref, rollout, self.processor.tokenizer.pad_token_id,
+                                          flex=self.flex if flex is None else flex)
         M.reshard(self.ref)
         return logp
 
     def policy_pass(self, rollout, ref_logp, flex=None):
         self.policy.train()
-        logp = grpo.completion_logprobs(self.policy, rollout, self.processor.tokenizer.pad_token_id,
-                                        flex=self.flex if flex is None else flex)
+        logp = packed.completion_logprobs(self.policy, rollout, self.processor.tokenizer.pad_token_id,
+                                          flex=self.flex if flex is None else flex)
         advantages = grpo.group_advantages(torch.arange(logp.size(0), dtype=torch.float32, device=self.device),
                                            rollout.group_size)
         loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, rollout.mask)
@@ -389,7 +363,7 @@ class Big:
         return logp.detach()
 
     def optimizer_step(self):
-        return S.clip_and_step(self.policy, self.optimizer, 1.0)
+        return T.clip_and_step(self.policy, self.optimizer, 1.0)
 
 
 def measure_step(big):
@@ -509,12 +483,12 @@ def section_nccl(c):
     numel = counts["lm_layer"] // c.world * c.world
     shard = torch.randn(numel // c.world, dtype=torch.bfloat16, device=c.device)
     whole = torch.empty(numel, dtype=torch.bfloat16, device=c.device)
-    t = seconds(dist.all_gather_into_tensor, whole, shard, repeats=10)
+    t = seconds(dist.all_gather_single, whole, shard, repeats=10)
     lines = [f"{c.world} GPUs, one decoder layer ({numel / 1e6:.0f}M parameters)",
              f"  all-gather bf16     {numel * 2 / 1e9:.2f} GB in {t * 1e3:.1f} ms, bus bandwidth "
              f"{bus_bandwidth(numel * 2, t, c.world) / 1e9:.0f} GB/s"]
     full, out = torch.randn(numel, device=c.device), torch.empty(numel // c.world, device=c.device)
-    t = seconds(dist.reduce_scatter_tensor, out, full, repeats=10)
+    t = seconds(dist.reduce_scatter_single, out, full, repeats=10)
     lines.append(f"  reduce-scatter fp32 {numel * 4 / 1e9:.2f} GB in {t * 1e3:.1f} ms, bus bandwidth "
                  f"{bus_bandwidth(numel * 4, t, c.world) / 1e9:.0f} GB/s")
     return "\n".join(lines)
@@ -523,33 +497,16 @@ def section_nccl(c):
 # -----------------------------------------------------------------------------
 # Sections: train.py's loop, evaluate.py's generation, Qwen2.5-Omni
 
-@contextmanager
-def timing(module, name, records):
-    """Time every call of module.name (train.loop calls checkpoint.save through the module) into records."""
-    real = getattr(module, name)
-
-    def timed(*args, **kwargs):
-        t0 = time.time()
-        out = real(*args, **kwargs)
-        records.append(time.time() - t0)
-        return out
-    setattr(module, name, timed)
-    try:
-        yield records
-    finally:
-        setattr(module, name, real)
-
-
 def folder_bytes(path):
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def training_flags(c, folder, data, out):
+def training_flags(c, folder, task, out):
     """train.py's flags for the loop: every GPU gets 2 prompts in one micro-batch, 2 x GPUs + 1 held-out
     questions (uneven shares), a save at every step and --keep-last 1, a warm start of 2 steps where its batch of
     16 splits over the GPUs (so that rewards differ within groups), dynamic sampling of one extra round."""
-    warm = 2 if S.WARM_START_BATCH % c.world == 0 else 0
-    return ["--model", str(folder), "--data", str(data / "train.jsonl"), "--eval-data", str(data / "test.jsonl"),
+    warm = 2 if T.WARM_START_BATCH % c.world == 0 else 0
+    return ["--model", str(folder), "--data", str(task / "train.jsonl"), "--eval-data", str(task / "test.jsonl"),
             "--eval-samples", str(2 * c.world + 1), "--eval-every", "1", "--out", str(out), "--max-steps", "2",
             "--prompts-per-step", str(2 * c.world), "--micro-batch", "2", "--group-size", str(c.args.group_size),
             "--max-new-tokens", str(min(c.args.new_tokens, 32)), "--dynamic-sampling", "1", "--save-every", "1",
@@ -561,22 +518,23 @@ def section_training(c):
     """train.py's setup and loop on the small-vocabulary model: 2 steps, then --resume for a third. Every step
     finishes with a finite gradient norm and scores every held-out question once; the run folder ends with the
     newest checkpoint (and checkpoint-0) only. The saves are timed and scaled to the 7B's checkpoint."""
-    folder, data, out = c.model("qwen2-audio", full_vocab=False), c.work / "synthetic", c.work / "run"
+    folder, task, out = c.model("qwen2-audio", full_vocab=False), c.work / "synthetic", c.work / "run"
     if c.rank == 0:
-        synthetic.make_synthetic(data, n_train=64, n_test=32)
+        demo.make_synthetic(task, n_train=64, n_test=32)
     dist.barrier()  # the task is written before any rank reads it
-    cfg, _ = T.parse_args(training_flags(c, folder, data, out))
+    cfg, _ = T.parse_args(training_flags(c, folder, task, out))
     T.validate(cfg, c.world)
-    history, saves = [], []
-    with timing(checkpoint, "save", saves):
+    history = []
+    with calls_of(checkpoint, "save") as saves:
         for cfg in (cfg, replace(cfg, max_steps=3, resume=True, overwrite=False)):
-            run, held_out, start = T.setup(cfg, c.device)
+            run, held_out, start = T.setup(cfg, T.recipe_for(cfg), c.device)
             history += T.loop(run, start, held_out)
     c.trained = run
+    dist.barrier()  # rank 0 prunes after the last save's barrier: the folder is final once it gets here
     kept = [p.name for p in checkpoint.complete(out)]
     size = folder_bytes(out / "checkpoint-3")
     c.figures["save"] = (max(saves), size)
-    counts, _ = plan.count_model(M.config_7b())
+    counts, _ = plan.count_model(plan.config_7b())
     minutes, _ = timeout_minutes(max(saves), size, plan.checkpoint_bytes(counts, plan.Step()), cfg.dist_timeout_minutes)
     expected = (["checkpoint-0"] if cfg.warm_start_steps else []) + ["checkpoint-3"]
     detail = (f"steps {[h['step'] for h in history]} (resumed at {start}); held-out questions scored "
@@ -590,20 +548,20 @@ def section_training(c):
 
 
 def section_evaluate(c):
-    """evaluate.py's generation on the trained sharded policy inside model.unsharded (training's held-out path)
-    against a plain model loaded from the run's last checkpoint: the same greedy completions on this rank's
-    questions (2 each)."""
+    """evaluate.py's generation (model.generate) on the trained sharded policy inside model.unsharded (training's
+    held-out path) against a plain model loaded from the run's last checkpoint: the same greedy completions on
+    this rank's questions (2 each)."""
     if c.trained is None:
         raise Failed("no trained policy: the training section failed")
     run, c.trained = c.trained, None
-    samples = run.train[2 * c.rank:2 * c.rank + 2]
-    audios, _ = B.read_audio(samples, run.cfg.downmix)
+    samples = run.questions[2 * c.rank:2 * c.rank + 2]
+    audios, _ = data.read_audio(samples, run.cfg.downmix)
     args = (run.processor, samples, audios, run.cfg.prompt, 16)
     run.policy.eval()
     with M.unsharded(run.policy):
-        sharded = E.generate(run.policy, *args)
+        sharded = M.generate(run.policy, *args)
     plain, _ = M.load(Path(run.cfg.out) / "checkpoint-3", dtype=torch.bfloat16, device=c.device)
-    differ = max_over_ranks(sum(a != b for a, b in zip(sharded, E.generate(plain, *args))))
+    differ = max_over_ranks(sum(a != b for a, b in zip(sharded, M.generate(plain, *args))))
     return require(differ == 0, f"{int(differ)} of {2 * c.world} greedy completions differ between the sharded "
                                 f"policy and checkpoint-3 loaded plain; e.g. {sharded[0]!r}")
 
@@ -616,15 +574,15 @@ def section_omni(c):
     r = sampled(c, plain, processor, c.clips(), c.args.group_size, 16)
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        expected = grpo.completion_logprobs(plain, r, pad, flex=False)
+        expected = packed.completion_logprobs(plain, r, pad, flex=False)
     del plain
     policy = M.sharded_load(folder, param_dtype=torch.bfloat16).train()
-    logp = grpo.completion_logprobs(policy, r, pad)
+    logp = packed.completion_logprobs(policy, r, pad)
     diff = max_over_ranks((logp.detach() - expected).abs().max())
     advantages = grpo.group_advantages(torch.arange(logp.size(0), dtype=torch.float32, device=c.device), r.group_size)
     loss, _ = grpo.grpo_loss(logp, logp.detach(), None, advantages, r.mask, beta=0.0)
     loss.backward()
-    norm, finite = S.clip_and_step(policy, torch.optim.AdamW(S.trainable(policy), lr=1e-6), 1.0)
+    norm, finite = T.clip_and_step(policy, torch.optim.AdamW(T.trainable(policy), lr=1e-6), 1.0)
     return require(diff < 0.05 and finite, f"max |d logp| against a plain model {diff:.1e}; one step, grad norm "
                                            f"{norm:.3g}; prompts of {sorted(len(p) for p in r.prompt_ids)} tokens")
 
@@ -641,7 +599,8 @@ SECTIONS = [("load", section_load), ("rollout", section_rollout), ("recompiles",
 def advice(c, gpu_bytes, free_bytes):
     """The settings of a real 7B run (R1-AQA's: 16 prompts, 1000 steps, a save every 100) on --gpus of these GPUs
     and the disk of --out, from the plan corrected by what the sections measured."""
-    config, counts = M.config_7b(), plan.count_model(M.config_7b())[0]
+    config = plan.config_7b()
+    counts = plan.count_model(config)[0]
     lines = [f"For the 7B on {c.args.gpus} x {gpu_bytes / 2**30:.0f} GiB, R1-AQA's settings, --out {c.args.out}:"]
     ratio = c.figures.get("memory_ratio")
     if ratio is None:

@@ -1,34 +1,27 @@
 """Measure what the bf16 lm_head costs GRPO's log-probs, KL and ratio, against an fp32 lm_head.
 
-Purpose: grpo.completion_logprobs runs lm_head in the compute dtype, so in bf16 each logit is rounded
-(to a step of 2^-8 of its size: 0.125 for |z| in 16..32) before the fp32 log-softmax. This script
-takes the tiny model in bf16 (fp32 master weights, bf16 compute copies, as train.py's FSDP policy),
-samples a rollout, and computes every token's log-prob three ways: lm_head in bf16 (what the code
-does), lm_head in fp32 over the same bf16 hidden states, and the whole model in fp32. It prints
-  - the log-prob error of the bf16 lm_head against the fp32 one, per token;
-  - at step 0 (policy = reference) the KL and the ratio, which are 0 and 1 in every way;
-  - after one AdamW step at R1-AQA's lr 1e-6: the KL (k3, token mean) and mean |ratio - 1| of the
-    new policy against the old, each way.
-The tiny model's logits are small (|z| < 1): the same is repeated with lm_head scaled so that the
-largest logits reach the 7B's range (|z| about 20-30), where bf16's rounding step is 0.125.
+The packed log-probs run lm_head in the compute dtype, so in bf16 each logit is rounded (a step of 0.125
+for |z| in 16..32) before the fp32 log-softmax. On the tiny model in bf16 (fp32 master weights, bf16
+compute copies, as train.py's policy), every sampled token's log-prob three ways: lm_head in bf16 (the
+code), lm_head in fp32 over the same bf16 states, the whole model in fp32; the KL and |ratio - 1| at step 0
+and after one AdamW step at lr 1e-6. Repeated with lm_head scaled so that its logits reach the 7B's range.
 
-    python tests/measure_logits.py        # about a minute on a CPU
+    python -m tools.measure_logits        # seconds on a CPU
 """
 
 import copy
-import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import grpo  # noqa: E402
-import model as M  # noqa: E402
-from conftest import pitch_samples  # noqa: E402
+import grpo
+import model as M
+from data import Sample
+from engine import packed, sampler
+from workshop import demo
 
 
 class Fp32Head(torch.nn.Module):
@@ -55,7 +48,7 @@ def logprobs(model, rollout, pad_id, fp32_head=False):
         model.lm_head = Fp32Head(head)
     try:
         with torch.no_grad():
-            return grpo.completion_logprobs(model, rollout, pad_id)
+            return packed.completion_logprobs(model, rollout, pad_id)
     finally:
         model.lm_head = head
 
@@ -66,6 +59,13 @@ def kl_and_ratio(new, old, mask):
     return (delta.exp() - delta - 1).mean().item(), ((new - old)[mask].exp() - 1).abs().mean().item()
 
 
+def pitch_samples(n):
+    """n pitch questions and noise clips of 1 to 3 s (the test suite's, tests/conftest.py)."""
+    rng, choices = np.random.default_rng(0), ["very low", "low", "high", "very high"]
+    samples = [Sample(f"clip{i}.wav", demo.PITCH_QUESTION, choices, choices[i % 4], {}) for i in range(n)]
+    return samples, [(0.1 * rng.standard_normal(16000 * (1 + i % 3))).astype(np.float32) for i in range(n)]
+
+
 def measure(master, processor, scale):
     tok = processor.tokenizer
     with torch.no_grad():
@@ -74,8 +74,8 @@ def measure(master, processor, scale):
     samples, audios = pitch_samples(4)
     batch = M.collate(processor, samples, audios)
     gens = grpo.prompt_generators(0, 0, range(4))
-    r = grpo.generate_groups(before, batch, gens, 8, 32, M.end_token_ids(tok), tok.pad_token_id,
-                             M.suppressed_token_ids(tok, master.config.text_config.vocab_size))
+    r = sampler.generate_groups(before, batch, gens, 8, 32, M.end_token_ids(tok), tok.pad_token_id,
+                                M.suppressed_token_ids(tok, master.config.text_config.vocab_size))
     pad = tok.pad_token_id
     with torch.no_grad():
         states = before.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -91,7 +91,7 @@ def measure(master, processor, scale):
     # one AdamW step of the GRPO loss at lr 1e-6 on the fp32 master (the policy's forward in bf16, as trained)
     master.train()
     opt = torch.optim.AdamW(master.parameters(), lr=1e-6, weight_decay=0.0)
-    logp = grpo.completion_logprobs(master, r, pad)
+    logp = packed.completion_logprobs(master, r, pad)
     adv = grpo.group_advantages(torch.arange(logp.size(0), dtype=torch.float32) % 3, 8)
     loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, r.mask, beta=0.0)
     loss.backward()
@@ -109,7 +109,7 @@ def measure(master, processor, scale):
 def main():
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = M.build_tiny(Path(tmp) / "tiny", window_seconds=2)
+        folder = demo.build_tiny(Path(tmp) / "tiny", window_seconds=2)
         for scale in (1, 60):
             master, processor = M.load(folder, dtype=torch.float32)
             measure(master, processor, scale)

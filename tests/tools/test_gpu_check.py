@@ -1,8 +1,8 @@
-"""tests/gpu_check.py on a machine without a GPU: it exits at once, its arithmetic is right by hand, and
+"""tools/gpu_check.py on a machine without a GPU: it exits at once, its arithmetic is right by hand, and
 every section runs end to end on the CPU with tiny models and the CUDA calls stood in (the figures mean
 nothing there: this finds broken code, not slow kernels).
 
-Run: python -m pytest -q tests/test_gpu_check.py
+Run: python -m pytest -q tests/tools/test_gpu_check.py
 """
 
 import itertools
@@ -12,13 +12,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from torch.nn.attention.flex_attention import flex_attention
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_mask, flex_attention
 
-import attention
-import gpu_check
 import model as M
-import plan
-from test_attention import sdpa_on_mask_mod
+from engine import attention
+from recipes import omni
+from tools import gpu_check, plan
+from workshop import demo
+
+
+def sdpa_on_mask_mod(query, key, value, block_mask, scale):
+    """A stand-in for the flex kernel with a backward on the CPU: sdpa over the BlockMask's own mask_mod."""
+    B, _, L, _ = query.shape
+    mask = create_mask(block_mask.mask_mod, B, 1, L, L, device=query.device)  # [B, 1, L, L]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                          enable_gqa=query.size(1) != key.size(1))
 
 
 def test_without_cuda_one_line_and_exit_0(monkeypatch, capsys):
@@ -53,7 +62,7 @@ def test_decode_bound_by_hand():
     (6,476,660,736 + 639,107,072) * 2 = 14,231,535,616 bytes.
     KV cache: 2 * 32 layers * 4096 * 1106 slots * 8 rows * 2 bytes = 4,638,900,224 bytes.
     Bound: 8 * 3.35e12 / 18,870,435,840 = 1420.2 tokens/s."""
-    counts, sizes = plan.count_model(M.config_7b())
+    counts, sizes = plan.count_model(plan.config_7b())
     assert counts["lm_layer"] == 202_395_648
     weights, cache = gpu_check.decode_bytes(counts, sizes, rows=8, cache_len=850 + 256)
     assert (weights, cache) == (14_231_535_616, 4_638_900_224)
@@ -71,9 +80,9 @@ def test_few_layers_keep_the_7b_widths():
     fc2 5120 * 1280 + 1280: 19,676,160 each) fewer than the 7B's 8,397,094,912: 1,734,940,672. The tiny
     tokenizer's <|AUDIO|> id. Without full_vocab the vocabulary is the tokenizer's. Omni's thinker builds too,
     with its own widths (3584, 28 heads, 4 KV heads) and the tokenizer's ids for its multimodal tokens."""
-    tokenizer = M.build_tokenizer()
+    tokenizer = demo.build_tokenizer()
     config = gpu_check.few_layer_config("qwen2-audio", tokenizer)
-    big = M.config_7b()
+    big = plan.config_7b()
     assert config.text_config.num_hidden_layers == 2 and len(config.text_config.layer_types) == 2
     assert config.audio_config.encoder_layers == 2
     assert config.audio_token_index == tokenizer.convert_tokens_to_ids("<|AUDIO|>")
@@ -84,12 +93,13 @@ def test_few_layers_keep_the_7b_widths():
     assert counts["total"] == 8_397_094_912 - 30 * 202_395_648 - 30 * 19_676_160 == 1_734_940_672
     small = gpu_check.few_layer_config("qwen2-audio", tokenizer, full_vocab=False)
     assert small.text_config.vocab_size == len(tokenizer) and small.text_config.hidden_size == 4096
-    omni_tok = M.build_tokenizer(special_tokens=M.OMNI.special_tokens, named_tokens=M.OMNI.named_tokens)
-    omni = gpu_check.few_layer_config("omni", omni_tok, full_vocab=False)
-    assert (omni.text_config.hidden_size, omni.text_config.num_attention_heads, omni.text_config.num_key_value_heads,
-            omni.text_config.num_hidden_layers, omni.audio_config.encoder_layers) == (3584, 28, 4, 2, 2)
-    assert omni.audio_token_id == omni_tok.convert_tokens_to_ids("<|AUDIO|>")
-    assert plan.count_model(omni)[0]["lm_layers"] == 2 * plan.count_model(M.config_7b("omni"))[0]["lm_layer"]
+    omni_tok = demo.build_tokenizer(special_tokens=omni.OMNI.special_tokens, named_tokens=omni.OMNI.named_tokens)
+    thinker = gpu_check.few_layer_config("omni", omni_tok, full_vocab=False)
+    text = thinker.text_config
+    assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.num_hidden_layers,
+            thinker.audio_config.encoder_layers) == (3584, 28, 4, 2, 2)
+    assert thinker.audio_token_id == omni_tok.convert_tokens_to_ids("<|AUDIO|>")
+    assert plan.count_model(thinker)[0]["lm_layers"] == 2 * plan.count_model(plan.config_7b("omni"))[0]["lm_layer"]
 
 
 def test_the_advice_arithmetic_by_hand():
@@ -107,7 +117,7 @@ def test_packed_flops_count_only_visible_pairs():
     """Against the dense count, the useful FLOPs miss exactly 4 * hidden * layers * (L^2 - visible):
     at P = 850, G = 8, T = 256, L = 2898, visible = 850^2 / 2 + 8 * (256 * 850 + 256^2 / 2) = 361,250 + 8 * 250,368
     = 2,364,194: 4 * 4096 * 32 * (8,398,404 - 2,364,194) = 3,163,663,892,480."""
-    counts, sizes = plan.count_model(M.config_7b())
+    counts, sizes = plan.count_model(plan.config_7b())
     useful = gpu_check.packed_flops(counts, sizes, 8, 850, 256)
     dense = sum(plan.pass_flops(counts, sizes, 8, 850, 256, packed=True, attention="dense"))
     assert dense - useful == 4 * 4096 * 32 * (2898**2 - 2_364_194) == 3_163_663_892_480
@@ -126,7 +136,7 @@ def test_every_section_runs_on_the_cpu(monkeypatch, capsys, tmp_path):
         monkeypatch.setattr(torch.cuda, name, lambda *a, v=value, **k: v)
     ticks = itertools.count(1)  # a "time" that grows, so that differences of times are not 0
     monkeypatch.setattr(gpu_check, "seconds", lambda fn, *args, repeats=0: (fn(*args), float(next(ticks)))[1])
-    monkeypatch.setattr(attention, "flex_kernel", sdpa_on_mask_mod([]))
+    monkeypatch.setattr(attention, "flex_kernel", sdpa_on_mask_mod)
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(
         fn, **kwargs, **({"backend": "eager"} if fn is flex_attention else {})))
@@ -134,7 +144,7 @@ def test_every_section_runs_on_the_cpu(monkeypatch, capsys, tmp_path):
     args = gpu_check.parse(["--out", str(tmp_path), "--group-size", "2", "--new-tokens", "8"])
     M.init_distributed(always=True)
     try:
-        results = gpu_check.check(args, "cpu", lambda family, tok, full: M.TINY_CONFIGS[family](tok, window_seconds=2),
+        results = gpu_check.check(args, "cpu", lambda family, tok, full: demo.TINY_CONFIGS[family](tok, window_seconds=2),
                                   seconds=2)
     finally:
         attention.compiled_flex.cache_clear()
