@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import checkpoint as C
+import config
 import data
 import model as M
 import train as T
@@ -52,7 +53,7 @@ def test_the_timeout_reaches_the_process_group(monkeypatch):
     dist.destroy_process_group()
     assert seen == [timedelta(minutes=7)]
     with pytest.raises(M.UsageError, match="--dist-timeout-minutes 0.0: must be > 0"):
-        T.validate(T.Config(dist_timeout_minutes=0.0), 1)
+        config.validate(config.Config(dist_timeout_minutes=0.0), 1)
 
     def stop(always=False, timeout=None):
         seen.append(timeout)
@@ -71,7 +72,7 @@ def test_save_prunes_after_the_barrier_and_each_file_is_synced_once(tiny2_dir, p
     for that in the next collective, not on top of the rest). Every file of the checkpoint is fsynced
     exactly once, by the writer that made it: train_state/'s shards and metadata by dcp's writer, the rest
     by rank 0 (before, rank 0 synced the whole tree again: ~118 GB at 7B)."""
-    cfg, _ = T.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--keep-last", "1"))
+    cfg, _ = config.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--keep-last", "1"))
     run = T.build_run(cfg, T.recipe_for(cfg), tiny2_dir, [], group)
     for step in (1, 2):
         fake_checkpoint(tmp_path / "run", f"checkpoint-{step}")
@@ -102,7 +103,7 @@ def test_the_reference_is_copied_from_the_policy_not_read_again(tiny2_dir, pitch
     state dict holds, rebuilt)."""
     reads, real_read = [], M.read_pretrained
     monkeypatch.setattr(M, "read_pretrained", lambda *a, **k: (reads.append(a[1]), real_read(*a, **k))[1])
-    cfg, _ = T.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--dtype", "bfloat16"))
+    cfg, _ = config.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--dtype", "bfloat16"))
     run, _, _ = T.setup(cfg, T.recipe_for(cfg), group)
     assert len(reads) == 1 and run.reference is not None
     read_again = M.sharded_load(tiny2_dir, storage_dtype=torch.bfloat16)
@@ -124,7 +125,7 @@ def test_the_disk_check_stops_a_run_that_cannot_fit(tiny2_dir, pitch_task, tmp_p
     AdamW's two fp32 moments of what trains (8 a parameter, none for the frozen table) and the Hugging Face
     weights in the compute dtype (4): 16 x 246,528 - 8 x 6,400 = 3,893,248 bytes; 3 of them 11,679,744.
     A warm start's checkpoint-0 (no moments yet) adds 8 x 246,528 = 1,972,224."""
-    cfg, _ = T.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path, "--max-steps", "10", "--save-every", "2",
+    cfg, _ = config.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path, "--max-steps", "10", "--save-every", "2",
                                      "--keep-last", "2"))
     run = T.build_run(cfg, T.recipe_for(cfg), tiny2_dir, [], group)
     assert sum(p.numel() for p in run.policy.parameters()) == 246_528
