@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import config  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
@@ -29,7 +30,7 @@ TIMEOUT, LATE = 10, 12  # seconds
 
 def heldout_run(model_dir):
     """What train.heldout reads of a Run: the settings, the sharded policy and the processor (fp32)."""
-    cfg = T.Config(micro_batch=3, max_new_tokens=12, dtype="float32")
+    cfg = config.Config(micro_batch=3, max_new_tokens=12, dtype="float32")
     policy = M.sharded_load(model_dir, param_dtype=torch.float32)
     return SimpleNamespace(cfg=cfg, policy=policy, processor=M.load_processor(model_dir))
 

@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters  # dynamo's count of compiled graphs: t
 from transformers import WhisperFeatureExtractor
 
 import checkpoint
+import config
 import data
 import grpo
 import model as M
@@ -505,7 +506,7 @@ def training_flags(c, folder, task, out):
     """train.py's flags for the loop: every GPU gets 2 prompts in one micro-batch, 2 x GPUs + 1 held-out
     questions (uneven shares), a save at every step and --keep-last 1, a warm start of 2 steps where its batch of
     16 splits over the GPUs (so that rewards differ within groups), dynamic sampling of one extra round."""
-    warm = 2 if T.WARM_START_BATCH % c.world == 0 else 0
+    warm = 2 if config.WARM_START_BATCH % c.world == 0 else 0
     return ["--model", str(folder), "--data", str(task / "train.jsonl"), "--eval-data", str(task / "test.jsonl"),
             "--eval-samples", str(2 * c.world + 1), "--eval-every", "1", "--out", str(out), "--max-steps", "2",
             "--prompts-per-step", str(2 * c.world), "--micro-batch", "2", "--group-size", str(c.args.group_size),
@@ -522,8 +523,8 @@ def section_training(c):
     if c.rank == 0:
         demo.make_synthetic(task, n_train=64, n_test=32)
     dist.barrier()  # the task is written before any rank reads it
-    cfg, _ = T.parse_args(training_flags(c, folder, task, out))
-    T.validate(cfg, c.world)
+    cfg, _ = config.parse_args(training_flags(c, folder, task, out))
+    config.validate(cfg, c.world)
     history = []
     with calls_of(checkpoint, "save") as saves:
         for cfg in (cfg, replace(cfg, max_steps=3, resume=True, overwrite=False)):
@@ -637,7 +638,7 @@ def parse(argv):
                         "writes its models and checkpoints in OUT/gpu-check/ and times its saves there")
     parser.add_argument("--keep", action="store_true", help="keep OUT/gpu-check/ (deleted at the end otherwise)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs of the real run, for the advice")
-    parser.add_argument("--dist-timeout-minutes", type=float, default=T.Config.dist_timeout_minutes,
+    parser.add_argument("--dist-timeout-minutes", type=float, default=config.Config.dist_timeout_minutes,
                         help="train.py's flag, as the real run will give it")
     parser.add_argument("--audio-layers", type=int, default=2, help="audio encoder layers (the 7B has 32)")
     parser.add_argument("--decoder-layers", type=int, default=2, help="language model layers (the 7B has 32)")
