@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpo  # noqa: E402
 import model as M  # noqa: E402
-import steps as S  # noqa: E402
+import train as T  # noqa: E402
 from conftest import pitch_samples  # noqa: E402
 from engine import packed, sampler  # noqa: E402
 
@@ -60,7 +60,7 @@ def nan_on_rank_1(policy, opt, r, processor, rank):
     loss, _ = grpo.grpo_loss(logp, logp.detach(), None, torch.ones(len(logp)), r.mask, beta=0.0)
     (loss * (float("nan") if rank == 1 else 1.0)).backward()
     before = {k: v.clone() for k, v in M.full_state_dict(policy).items()}
-    norm, stepped = S.clip_and_step(policy, opt, 1.0)
+    norm, stepped = T.clip_and_step(policy, opt, 1.0)
     after = M.full_state_dict(policy)
     return norm, stepped, all(torch.equal(before[k], after[k]) for k in before)
 

@@ -505,7 +505,7 @@ def test_mmsu_null_response_is_skipped_and_a_missing_one_counted_wrong():
     # "B" -> choice B "Sad" == answer_gt: right; null: skipped; missing -> "": counted, wrong; "C" -> "Angry": wrong
     s = E.score(records)
     assert (s.key, s.total.correct, s.total.total, s.skipped, s.missing) == ("response", 1, 3, 1, 1)
-    assert B.note_lines(s) == [
+    assert E.note_lines(s) == [
         "1 items have a 'response' that is not a string (null): not counted, as in the official script",
         "1 items have no 'response' field: read as \"\" and counted wrong, as in the official script"]
 
@@ -513,7 +513,7 @@ def test_mmsu_null_response_is_skipped_and_a_missing_one_counted_wrong():
 def test_score_reads_mmsu_files_in_the_official_format(tmp_path, capsys):
     """--score on what MMSU's own tools write (JSONL; answer_gt and choice_a .. choice_d, `response`, no
     answer or choices) prints MMSU's lines, by `response`: not "answers withheld", not "not a JSON file"."""
-    records = [dict(official_mmsu(B.mmsu_response(r["model_prediction"], r), r["answer_gt"]),
+    records = [dict(official_mmsu(benchmarks.mmsu_response(r["model_prediction"], r), r["answer_gt"]),
                     **{k: r[k] for k in ("choice_a", "choice_b", "choice_c", "choice_d", "category", "sub-category")})
                for r in MMSU_RECORDS]
     preds = tmp_path / "mmsu.jsonl"
@@ -524,7 +524,7 @@ def test_score_reads_mmsu_files_in_the_official_format(tmp_path, capsys):
     assert "by 'response'" in out and "Overall Accuracy: 0.4286" in out and "Total count: 7" in out
 
 
-def finish_from_parts(data: Path, out: Path, predictions: list, key: str | None = None) -> B.Score:
+def finish_from_parts(data: Path, out: Path, predictions: list, key: str | None = None) -> R.Score:
     """evaluate.finish (rank 0's merge, write and score) on predictions put in the part files by hand,
     as a run leaves them: what the run writes, without a model. key: --key (None: its default)."""
     parts = E.parts_dir(out)

@@ -150,12 +150,14 @@ def lay_open(policy, processor, reference, sample, audio, args):
     reference: a frozen model, or None with beta 0. Changes the policy's weights when num_iterations > 1."""
     group = sample_group(policy.eval(), processor, sample, audio, args)
     pad_id, rollout, temperature = processor.tokenizer.pad_token_id, group.rollout, args.temperature
+    suppress = M.suppressed_token_ids(processor.tokenizer, policy.config.text_config.vocab_size)  # as training
+    logprobs = lambda model: grpo.completion_logprobs(model, rollout, pad_id, temperature, suppress)  # [G, T]
     with torch.no_grad():
-        ref_logp = grpo.completion_logprobs(reference, rollout, pad_id, temperature) if args.beta else None
+        ref_logp = logprobs(reference) if args.beta else None
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     passes = []
     for i in range(args.num_iterations):
-        logp = grpo.completion_logprobs(policy, rollout, pad_id, temperature)  # [G, T] with grad
+        logp = logprobs(policy)  # [G, T] with grad
         loss, laid_open = loss_pass(logp, passes[0].logp if passes else logp.detach(), ref_logp, group, args.beta)
         passes.append(laid_open)
         if i + 1 < args.num_iterations:

@@ -40,8 +40,10 @@ def opened(warm_dir, tiny2_dir, pitch_task):
 
 
 def logprobs(model, o):
+    """grpo.completion_logprobs as training takes them: at the temperature, the suppressed tokens left out."""
+    suppress = M.suppressed_token_ids(o.processor.tokenizer, model.config.text_config.vocab_size)
     with torch.no_grad():
-        return grpo.completion_logprobs(model, o.group.rollout, o.pad, TEMPERATURE)  # [G, T]
+        return grpo.completion_logprobs(model, o.group.rollout, o.pad, TEMPERATURE, suppress)  # [G, T]
 
 
 def test_rewards_and_advantages_are_reward_and_grpos(opened, pitch_task):
