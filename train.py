@@ -640,11 +640,12 @@ def answer_nll(run, samples):
     accuracy stays flat (log 4 = 1.39 for a policy in format that spreads its mass over four choices)."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     sums = torch.zeros(2, device=run.device)
-    for batch in data.chunks(data.my_share(samples, rank, world), cfg.micro_batch):
-        targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
-        r = teacher_forced(run, batch, targets)
-        logp = logprobs(run, run.policy, r, temperature=1.0)                   # [B, T]
-        sums += torch.stack([-(logp * r.mask).sum(), r.mask.any(1).sum().float()])
+    with M.unsharded(run.policy):  # as heldout: each question once, so the shares differ (no collective inside)
+        for batch in data.chunks(samples, cfg.micro_batch)[rank::world]:
+            targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
+            r = teacher_forced(run, batch, targets)
+            logp = logprobs(run, run.policy, r, temperature=1.0)                   # [B, T]
+            sums += torch.stack([-(logp * r.mask).sum(), r.mask.any(1).sum().float()])
     nll, n = all_sum(sums).tolist()
     return nll / max(n, 1)
 

@@ -150,7 +150,8 @@ def test_the_disk_check_stops_a_run_that_cannot_fit(tiny2_dir, pitch_task, tmp_p
 
 def test_heldout_scores_every_question_once_on_two_processes(tiny2_dir, pitch_task, tmp_path, group):
     """7 held-out questions on 2 processes in batches of 3 (rank 0 decodes 2 batches, rank 1 one): all 7
-    are scored, once each, with one process's metrics (before: 6, while the log said 7). And a rank that
+    are scored, once each, with one process's metrics (before: 6, while the log said 7), the answer's NLL
+    too (before: over the 6 questions of equal shares). And a rank that
     reaches model.wait_for_all 12 s after the other, with a 10 s process-group timeout, is waited for:
     the curriculum's wait after its pre-pass is on the host, outside the group's timeout."""
     out = tmp_path / "two.json"
@@ -159,6 +160,8 @@ def test_heldout_scores_every_question_once_on_two_processes(tiny2_dir, pitch_ta
                    cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, timeout=300)
     two = json.loads(out.read_text())
     assert two["waited"] >= 12
-    one = T.heldout(heldout_run(tiny2_dir), data.read_samples(pitch_task[1])[:7])
+    one = T.heldout(heldout_run(tiny2_dir, group), data.read_samples(pitch_task[1])[:7])
     assert two["eval_questions"] == one["eval_questions"] == 7
+    nll = one.pop("eval_answer_nll")  # the same batches' sums, added in another order
+    assert two.pop("eval_answer_nll") == pytest.approx(nll, rel=1e-6)
     assert {k: two[k] for k in one} == one

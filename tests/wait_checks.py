@@ -13,7 +13,6 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -28,17 +27,16 @@ import train as T  # noqa: E402
 TIMEOUT, LATE = 10, 12  # seconds
 
 
-def heldout_run(model_dir):
-    """What train.heldout reads of a Run: the settings, the sharded policy and the processor (fp32)."""
+def heldout_run(model_dir, device):
+    """The Run train.py builds for the model (fp32), held-out batches of 3: all train.heldout reads."""
     cfg = config.Config(micro_batch=3, max_new_tokens=12, dtype="float32")
-    policy = M.sharded_load(model_dir, param_dtype=torch.float32)
-    return SimpleNamespace(cfg=cfg, policy=policy, processor=M.load_processor(model_dir))
+    return T.build_run(cfg, T.recipe_for(cfg), model_dir, [], device)
 
 
 def main(model_dir, questions, out):
-    rank, world, _ = M.init_distributed(timeout=timedelta(seconds=TIMEOUT))
+    rank, world, device = M.init_distributed(timeout=timedelta(seconds=TIMEOUT))
     torch.set_num_threads(1)
-    result = T.heldout(heldout_run(model_dir), data.read_samples(questions)[:7])
+    result = T.heldout(heldout_run(model_dir, device), data.read_samples(questions)[:7])
     t0 = time.time()
     if rank == 1:
         time.sleep(LATE)
