@@ -82,12 +82,11 @@ def recipe_for(cfg):
                 raise
             raise M.UsageError(f"{given} needs recipes/{name}.py, which this copy of the project does not have")
         recipe = extra.apply(recipe, cfg)
-    if dist.get_rank() == 0:
-        try:
-            from workshop import plot  # OUT/curves.svg, redrawn at every checkpoint
-            recipe.on_checkpoint.append(plot.write_curves)
-        except ModuleNotFoundError:  # a copy without workshop/ trains the same, without the picture
-            pass
+    try:
+        from workshop import plot  # OUT/curves.svg, redrawn at every checkpoint (by rank 0)
+        recipe.on_checkpoint.append(plot.write_curves)
+    except ModuleNotFoundError:  # a copy without workshop/ trains the same, without the picture
+        pass
     return recipe
 
 

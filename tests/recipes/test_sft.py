@@ -38,9 +38,10 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def slow_cross_entropy(model, processor, samples, audios, targets, prompt="answer"):
+def slow_cross_entropy(model, processor, samples, audios, targets, prompt="answer", suppress=()):
     """The reference: one plain forward of [prompt, target] per sample through the model's own forward
-    (logits at every position), F.cross_entropy summed over the target tokens, over their number."""
+    (logits at every position), F.cross_entropy summed over the target tokens, over their number; the
+    `suppress` ids left out of the softmax."""
     total, count = 0.0, 0
     for sample, audio, target in zip(samples, audios, targets):
         batch = M.collate(processor, [sample], [audio], prompt)
@@ -48,6 +49,7 @@ def slow_cross_entropy(model, processor, samples, audios, targets, prompt="answe
         seq = torch.cat([batch["input_ids"][0], ids])[None]
         logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), input_features=batch["input_features"],
                        feature_attention_mask=batch["feature_attention_mask"]).logits[0]
+        logits[:, list(suppress)] = float("-inf")
         P = batch["input_ids"].shape[1]
         total += F.cross_entropy(logits[P - 1:P - 1 + len(ids)].float(), ids, reduction="sum").item()
         count += len(ids)
@@ -87,7 +89,8 @@ def test_sft_targets_follow_the_prompt():
 
 def test_an_sft_run_logs_the_loss_it_trains_on(tiny2_dir, pitch_task, tmp_path):
     """--algo sft: step 1's logged loss is the cross-entropy of the first batch's answers under the
-    starting model (computed here independently); no reference model, the SFT learning rate when none is
+    starting model, in the distribution sampling draws from (the suppressed tokens out of the softmax, as
+    training leaves them out), computed here independently; no reference model, the SFT learning rate when none is
     given (1e-5), p(answer) in (0, 1), and the checkpoint opens with from_pretrained."""
     out = tmp_path / "sft"
     args = quick_args(tiny2_dir, pitch_task, out, "--algo", "sft", "--prompt", "direct")
@@ -102,7 +105,9 @@ def test_an_sft_run_logs_the_loss_it_trains_on(tiny2_dir, pitch_task, tmp_path):
     model, processor = M.load(tiny2_dir, dtype=torch.float32)
     with torch.no_grad():
         expected = slow_cross_entropy(model.eval(), processor, batch, [data.load_audio(s.audio_path) for s in batch],
-                                      [s.answer + "<|im_end|>" for s in batch], prompt="direct")
+                                      [s.answer + "<|im_end|>" for s in batch], prompt="direct",
+                                      suppress=M.suppressed_token_ids(processor.tokenizer,
+                                                                      model.config.text_config.vocab_size))
     assert abs(first["loss"] - expected) < 1e-5
     assert 0 < first["answer_prob"] < 1 and first["lr"] == pytest.approx(1e-5 * (1 - 1 / 2))
     assert "reward" not in first and first["skipped"] == 0
