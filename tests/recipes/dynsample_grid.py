@@ -29,11 +29,12 @@ PROMPTS, MICRO_BATCHES, GROUP_SIZE = (1, 4, 32), (1, 2, 32), 2
 
 def run_args(model_dir, train_jsonl, out, prompts, micro_batch):
     """2 steps of up to 1 extra round each. G = 2 leaves many groups with equal rewards, so the extra round
-    is drawn; with seed 2, 1 prompt a step keeps the extra round's group at step 1 and none at step 2."""
+    is drawn; seed 3 is one where every combination draws it and the grid holds the three cases the test
+    names (seeds 0-7 tried from the warm-started tiny model: 3, 4 and 7 do)."""
     return ["--model", str(model_dir), "--data", str(train_jsonl), "--out", str(out), "--max-steps", "2",
             "--prompts-per-step", str(prompts), "--micro-batch", str(micro_batch), "--group-size", str(GROUP_SIZE),
             "--dynamic-sampling", "1", "--beta", "0", "--max-new-tokens", "12", "--lr", "1e-3", "--dtype", "float32",
-            "--seed", "2", "--no-gradient-checkpointing"]
+            "--seed", "3", "--no-gradient-checkpointing"]
 
 
 def in_global_order(mine, prompts):
