@@ -1,29 +1,12 @@
-"""Checkpoints and run folders: what train.py writes, how a run resumes, and how runs never mix.
+"""Checkpoints and run folders: what train.py writes, how a run resumes exactly, and how runs never mix.
 
-OUT/checkpoint-{step}/ is a Hugging Face model folder in the compute dtype (from_pretrained,
-model.load and evaluate.py open it) plus the exact training state:
-  train_state/        fp32 weight shards and the optimizer, written by torch.distributed.checkpoint
-                      (with LoRA: the adapters and their optimizer only; the base never changes)
-  trainer_state.pt    the step, the lr scheduler, the RNG, the run's sample counters and the config
-  train_config.json   the config, readable
-Nothing else is needed to continue bit for bit: the data order is a pure function of (seed, step).
-With LoRA every checkpoint holds, in place of the model, the adapters in PEFT's layout
-(adapter_model.safetensors and an adapter_config.json naming the base model), which model.load merges
-onto the base and PeftModel.from_pretrained(base, checkpoint) opens; the last one also holds the merged
-model in merged/, a plain Hugging Face folder. No folder holds both a model's weights and adapter
-files: from_pretrained with PEFT installed would add the adapters to weights that already hold them.
-Beside the checkpoints, metrics.jsonl and samples.jsonl log the run, one JSON record a step.
-
-Finished work is never lost:
-- A checkpoint is written as checkpoint-{step}.tmp; every file and folder in it is fsynced (each file
-  by the process that wrote it), then it is renamed. Saving a step that exists first renames the old
-  one to checkpoint-{step}.old, so a complete copy of every saved step is on disk at every moment.
-  tidy() clears what a crash left (stale .tmp folders; an .old whose replacement never arrived is put
-  back).
-- A run that is not --resume refuses a folder that holds another run (--overwrite starts over);
-  --resume refuses a run made with settings that change the run (check_run_folder).
-
-train.py is the only user:  checkpoint.save(run, step), checkpoint.load(run, path).
+OUT/checkpoint-{step}/ is a Hugging Face model folder in the compute dtype (a LoRA run: the adapters in
+PEFT's layout, and in its last checkpoint merged/, the merged model) plus train_state/ (fp32 weights and
+AdamW, by torch.distributed.checkpoint), trainer_state.pt (step, schedule, RNG, counters, config) and
+train_config.json. A checkpoint is written as .tmp, fsynced and renamed, so a complete copy of every saved
+step is always on disk; a fresh run refuses a folder that holds another run, --resume one made with other
+settings; resuming reads every pickle as plain data only. The disk a run needs is checked at its start.
+docs/training.md has the layout, the order of the waits between processes, and the safety rules.
 """
 
 import io
@@ -42,7 +25,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
-import lora as L
 import model as M
 
 # Config fields a resumed run may change: where the run folder is, where and how often it logs and
@@ -53,7 +35,6 @@ MAY_CHANGE_ON_RESUME = {"out", "max_steps", "save_every", "keep_last", "resume",
                         "max_bad_fraction", "eval_data", "eval_samples", "eval_every", "micro_batch", "gradient_checkpointing",
                         "audio_dir", "cache_dir", "plan", "gpus", "gpu_mem", "dist_timeout_minutes"}
 RUN_FILES = ("metrics.jsonl", "samples.jsonl")  # what a run writes besides its checkpoints
-MERGED = "merged"  # the subfolder of a LoRA run's last checkpoint that holds the merged model
 
 
 # -----------------------------------------------------------------------------
@@ -133,6 +114,45 @@ def prune(out, keep_last):
             shutil.rmtree(p)
 
 
+def checkpoint_bytes(policy, lora, dtype_bytes, optimizer=True, merged=False):
+    """One checkpoint folder: train_state/'s fp32 weights (LoRA: the adapters) and, once AdamW has stepped, its
+    two fp32 moments of what trains; the Hugging Face weights in the compute dtype (LoRA: the adapters in
+    fp32, and in the last checkpoint the merged model too). The config and tokenizer files are not counted."""
+    total = sum(p.numel() for p in policy.parameters())                  # a DTensor's numel is the whole one's
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    moments = 2 * trained * 4 if optimizer else 0
+    if lora:
+        return trained * 4 + moments + trained * 4 + ((total - trained) * dtype_bytes if merged else 0)
+    return total * 4 + moments + total * dtype_bytes
+
+
+def saves(max_steps, save_every, start=0):
+    """Checkpoints steps start+1 .. max_steps write: every save_every-th step, and the last."""
+    return 0 if max_steps <= start else max_steps // save_every - start // save_every + (max_steps % save_every != 0)
+
+
+def check_disk(run, resume_from):
+    """Stop before anything is written if the checkpoints this run keeps at once cannot fit where --out is: a
+    save writes a new one before pruning the oldest (keep_last + 1 at the peak), plus checkpoint-0 if it is
+    still to come. Rank 0 measures the free space and every rank decides on its figure. Returns the bytes."""
+    cfg, lora = run.cfg, run.recipe.adapters is not None
+    start = step_of(resume_from) if resume_from else 0
+    kept = len([p for p in complete(cfg.out) if step_of(p) != 0]) if resume_from else 0
+    first = resume_from is None and bool(cfg.warm_start_steps or run.recipe.before_training)
+    size = lambda **kw: checkpoint_bytes(run.policy, lora, getattr(torch, cfg.dtype).itemsize, **kw)
+    at_once = min(saves(cfg.max_steps, cfg.save_every, start), cfg.keep_last + 1 - min(kept, cfg.keep_last))
+    zero = size(optimizer=False, merged=cfg.max_steps == 0) if first else 0
+    need = zero + ((at_once - 1) * size() + size(merged=True) if at_once else 0)
+    free = torch.tensor([shutil.disk_usage(cfg.out).free if dist.get_rank() == 0 else 0], dtype=torch.float64,
+                        device=run.device)
+    dist.broadcast(free, src=0)
+    if need > free.item():
+        raise M.UsageError(f"--out {cfg.out}: the run needs about {need / 1e9:.1f} GB for its checkpoints "
+                           f"({at_once} at once{' and checkpoint-0' if first else ''}) but {free.item() / 1e9:.1f} GB "
+                           f"are free there: free some space, lower --keep-last, or choose another --out")
+    return need
+
+
 # -----------------------------------------------------------------------------
 # Saving and loading
 
@@ -146,16 +166,10 @@ def save(run, step):
     cfg, rank = run.cfg, dist.get_rank()
     out = Path(cfg.out)
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-    weights = hf_weights(run, step)
-    adapters = L.adapter_state_dict(run.policy) if run.lora else None  # a collective: every rank calls it
+    folders = write_weights(run, step, tmp)
     if rank == 0:
-        if weights is not None:  # a LoRA run's merged model goes in merged/, away from its adapter files
-            model_folder = tmp / MERGED if run.lora else tmp
-            run.policy.save_pretrained(model_folder, state_dict=weights)
-            run.processor.save_pretrained(model_folder)
-        if adapters is not None:
-            L.save_adapters(tmp, adapters, run.lora, base_model=str(run.base))
-            run.processor.save_pretrained(tmp)
+        for folder in folders:
+            run.processor.save_pretrained(folder)
     writer = dcp.FileSystemWriter(tmp / "train_state", sync_files=True)  # each rank fsyncs the shards it writes
     dcp.save(training_state(run), storage_writer=writer)
     counts = torch.tensor([run.counts["seen"], run.counts["bad"]], device=run.device)
@@ -171,19 +185,23 @@ def save(run, step):
         prune(out, cfg.keep_last)
 
 
-def hf_weights(run, step):
-    """The weights in the compute dtype with Hugging Face names (rank 0; {} elsewhere), or None where a
-    LoRA checkpoint before the last step holds only its adapters."""
-    if run.lora and step != run.cfg.max_steps:
-        return None
-    weights = M.gathered_state_dict(run.policy, getattr(torch, run.cfg.dtype))
-    return L.merged_state_dict(weights, run.lora) if run.lora and weights else weights
+def write_weights(run, step, folder):
+    """What a checkpoint's readers open: the Hugging Face model in the compute dtype, or a LoRA run's
+    adapters and at its last step its merged model (recipes/lora.py). Every rank calls it: the weights are
+    gathered. Returns the folders that hold a model or adapters (the processor goes beside them)."""
+    dtype, adapters = getattr(torch, run.cfg.dtype), run.recipe.adapters
+    if adapters is not None:
+        return adapters.save(folder, run.policy, run.base, dtype, final=step == run.cfg.max_steps)
+    weights = M.gathered_state_dict(run.policy, dtype)
+    if dist.get_rank() == 0:
+        run.policy.save_pretrained(folder, state_dict=weights)
+    return [folder]
 
 
 def model_state(run):
     """The weights train_state/ holds: all of them, or with LoRA the adapters alone (the base is frozen)."""
-    state = get_model_state_dict(run.policy)
-    return {k: v for k, v in state.items() if L.is_adapter_key(k)} if run.lora else state
+    state, adapters = get_model_state_dict(run.policy), run.recipe.adapters
+    return state if adapters is None else {k: v for k, v in state.items() if adapters.trains(k)}
 
 
 def training_state(run):
@@ -234,7 +252,7 @@ def load(run, path):
     if has_optim:
         state["optim"] = get_optimizer_state_dict(run.policy, run.optimizer)
     read_train_state(state, path / "train_state")
-    set_model_state_dict(run.policy, state["model"], options=StateDictOptions(strict=not run.lora))
+    set_model_state_dict(run.policy, state["model"], options=StateDictOptions(strict=run.recipe.adapters is None))
     if has_optim:
         set_optimizer_state_dict(run.policy, run.optimizer, state["optim"])
     run.scheduler.load_state_dict(trainer["scheduler"])

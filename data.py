@@ -1,30 +1,12 @@
-"""
-Data for audio question answering: audio loading, question files, prompts, AVQA preparation.
+"""Data for audio question answering: audio, question files, the paper's prompts, and the step's questions.
 
-The model hears 16 kHz mono audio and reads a multiple-choice question. This file turns what is
-on disk into exactly that:
-- load_audio() reads any file libsndfile reads (wav, flac, ogg; any rate, any channel count),
-  keeps the first channel (as R1-AQA does; averaging them is an option) and resamples to 16 kHz
-  with a windowed-sinc (Kaiser) polyphase filter.
-- read_samples() reads five question formats into one Sample type, picking the format from
-  the content: R1-AQA/AVQA JSONL (answer is an index), MMAU JSON lists (answer is a string),
-  MMAR (MMAR-meta.json: modality, category), MMSU (choice_a .. choice_d, answer_gt) and a plain
-  JSONL for your own data ({"audio", "question", "choices", "answer"}).
-  A malformed record raises DataError naming the file, the line (or list item) and the problem;
-  so does a file that cannot be used at all (missing, a folder, not UTF-8, no records).
-  A test set whose answers are withheld (MMAU's test split) reads only when asked to allow it
-  (allow_unanswered=True, for evaluation): its samples have answer None. Training never asks.
-- build_prompt() writes the paper's three prompts (R1-AQA's and its direct and think variants),
-  target_text() what supervised fine-tuning teaches the model to reply.
-- convert_avqa() turns AVQA's own QA file (train_qa.json) into R1-AQA's JSONL for the clips you have.
-
-Run it as a data checker; it lists every bad record and every missing or unreadable clip:
-    python data.py questions.jsonl
-    python data.py mmau-test-mini.json --audio-dir test-mini-audios
-or to prepare AVQA (clips named by video_name or YouTube id + start seconds, any audio extension):
-    python data.py --from-avqa train_qa.json --audio-dir avqa_wavs --out avqa_train.jsonl
-Exit status: 0 all good; 1 bad records or audio (or, preparing AVQA, no record kept); 2 a file or
-folder that cannot be used, printed as one line.
+load_audio() reads any file libsndfile reads and returns 16 kHz mono (channel 0, as R1-AQA) through a
+windowed-sinc resampler; read_samples() reads R1-AQA/AVQA JSONL, MMAU, MMAR, MMSU and plain JSONL into
+one Sample type, a malformed record raising DataError with its file and line; build_prompt() writes the
+paper's three prompts; step_indices() says which questions a step sees (a pure function of seed and step).
+    python data.py questions.jsonl [--audio-dir DIR]     # check a file: every bad record and clip
+    python data.py --from-avqa train_qa.json --audio-dir CLIPS --out avqa_train.jsonl   (tools/avqa.py)
+Exit status: 0 all good; 1 bad records or audio; 2 a file or folder that cannot be used (one line).
 """
 
 import argparse
@@ -265,7 +247,7 @@ def _resolve_audio(name: str, data_file: Path, audio_dir) -> str:
     return str(as_given if as_given.exists() else Path(audio_dir) / p.name)
 
 
-def _get(record: dict, key: str, kind: type, where: str):
+def get_field(record: dict, key: str, kind: type, where: str):
     if key not in record:
         raise DataError(f"{where}: missing field '{key}'")
     value = record[key]
@@ -275,7 +257,7 @@ def _get(record: dict, key: str, kind: type, where: str):
 
 
 def _get_choices(record: dict, key: str, where: str) -> list[str]:
-    choices = _get(record, key, list, where)
+    choices = get_field(record, key, list, where)
     if not all(isinstance(c, str) for c in choices):
         raise DataError(f"{where}: field '{key}' should be a list of strings")
     if len(choices) < 2:
@@ -290,7 +272,7 @@ def _get_answer(record: dict, where: str, allow_unanswered: bool, key: str = "an
             return None
         raise DataError(f"{where}: no answer ('{key}' is missing or empty): a file whose answers are withheld "
                         f"(as MMAU's test split) can be evaluated, not trained on")
-    return _get(record, key, str, where)
+    return get_field(record, key, str, where)
 
 
 def _get_answer_string(record: dict, choices: list[str], where: str, allow_unanswered: bool,
@@ -302,12 +284,12 @@ def _get_answer_string(record: dict, choices: list[str], where: str, allow_unans
     return answer
 
 
-def _avqa_question(record: dict, where: str) -> tuple[str, list[str], str]:
+def avqa_question(record: dict, where: str) -> tuple[str, list[str], str]:
     """An AVQA record's question, choices and answer string; its answer is a 0-based index."""
-    question = _get(record, "question_text", str, where)
+    question = get_field(record, "question_text", str, where)
     question = question.replace("video", "audio")  # as R1-AQA: lowercase only ("Video" stays)
     choices = _get_choices(record, "multi_choice", where)
-    index = _get(record, "answer", int, where)
+    index = get_field(record, "answer", int, where)
     if not 0 <= index < len(choices):
         raise DataError(f"{where}: answer index {index} is out of range for {len(choices)} choices")
     return question, choices, choices[index]
@@ -316,16 +298,16 @@ def _avqa_question(record: dict, where: str) -> tuple[str, list[str], str]:
 def _parse_avqa(record: dict, where: str, allow_unanswered: bool) -> Sample:
     """R1-AQA/AVQA: AVQA's record plus audio_path; the questions were written about videos. Training
     data: its answer index is always required."""
-    question, choices, answer = _avqa_question(record, where)
-    return Sample(_get(record, "audio_path", str, where), question, choices, answer, record)
+    question, choices, answer = avqa_question(record, where)
+    return Sample(get_field(record, "audio_path", str, where), question, choices, answer, record)
 
 
 def _parse_mmau(record: dict, where: str, allow_unanswered: bool) -> Sample:
     """MMAU: question, choices, the answer string (empty in the test split) and audio_id."""
     choices = _get_choices(record, "choices", where)
     answer = _get_answer_string(record, choices, where, allow_unanswered)
-    question = _get(record, "question", str, where)
-    return Sample(_get(record, "audio_id", str, where), question, choices, answer, record)
+    question = get_field(record, "question", str, where)
+    return Sample(get_field(record, "audio_id", str, where), question, choices, answer, record)
 
 
 def _parse_mmar(record: dict, where: str, allow_unanswered: bool) -> Sample:
@@ -334,10 +316,10 @@ def _parse_mmar(record: dict, where: str, allow_unanswered: bool) -> Sample:
     (a near-copy of one, or two joined by a newline): the official string match scores it as given."""
     choices = _get_choices(record, "choices", where)
     answer = _get_answer(record, where, allow_unanswered)
-    question = _get(record, "question", str, where)
+    question = get_field(record, "question", str, where)
     for key in ("modality", "category"):
-        _get(record, key, str, where)
-    return Sample(_get(record, "audio_path", str, where), question, choices, answer, record)
+        get_field(record, key, str, where)
+    return Sample(get_field(record, "audio_path", str, where), question, choices, answer, record)
 
 
 MMSU_CHOICES = ["choice_a", "choice_b", "choice_c", "choice_d"]
@@ -352,22 +334,22 @@ def _mmsu_choices(record: dict, where: str) -> list[str]:
             raise DataError(f"{where}: missing field '{key}'")
         if present and not before:
             raise DataError(f"{where}: field '{key}' is given but the choice before it is empty")
-    return [_get(record, key, str, where) for key, present in zip(MMSU_CHOICES, given) if present]
+    return [get_field(record, key, str, where) for key, present in zip(MMSU_CHOICES, given) if present]
 
 
 def _parse_mmsu(record: dict, where: str, allow_unanswered: bool) -> Sample:
     """MMSU: audio_path, question, choice_a .. choice_d and answer_gt, the text of the correct choice."""
     choices = _mmsu_choices(record, where)
     answer = _get_answer_string(record, choices, where, allow_unanswered, key="answer_gt")
-    question = _get(record, "question", str, where)
-    return Sample(_get(record, "audio_path", str, where), question, choices, answer, record)
+    question = get_field(record, "question", str, where)
+    return Sample(get_field(record, "audio_path", str, where), question, choices, answer, record)
 
 
 def _parse_plain(record: dict, where: str, allow_unanswered: bool) -> Sample:
     choices = _get_choices(record, "choices", where)
     answer = _get_answer_string(record, choices, where, allow_unanswered)
-    question = _get(record, "question", str, where)
-    return Sample(_get(record, "audio", str, where), question, choices, answer, record)
+    question = get_field(record, "question", str, where)
+    return Sample(get_field(record, "audio", str, where), question, choices, answer, record)
 
 
 _PARSERS = {"avqa": _parse_avqa, "mmau": _parse_mmau, "mmar": _parse_mmar, "mmsu": _parse_mmsu, "plain": _parse_plain}
@@ -406,138 +388,62 @@ def target_text(answer: str, prompt: str = "answer") -> str:
 
 
 # -----------------------------------------------------------------------------
-# AVQA preparation: AVQA's train_qa.json / val_qa.json -> R1-AQA's JSONL, for the clips you have
+# Which questions each step sees
 
-DROP_REASONS = ("malformed record", "missing audio", "unreadable audio")
-
-
-@dataclass
-class AvqaConversion:
-    total: int  # records in the AVQA file
-    records: list[dict]  # the kept ones as R1-AQA JSONL records, in the file's order
-    dropped: dict[str, list[str]]  # reason (DROP_REASONS) -> one message per dropped record
+def permutation(rng, n):
+    """The order of an epoch's questions: a fresh permutation (an extra may give another, e.g. a curriculum)."""
+    return lambda indices: rng.permutation(indices).tolist()
 
 
-def avqa_clip_stems(video_name: str) -> list[str]:
-    """The file names (without extension) an AVQA clip may have: its video_name, the VGGSound
-    clip's name ("-HG3Omg_89c_000030"), and YouTube id + start seconds, as R1-AQA's file named
-    its wavs ("-HG3Omg_89c_30")."""
-    ytid, _, start = video_name.rpartition("_")
-    short = f"{ytid}_{int(start)}" if ytid and start.isdigit() else video_name
-    return list(dict.fromkeys([video_name, short]))
+def epoch_order(answers, epoch, seed, balance, arrange=permutation):
+    """Every question once, in the epoch's order. Balanced: the answers interleaved round-robin, so any
+    window of (number of distinct answers) consecutive questions holds each answer once."""
+    order = arrange(np.random.default_rng([seed, epoch]), len(answers))
+    if not balance:
+        return order(range(len(answers)))
+    by_answer = {}
+    for i, a in enumerate(answers):
+        by_answer.setdefault(a, []).append(i)
+    queues = [order(ix) for _, ix in sorted(by_answer.items())]
+    return [q[j] for j in range(max(map(len, queues))) for q in queues if j < len(q)]
 
 
-def _index_clips(audio_dir: Path) -> dict[str, Path]:
-    """The audio files directly in audio_dir (any extension libsndfile reads) by name without extension;
-    of two files with one name (a.flac, a.wav) the first in sorted order."""
-    extensions = {name.lower() for name in sf.available_formats()}  # wav, flac, ogg, aiff, ...
-    index = {}
-    for path in sorted(audio_dir.iterdir()):
-        if path.suffix[1:].lower() in extensions and path.is_file():
-            index.setdefault(path.stem, path)
-    return index
-
-
-def _read_avqa_list(qa_file: Path) -> list:
-    """The records of AVQA's QA file (a JSON list); DataError if the file is not one."""
-    text = read_text(qa_file)
-    if not text.lstrip().startswith("["):
-        raise DataError(f"{qa_file}: not AVQA's QA format (a JSON list of records, as train_qa.json)")
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{qa_file}:{e.lineno}: bad JSON: {e.msg} at column {e.colno}") from None
-    if not items:
-        raise DataError(f"{qa_file}: an empty JSON list, no records")
-    return items
-
-
-def convert_avqa(qa_file, audio_dir) -> AvqaConversion:
-    """
-    AVQA's QA records -> R1-AQA's JSONL records: AVQA's fields (answer stays the index) plus
-    dataset_name "AVQA" and audio_path, the absolute path of the clip found in audio_dir under
-    either name of avqa_clip_stems. Records that are malformed, whose clip is missing, or whose
-    clip's header does not read are dropped, each with a message under its reason.
-    """
-    qa_file, audio_dir = Path(qa_file), Path(audio_dir)
-    items, index = _read_avqa_list(qa_file), _index_clips(audio_dir)
-    out = AvqaConversion(len(items), [], {reason: [] for reason in DROP_REASONS})
-    problems = {}  # clip -> its AudioError message or "": a clip may serve several questions
-    for i, item in enumerate(items):
-        where = f"{qa_file}: item {i}"
-        try:
-            stems = _avqa_item_stems(item, where)
-        except DataError as e:
-            out.dropped["malformed record"].append(str(e))
-            continue
-        clip = next((index[stem] for stem in stems if stem in index), None)
-        if clip is None:
-            names = " or ".join(f"{stem}.*" for stem in stems)
-            out.dropped["missing audio"].append(f"{where}: no audio file {names} in {audio_dir}")
-            continue
-        if clip not in problems:
-            problems[clip] = _audio_problem(clip)
-        if problems[clip]:
-            out.dropped["unreadable audio"].append(f"{where}: {problems[clip]}")
-            continue
-        out.records.append(dict(item, dataset_name="AVQA", audio_path=str(clip.resolve())))
+def step_indices(step, batch_size, answers, seed, balance=False, arrange=permutation):
+    """Dataset indices of the global batch of `step`: a slice of an endless run of epochs. A pure function
+    of (seed, step), so a resumed run sees exactly the data the interrupted one would have."""
+    n, start, out = len(answers), step * batch_size, []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        out += epoch_order(answers, epoch, seed, balance, arrange)[offset:offset + batch_size - len(out)]
     return out
 
 
-def _avqa_item_stems(item, where: str) -> list[str]:
-    """The clip names of a well-formed AVQA record; DataError naming the item if it is malformed."""
-    if not isinstance(item, dict):
-        raise DataError(f"{where}: record is not a JSON object")
-    _avqa_question(item, where)
-    return avqa_clip_stems(_get(item, "video_name", str, where))
+def my_share(items, rank, world):
+    """This process's contiguous share of a global batch (it splits evenly: train.validate checks)."""
+    per = len(items) // world
+    return items[rank * per:(rank + 1) * per]
 
 
-def _audio_problem(path: Path) -> str:
-    """"" if the file's header reads as audio with frames, else the AudioError's message."""
-    try:
-        audio_duration(path)
-    except AudioError as e:
-        return str(e)
-    return ""
+def chunks(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def check_new_file(path, overwrite: bool) -> None:
-    """DataError "{path}: ..." unless path can be written: its folder exists and, without overwrite, it does not."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise DataError(f"{path}: its folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise DataError(f"{path}: already exists; pass --overwrite to replace it")
-
-
-def write_jsonl(path, records: list[dict], overwrite: bool = False) -> None:
-    """Write records one JSON object a line, atomically: .{name}.tmp in the same folder, then a rename."""
-    path = Path(path)
-    check_new_file(path, overwrite)  # again: the file may have appeared while the records were made
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(record) + "\n" for record in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # only left if something failed before the rename
-
-
-def print_conversion(qa_file, conversion: AvqaConversion, examples: int = 3) -> None:
-    """How many records were kept and, per reason, how many were dropped with the first few messages."""
-    kept, total = len(conversion.records), conversion.total
-    print(f"{qa_file}: {total} records, {kept} kept, {total - kept} dropped")
-    for reason, messages in conversion.dropped.items():
-        if messages:
-            print(f"dropped, {reason}: {len(messages)}")
-            for message in messages[:examples]:
-                print(f"  {message}")
-            if len(messages) > examples:
-                print(f"  ... and {len(messages) - examples} more")
+def read_audio(samples, downmix, counts=None):
+    """Decode each clip. An unreadable one is reported, counted (in counts, if given) and replaced by 1 s of
+    silence; the caller masks it out of the loss, so the batch keeps its shape and all ranks stay in step."""
+    audios, ok = [], []
+    for s in samples:
+        try:
+            audios.append(load_audio(s.audio_path, downmix))
+            ok.append(True)
+        except AudioError as e:
+            print(f"[rank {int(os.environ.get('RANK', 0))}] skipping sample: {e}", flush=True)
+            audios.append(np.zeros(SAMPLE_RATE, dtype=np.float32))
+            ok.append(False)
+    if counts is not None:
+        counts["seen"] += len(samples)
+        counts["bad"] += ok.count(False)
+    return audios, ok
 
 
 # -----------------------------------------------------------------------------
@@ -608,19 +514,6 @@ def check_file(path, audio_dir=None) -> int:
     return 0 if ok else 1
 
 
-def prepare_avqa(qa_file, audio_dir, out, overwrite: bool = False) -> int:
-    """--from-avqa: write R1-AQA's JSONL for the AVQA records whose clip is readable; 0, or 1 if none is."""
-    check_new_file(out, overwrite)  # before the work, not after it
-    conversion = convert_avqa(qa_file, audio_dir)
-    print_conversion(qa_file, conversion)
-    if not conversion.records:
-        print(f"FAILED: no record has a readable clip in {audio_dir}; {out} not written")
-        return 1
-    write_jsonl(out, conversion.records, overwrite)
-    print(f"wrote {out} ({len(conversion.records)} records)")
-    return 0
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Check a question file and its audio, or prepare AVQA's.")
     parser.add_argument("file", nargs="?", help="question file to check: AVQA/R1-AQA JSONL, MMAU JSON, MMAR, MMSU "
@@ -649,7 +542,8 @@ def main(argv=None) -> int:
         if args.audio_dir is not None:
             check_audio_dir(args.audio_dir)
         if args.from_avqa is not None:
-            return prepare_avqa(args.from_avqa, args.audio_dir, args.out, args.overwrite)
+            from tools import avqa  # AVQA's preparation, a tool apart from the reader
+            return avqa.prepare_avqa(args.from_avqa, args.audio_dir, args.out, args.overwrite)
         return check_file(args.file, args.audio_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,51 +1,13 @@
-"""
-Evaluate a Qwen2-Audio checkpoint, or every checkpoint of a training run, on MMAU, MMAR, MMSU (or
-any question file) and score it with the benchmark's own rule (benchmarks.py).
+"""Evaluate a checkpoint, or every checkpoint of a training run, on MMAU (or MMAR, MMSU, any question file).
 
-Inference is R1-AQA's: the training prompt, greedy decoding, left-padded batches, up to 256 new
-tokens, stopping at <|im_end|> or <|endoftext|>. Every item keeps its original record and gains
-`model_output` (the completion, special tokens skipped) and `model_prediction` (the text of its
-first <answer>...</answer>, else the whole output), and the key its benchmark's official script
-reads if that is another (MMAR: `answer_prediction`; MMSU: `response`). The result is a JSON list in
-MMAU's own shape, in the data file's order, so MMAU's and MMAR's evaluation.py and R1-AQA-style
-tools read it; for MMSU it is JSONL, one record a line, which is what MMSU's script reads. For
-R1-AQA/AVQA and plain JSONL data each record also gets MMAU's `question`, `choices` and `answer`
-(the correct choice string, not an index), so every output file is scored the same way.
-
-Finished work is never lost. Each rank appends its predictions to OUT.parts/rank{r}.jsonl and
-fsyncs after every batch. Re-running the same command evaluates only what is missing (items are
-keyed by their position in the data file; a line cut short by a kill is dropped), and items whose
-audio failed once it reads. Items run in fixed batches (items 0..B-1, B..2B-1, ...) dealt out to
-the ranks, so the number of ranks never changes a prediction and a re-run may use another one. The
-batch size does (in bf16 the left padding changes the numerics): OUT.parts/run.json records it with
-the model, the data and the other settings that decide predictions, and a re-run with other ones
-stops with a one-line error rather than mix them. Rank 0 writes OUT atomically.
-
-With a run folder as --model (train.py's --out) it evaluates every complete checkpoint-N in step
-order into OUT_DIR/checkpoint-N.json (OUT_DIR: --out, default RUN/eval/<data file stem>), each
-resumable as above, so a finished one costs nothing the next time; then prints a table of accuracy
-per step and task (or the data's category), the best step marked, and writes OUT_DIR/table.json.
-
-An item whose audio is missing or unreadable is not skipped: its prediction is empty, it gets an
-`error` field naming the file and the reason, it counts as wrong, and the summary lists it. A wrong
---model, --data, --audio-dir or --score stops every rank before any model is loaded, with one line.
-
-Scoring follows the benchmark, recognised from the data's fields, and prints its official script's
-lines (benchmarks.py): MMAU's string match per task, difficulty and sub-category, then
-`Total Accuracy: 64.50% over 1000 samples`; MMAR's (the same match) per modality, category and
-sub-category; MMSU's letter rule per category and sub-category, then `Overall Accuracy: 0.6050`.
-Other data gets MMAU's match, grouped by `category` if it has one. OUT's summary (preds.json ->
-preds.summary.json) names the benchmark and holds the same numbers, the errored items, and the data
-file's path and sha256: the two MMAU test-mini versions (2025-03-25, which R1-AQA used, and the
-revised 2025-05-15) give scores that cannot be compared. A test set whose answers are withheld
-(MMAU's test split) is not scored: OUT.submission.json (preds.submission.json) is what its
-leaderboard takes, each item as released plus `model_prediction` (or the field --key names).
-
+Inference is R1-AQA's: the training prompt, greedy decoding (model.generate), up to 256 new tokens. Each
+item keeps its record and gains `model_output` and `model_prediction` (its first answer tag), in a file
+the benchmark's official script reads; reward.score_predictions scores it by the benchmark's rule. It is
+resumable (each rank appends to OUT.parts/ and fsyncs), data parallel under torchrun, and a run folder
+gives a table of accuracy per step. docs/evaluation.md says more.
     python evaluate.py --model CKPT --data mmau-test-mini.json --audio-dir test-mini-audios --out preds.json
-    python evaluate.py --model runs/r1-aqa --data mmau-test-mini.json --audio-dir test-mini-audios  # all checkpoints
-    torchrun --nproc_per_node 8 evaluate.py --model CKPT ...   # data parallel, one model copy per rank
-    python evaluate.py --score preds.json [--key model_output]  # score an existing predictions file (JSON or JSONL)
-    python evaluate.py                                          # the demo: checkpoint-0 vs the newest
+    python evaluate.py --model runs/r1-aqa --data mmau-test-mini.json --audio-dir test-mini-audios  # every step
+    python evaluate.py --score preds.json [--key model_output]    # python evaluate.py: the demo's checkpoints
 """
 
 import argparse
@@ -62,11 +24,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import benchmarks as B
 import model as M
-from benchmarks import Score, Tally, report_lines, score
+import reward
 from data import DOWNMIX, PROMPTS, AudioError, DataError, Sample, audio_duration, load_audio, read_samples
-from reward import extract_answer
+from reward import Score, Tally, extract_answer, score_predictions as score
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # sha256 of the two MMAU test-mini question files (see the recipe notes), so a score names its version
@@ -105,23 +66,6 @@ class Prediction:
 # -----------------------------------------------------------------------------
 # Inference
 
-def generate(model, processor, samples: list[Sample], audios, prompt: str, max_new_tokens: int,
-             system_prompt: str | None = None, think_words: int = 0) -> list[str]:
-    """Greedy completions for one batch, decoded with special tokens skipped. Other generation
-    settings (e.g. a repetition penalty) come from the checkpoint, as in R1-AQA's test script.
-
-    `model` is a plain model, or an FSDP2-sharded policy inside `M.unsharded(model)` (training's
-    held-out score). There every unit was gathered on entering, so each rank decodes alone, without a
-    collective per token (synced_gpus=False), and ranks may make different numbers of calls, or none."""
-    tokenizer = processor.tokenizer
-    batch = M.collate(processor, samples, audios, prompt, system_prompt, think_words).to(model.device)
-    out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=False,
-                         eos_token_id=M.end_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         suppress_tokens=M.suppressed_token_ids(tokenizer, model.config.text_config.vocab_size))
-    completions = out[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
-    return processor.batch_decode(completions, skip_special_tokens=True)
-
-
 def predict_batch(model, processor, samples: list[Sample], indices: list[int], cfg: EvalConfig) -> list[Prediction]:
     """Predictions for the items at `indices`; an item whose audio fails gets an error instead."""
     predictions, ok, audios = [], [], []
@@ -132,7 +76,7 @@ def predict_batch(model, processor, samples: list[Sample], indices: list[int], c
         except AudioError as e:
             predictions.append(Prediction(i, "", "", error=str(e)))
     if ok:
-        texts = generate(model, processor, [samples[i] for i in ok], audios, cfg.prompt, cfg.max_new_tokens,
+        texts = M.generate(model, processor, [samples[i] for i in ok], audios, cfg.prompt, cfg.max_new_tokens,
                          cfg.system_prompt or None, cfg.think_words)
         predictions += [Prediction(i, text, extract_answer(text)) for i, text in zip(ok, texts)]
     return predictions
@@ -239,7 +183,7 @@ def write_text(path: Path, text: str) -> None:
 def write_predictions(path: Path, records: list[dict]) -> None:
     """The predictions file in the format the benchmark's official script reads: JSONL for MMSU (one
     record a line), else a JSON list."""
-    if B.detect(records) == "mmsu":
+    if reward.detect(records) == "mmsu":
         write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     else:
         write_json(path, records)
@@ -254,7 +198,7 @@ def output_record(sample: Sample, p: Prediction) -> dict:
     benchmark's own script reads besides (MMSU's `response`). A withheld answer is null."""
     record = {**sample.meta, "question": sample.question, "choices": sample.choices, "answer": sample.answer,
               "model_prediction": p.model_prediction, "model_output": p.model_output}
-    record.update(B.official_fields(record))
+    record.update(official_fields(record))
     if p.error:
         record["error"] = p.error
     return record
@@ -269,7 +213,7 @@ def submission_path(predictions: Path) -> Path:
 
 def print_score(s: Score) -> None:
     """The official lines of the benchmark, then what they leave out and the items whose audio failed."""
-    for line in report_lines(s) + B.note_lines(s):
+    for line in report_lines(s) + note_lines(s):
         M.print0(line)
     if s.errors:
         M.print0(f"{len(s.errors)} items had no usable audio (empty prediction, counted wrong):")
@@ -277,6 +221,64 @@ def print_score(s: Score) -> None:
             M.print0(f"  item {e['index']}: {e['error']}")
         if len(s.errors) > 10:
             M.print0(f"  ... and {len(s.errors) - 10} more, listed in the summary")
+
+
+def string_match_lines(s: Score) -> list[str]:
+    """MMAU's and MMAR's printout, line for line. Where they would divide by zero (no item scored)
+    this prints 0.00%."""
+    lines = []
+    for name, tallies in s.groups.items():
+        lines += ["*" * 30, f"{name.capitalize()}-wise Accuracy:"]
+        lines += [f"{value} : {t.accuracy:.2f}% over {t.total} samples" for value, t in tallies.items()]
+    lines += ["*" * 30, f"Total Accuracy: {s.total.accuracy:.2f}% over {s.total.total} samples", "*" * 30]
+    # The official scripts skip an item without the key before the line that would count it, so
+    # this is always 0 there. note_lines says how many were skipped, on a line of its own.
+    lines.append("No prediction count: 0")
+    return lines
+
+
+def report_lines(s: Score) -> list[str]:
+    """The official script's printout for the score's benchmark (none without answers)."""
+    if s.benchmark == "withheld":
+        return []
+    if s.benchmark == "mmsu":
+        from tools import benchmarks  # MMSU's printout, with its rule
+        return benchmarks.mmsu_lines(s)
+    return string_match_lines(s)
+
+
+def note_lines(s: Score) -> list[str]:
+    """What the official printout does not show: items left out of the counts, and why."""
+    lines = []
+    if s.skipped:
+        lines.append(f"{s.skipped} items have " + (f"a '{s.key}' that is not a string (null): not counted"
+                                                    if s.benchmark == "mmsu" else f"no '{s.key}' field: not scored")
+                     + ", as in the official script")
+    if s.missing:
+        lines.append(f"{s.missing} items have no '{s.key}' field: read as \"\" and counted wrong, as in the "
+                     f"official script")
+    if s.unparsed:
+        lines.append(f"{s.unparsed} items have a response with no letter A-D where MMSU's script looks (the "
+                     f"first character or the one before the last): not counted, as in the official script")
+    return lines
+
+
+def official_fields(record: dict) -> dict:
+    """Fields a benchmark's own script reads that are not in our prediction record: MMAR's
+    `answer_prediction` (model_prediction, under its name) and MMSU's `response`."""
+    benchmark = reward.detect([record])
+    if benchmark == "mmar":
+        return {"answer_prediction": record["model_prediction"]}
+    if benchmark == "mmsu":
+        from tools import benchmarks  # MMSU's response, by its rule
+        return {"response": benchmarks.mmsu_response(record["model_prediction"], record)}
+    return {}
+
+
+def summary_groups(s: Score) -> dict:
+    """The groups as JSON: MMSU's (category, sub-category) pairs become "category / sub-category"."""
+    return {f: {(" / ".join(v) if isinstance(v, tuple) else v): t.as_dict() for v, t in g.items()}
+            for f, g in s.groups.items()}
 
 
 @dataclass
@@ -293,88 +295,8 @@ class Provenance:
 def summary(s: Score, predictions: Path, source: Provenance) -> dict:
     """The JSON summary: accuracy in total and per group, the errored items, and where it all came from."""
     return {"predictions": str(predictions), "predictions_sha256": sha256(predictions),
-            "benchmark": B.NAMES[s.benchmark], "key": s.key, **s.total.as_dict(), "skipped": s.skipped,
-            "unparsed": s.unparsed, "groups": B.summary_groups(s), "errors": s.errors, **asdict(source)}
-
-
-def known_provenance(predictions: Path) -> Provenance:
-    """The provenance in an existing summary of exactly this predictions file, else none."""
-    path = summary_path(predictions)
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("predictions_sha256") == sha256(predictions):
-            return Provenance(**{k: old.get(k) for k in ("data", "data_sha256", "data_version", "model", "settings")},
-                              note="scored again with --score")
-    return Provenance(note="source data unknown: no summary of this exact predictions file was found")
-
-
-def read_predictions(path: Path) -> list[dict]:
-    """--score's file: question records as evaluate.py or the benchmark's own tools write them, a JSON
-    list or JSONL (one record a line, as MMSU's). Anything else is a UsageError naming the file and,
-    for a bad record, its index."""
-    what = f"--score {path}"
-    records = read_records(path, what)
-    mmsu = B.detect([r for r in records if isinstance(r, dict)]) == "mmsu"
-    answer, choices = ("answer_gt", "choice_a .. choice_d") if mmsu else ("answer", "a 'choices' list")
-    if records and all(isinstance(r, dict) and r.get(answer) is None for r in records):
-        raise M.UsageError(f"{what}: no item has an answer (a test set whose answers are withheld): nothing to "
-                           f"score; its evaluation wrote {submission_path(path)} for the leaderboard")
-    for i, r in enumerate(records):
-        if not is_question_record(r, mmsu):
-            raise M.UsageError(f"{what}: item {i} is not a question record (an '{answer}' string, {choices}, "
-                               f"predictions as strings)")
-    return records
-
-
-def is_question_record(r, mmsu: bool) -> bool:
-    """The answer and choices there (MMSU's: answer_gt, choice_a ..), and every prediction a string
-    (MMSU's `response` may be null: its script skips it, and so does score())."""
-    if not isinstance(r, dict):
-        return False
-    answered = (isinstance(r.get("answer_gt"), str) and isinstance(r.get("choice_a"), str) if mmsu else
-                isinstance(r.get("answer"), str) and isinstance(r.get("choices"), list))
-    return answered and all(isinstance(r[k], str) for k in ("model_prediction", "model_output", "answer_prediction")
-                            if k in r)
-
-
-def read_records(path: Path, what: str) -> list:
-    """The JSON list in the file, else its JSONL lines (one JSON value a line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise M.UsageError(f"{what}: no such file (give a predictions JSON that evaluate.py wrote)") from None
-    except OSError as e:
-        raise M.UsageError(f"{what}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise M.UsageError(f"{what}: not a JSON file ({e})") from None
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as e:
-        whole = e
-    if isinstance(whole, list):
-        return whole
-    try:
-        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError:
-        lines = []
-    if lines:
-        return lines
-    if isinstance(whole, json.JSONDecodeError):
-        raise M.UsageError(f"{what}: not a JSON file, nor JSONL ({whole})")
-    raise M.UsageError(f"{what}: a JSON {type(whole).__name__}, but a predictions file is a list of items (or JSONL)")
-
-
-def score_file(path: Path, key: str | None) -> Score:
-    """--score: score an existing predictions file, print the official lines, write its summary."""
-    records = read_predictions(path)
-    s = score(records, key)
-    source = known_provenance(path)
-    M.print0(f"scoring {path} by '{s.key}': {len(records) - s.skipped} items, {s.skipped} without it skipped")
-    if source.data:
-        M.print0(f"data: {source.data} ({source.data_version or 'sha256 ' + source.data_sha256})")
-    print_score(s)
-    write_json(summary_path(path), summary(s, path, source))
-    return s
+            "benchmark": reward.NAMES[s.benchmark], "key": s.key, **s.total.as_dict(), "skipped": s.skipped,
+            "unparsed": s.unparsed, "groups": summary_groups(s), "errors": s.errors, **asdict(source)}
 
 
 # -----------------------------------------------------------------------------
@@ -471,10 +393,10 @@ def plan(args: argparse.Namespace) -> Plan:
 def checked_key(key: str, samples: list[Sample], data: str) -> str:
     """--key, if the predictions of this data will have that field (answer_prediction: MMAR's only;
     response: MMSU's only)."""
-    benchmark = B.detect([samples[0].meta])
-    fields = ["model_prediction", "model_output"] + [B.OFFICIAL_KEY[b] for b in ("mmar", "mmsu") if b == benchmark]
+    benchmark = reward.detect([samples[0].meta])
+    fields = ["model_prediction", "model_output"] + [reward.OFFICIAL_KEY[b] for b in ("mmar", "mmsu") if b == benchmark]
     if key not in fields:
-        raise M.UsageError(f"--key {key}: the predictions of --data {data} ({B.NAMES[benchmark]}) have no such "
+        raise M.UsageError(f"--key {key}: the predictions of --data {data} ({reward.NAMES[benchmark]}) have no such "
                            f"field; give one of {', '.join(fields)}")
     return key
 
@@ -582,14 +504,15 @@ def finish_withheld(samples: list[Sample], records: list[dict], out: Path, sourc
     item as released plus the prediction under `key`), and a summary naming it (and the items whose
     audio failed)."""
     path = submission_path(out)
-    write_json(path, B.submission([s.meta for s in samples], [r[key] for r in records], key))
+    from tools import benchmarks  # the test split's submission: a tool beside the core
+    write_json(path, benchmarks.submission([s.meta for s in samples], [r[key] for r in records], key))
     errors = [{"index": i, "id": s.meta.get("id"), "error": r["error"]}
               for i, (s, r) in enumerate(zip(samples, records)) if "error" in r]
     s = Score("withheld", key, Tally(), {}, 0, errors)
     M.print0(f"answers withheld: no score; the submission for the leaderboard is {path} ({len(samples)} items)")
     print_score(s)
     write_json(summary_path(out), {"predictions": str(out), "predictions_sha256": sha256(out), "benchmark":
-                                   B.NAMES[s.benchmark], "items": len(samples), "submission": str(path),
+                                   reward.NAMES[s.benchmark], "items": len(samples), "submission": str(path),
                                    "submission_sha256": sha256(path), "errors": errors, **asdict(source)})
     return s
 
@@ -702,7 +625,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=positive, help="evaluate the first N items only")
     parser.add_argument("--score", metavar="PREDICTIONS", help="only score an existing predictions file "
                         "(JSON list or JSONL)")
-    parser.add_argument("--key", choices=B.KEYS, help="field to score, and the one a test set's submission "
+    parser.add_argument("--key", choices=reward.KEYS, help="field to score, and the one a test set's submission "
                         "carries: model_prediction (the default, if present), model_output (the whole reply, "
                         "which MMAU's evaluation.py reads), answer_prediction (MMAR's script's), response (MMSU's)")
     args = parser.parse_args(argv)
@@ -714,7 +637,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.score:
-        score_file(Path(args.score), args.key)
+        from tools import benchmarks  # scoring a predictions file, ours or in an official script's format
+        benchmarks.score_file(Path(args.score), args.key)
         return 0
     if args.model is None:
         status = demo(args.batch_size, args.max_new_tokens, args.dtype or "float32")

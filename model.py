@@ -1,27 +1,14 @@
-"""Qwen2-Audio and Qwen2.5-Omni's thinker: loading, sharding with FSDP2, samples into model inputs, tiny copies.
+"""Qwen2-Audio for training: loading, sharding with FSDP2, samples into model inputs, greedy decoding.
 
-Two bases, one code path. Qwen2-Audio-7B-Instruct (the default; R1-AQA's base) is a Whisper-style audio
-encoder, a linear projector and a Qwen2-7B language model. Qwen2.5-Omni-7B's "thinker" (the text-generating
-half of the Omni model; later audio RL records on MMAU start from it) is the same layout: an audio encoder
-that ends in its own projection, a vision tower, and a Qwen2.5-7B language model with multimodal RoPE.
-Both put the audio embeddings in place of `<|AUDIO|>` tokens and have `model.model` (-> hidden states) and
-`model.lm_head`, which is all grpo.py calls. What differs is a small record per family (`Family`,
-`FAMILIES`), detected from config.json's model_type: the classes, the tokens, the vision tower audio
-never uses (dropped before sharding and never loaded), the feature padding the Omni encoder never reads,
-and the `<|AUDIO|>` count the Omni model does not check.
-
-`load()` opens a local model folder in one process; `sharded_load()` builds the model on the meta device,
-shards it over all processes and fills the shards from rank 0 (training). `unsharded()` keeps the weights
-gathered for a rollout. `build_tiny()` writes a tiny random copy of either family from scratch, without a
-model hub: a small byte-level BPE tokenizer with the real special tokens and chat template, a Whisper
-feature extractor and a small random config of the real classes. Everything else runs the same code.
-
-    python model.py --out tiny-model                  # build the tiny Qwen2-Audio into a directory
-    python model.py --out tiny-omni --family omni     # the tiny Qwen2.5-Omni thinker
-    python model.py --params-7b                       # count the 7B parameters on the meta device
+Qwen2-Audio-7B-Instruct (R1-AQA's base) is a Whisper-style audio encoder, a linear projector and a
+Qwen2-7B language model; grpo.py calls only its two halves, `model.model` (-> hidden states) and
+`model.lm_head`. `load()` opens a local model folder in one process; `sharded_load()` builds the model
+on the meta device, shards it over all processes and fills the shards from rank 0 (training);
+`unsharded()` keeps the weights gathered for a rollout. What differs between bases is a small `Family`
+record: Qwen2-Audio's is here, Qwen2.5-Omni's comes from recipes/omni.py when a config.json names it.
+LoRA plugs in through an `adapters` object (recipes/lora.py) at loading and saving.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -38,73 +25,21 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from transformers import (
-    GenerationConfig,
-    Qwen2_5OmniProcessor,
-    Qwen2_5OmniThinkerConfig,
-    Qwen2_5OmniThinkerForConditionalGeneration,
-    Qwen2AudioConfig,
-    Qwen2AudioForConditionalGeneration,
-    Qwen2AudioProcessor,
-    Qwen2TokenizerFast,
-    WhisperFeatureExtractor,
-)
-from transformers.processing_utils import ProcessorMixin
+from transformers import GenerationConfig, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # one line per checkpoint load is noise in a training log
 
-import lora as L
 from data import SAMPLE_RATE, Sample, build_prompt
 
 # Both end a completion: <|im_end|> closes the assistant turn, <|endoftext|> is also the pad token.
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 # The real Qwen2 special tokens, in their real order (ids 151643.. in the 7B tokenizer).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
-# Qwen2.5-Omni's tokenizer adds the vision tokens (ids 151652.. in the 7B tokenizer) and names the multimodal
-# tokens: its processor reads them as tokenizer attributes (tokenizer.audio_token, tokenizer.image_token_id, ...).
-OMNI_SPECIAL_TOKENS = SPECIAL_TOKENS + ("<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>")
-OMNI_NAMED_TOKENS = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
-                     "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
-                     "vision_eos_token": "<|vision_eos|>"}
-# How Qwen2.5-Omni's own chat template renders system, user and assistant turns of text and audio (the
-# released template also renders images and videos): a default system turn when the chat has none, and
-# each audio as <|audio_bos|><|AUDIO|><|audio_eos|> with no "Audio 1: " before it and no newline after it.
-# The tiny Omni carries this one; a real Omni folder carries its own.
-OMNI_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 # -----------------------------------------------------------------------------
 # The two families
-
-class OmniAudioProcessor(Qwen2_5OmniProcessor):
-    """Qwen2.5-Omni's processor made of its audio parts only: the Whisper feature extractor, the tokenizer
-    (with the named multimodal tokens) and the chat template. The stock one also wants an image and a
-    video processor, which need torchvision or Pillow (not dependencies of this project). The text and
-    audio path is Qwen2_5OmniProcessor's own; save_pretrained/from_pretrained keep exactly these parts."""
-
-    def __init__(self, feature_extractor=None, tokenizer=None, chat_template=None):
-        # ProcessorMixin takes its parts from this signature; Qwen2_5OmniProcessor.__init__ would add the
-        # image and video slots, so it is skipped and the token attributes it sets are set here.
-        ProcessorMixin.__init__(self, feature_extractor, tokenizer, chat_template=chat_template)
-        for name, token in OMNI_NAMED_TOKENS.items():  # a tokenizer that does not name them gets the real ones
-            setattr(self, name, getattr(tokenizer, name, None) or token)
-        for name in ("audio_token", "image_token", "video_token"):
-            setattr(self, f"{name}_id", tokenizer.convert_tokens_to_ids(getattr(self, name)))
-
-    @property
-    def model_input_names(self):
-        return [*self.tokenizer.model_input_names, *self.feature_extractor.model_input_names, "feature_attention_mask"]
-
 
 @dataclass(frozen=True)
 class Family:
@@ -121,7 +56,7 @@ class Family:
     frozen: tuple = ()        # parameters that never get a gradient: kept out of training (and of AdamW's state)
     unused: tuple = ()        # submodules audio never runs: dropped before sharding, their weights never loaded
     trims_features: bool = False  # the encoder reads only the real frames, so padding past the longest clip can go
-    checks_audio_tokens: bool = False  # the model does not check the <|AUDIO|> count against the audio: we do
+    input_checks: tuple = ()  # forward pre-hooks on model.model for what the model itself does not check
 
 
 # Qwen2-Audio's Whisper position table is a fixed sinusoid stored as a parameter; the class freezes it,
@@ -129,36 +64,40 @@ class Family:
 QWEN2_AUDIO = Family("Qwen2-Audio", ("qwen2_audio",), Qwen2AudioForConditionalGeneration, Qwen2AudioConfig,
                      Qwen2AudioProcessor, "model.multi_modal_projector", SPECIAL_TOKENS, {},
                      frozen=("model.audio_tower.embed_positions",))
-# Qwen2.5-Omni: the whole model's folder (thinker, talker, token2wav) or a thinker's alone. The feature
-# extractor pads every clip to 300 s, but the encoder reads only the real frames (in windows of 2 s), and
-# its masked_scatter takes the audio embeddings without checking that the prompt has as many <|AUDIO|>.
-# The encoder's audio_bos_eos_token embedding is in no forward: with no gradient ever, AdamW would keep
-# no state for it, and a resumed run would look for that state in the checkpoint.
-OMNI = Family("Qwen2.5-Omni", ("qwen2_5_omni", "qwen2_5_omni_thinker"), Qwen2_5OmniThinkerForConditionalGeneration,
-              Qwen2_5OmniThinkerConfig, OmniAudioProcessor, "model.audio_tower.proj", OMNI_SPECIAL_TOKENS,
-              OMNI_NAMED_TOKENS, OMNI_CHAT_TEMPLATE, frozen=("model.audio_tower.audio_bos_eos_token",),
-              unused=("model.visual",), trims_features=True, checks_audio_tokens=True)
-FAMILIES = {"qwen2-audio": QWEN2_AUDIO, "omni": OMNI}
-# --model names of the tiny models built offline (train.py), and the family each one is
-TINY_MODELS = {"tiny": "qwen2-audio", "tiny-omni": "omni"}
 
 
 def family_of(path):
-    """The family of a model folder (its config.json's model_type) or of a LoRA checkpoint's base model."""
+    """The family of a model folder, by its config.json's model_type (a LoRA checkpoint: of its base)."""
     path = Path(adapter_base(path) or path)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
-    if family is None:
-        raise ValueError(f"{path}: config.json has model_type {model_type!r}, not one of {MODEL_TYPES}")
-    return family
+    if model_type in QWEN2_AUDIO.model_types:
+        return QWEN2_AUDIO
+    return other_family(lambda f: model_type in f.model_types, f"{path}: config.json has model_type {model_type!r}")
 
 
 def family_of_config(config):
-    return next(f for f in FAMILIES.values() if isinstance(config, f.config_class))
+    if isinstance(config, QWEN2_AUDIO.config_class):
+        return QWEN2_AUDIO
+    return other_family(lambda f: isinstance(config, f.config_class), f"a {type(config).__name__}")
 
 
 def family_of_processor(processor):
-    return next(f for f in FAMILIES.values() if isinstance(processor, f.processor_class))
+    if isinstance(processor, QWEN2_AUDIO.processor_class):
+        return QWEN2_AUDIO
+    return other_family(lambda f: isinstance(processor, f.processor_class), f"a {type(processor).__name__}")
+
+
+def other_family(matches, what):
+    """A base beyond R1-AQA's: Qwen2.5-Omni's thinker, whose record is in recipes/omni.py."""
+    try:
+        from recipes import omni  # an extra, imported only for a model that is not Qwen2-Audio
+    except ModuleNotFoundError:
+        raise UsageError(f"{what}: only Qwen2-Audio is built in; Qwen2.5-Omni needs recipes/omni.py, which "
+                         f"this copy of the project does not have") from None
+    if not matches(omni.OMNI):
+        raise UsageError(f"{what}, but this project trains Qwen2-Audio ({', '.join(QWEN2_AUDIO.model_types)}) "
+                         f"or Qwen2.5-Omni ({', '.join(omni.OMNI.model_types)})")
+    return omni.OMNI
 
 
 # -----------------------------------------------------------------------------
@@ -227,9 +166,6 @@ def run_main(main, argv=None):
 # -----------------------------------------------------------------------------
 # Loading
 
-MODEL_TYPES = tuple(t for f in FAMILIES.values() for t in f.model_types)  # config.json model_type values we train
-
-
 def check_model_dir(path, flag="--model"):
     """Recognise a model folder before anything is loaded: it exists, has a config.json whose
     model_type this project trains, and has weights. Otherwise a UsageError naming the folder."""
@@ -243,12 +179,13 @@ def check_model_dir(path, flag="--model"):
     if not config.is_file():
         raise UsageError(f"{flag} {path}: no config.json in this folder, so it is not a model folder ({what})")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        json.loads(config.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise UsageError(f"{flag} {config}: not a JSON object ({e})") from None
-    if model_type not in MODEL_TYPES:
-        raise UsageError(f"{flag} {path}: config.json has model_type {model_type!r}, but this project trains "
-                         f"{' or '.join(MODEL_TYPES)} (Qwen2-Audio-7B-Instruct, Qwen2.5-Omni-7B or its thinker)")
+    try:
+        family_of(path)
+    except UsageError as e:
+        raise UsageError(f"{flag} {e}") from None
     if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         raise UsageError(f"{flag} {path}: config.json but no weights (*.safetensors) in this folder")
     return path
@@ -315,37 +252,16 @@ def without_adapter_files(path):
 def for_audio(model, family):
     """The model as this project runs it: the submodules audio never runs are deleted (Omni's vision tower:
     0.68B parameters at 7B; audio-only logits are unchanged, and a full state dict then has none of their
-    keys), the parameters that never get a gradient are frozen, and where the model does not check the
-    <|AUDIO|> count against the audio, a hook does."""
+    keys), the parameters that never get a gradient are frozen, and the family's checks of the inputs
+    run before every forward."""
     for name in family.frozen:
         model.get_submodule(name).requires_grad_(False)
     for name in family.unused:
         parent, _, child = name.rpartition(".")
         delattr(model.get_submodule(parent), child)
-    if family.checks_audio_tokens:
-        model.model.register_forward_pre_hook(check_audio_tokens, with_kwargs=True)
+    for hook in family.input_checks:
+        model.model.register_forward_pre_hook(hook, with_kwargs=True)
     return model
-
-
-def audio_embeddings(frames):
-    """Audio embeddings the encoder makes of `frames` mel frames (100 per second): conv stride 2, then
-    pooling by 2, i.e. 25 per second (1 s: 100 -> 50 -> 25)."""
-    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
-
-
-def check_audio_tokens(module, args, kwargs):
-    """Forward pre-hook on model.model: every row's <|AUDIO|> count must equal its clip's audio embeddings
-    (one clip per row, as model.collate and grpo.py build batches). Omni's forward does not check it: with
-    too many or too few, the embeddings land on the wrong positions, silently."""
-    ids, mask = kwargs.get("input_ids"), kwargs.get("feature_attention_mask")
-    if ids is None or kwargs.get("input_features") is None or mask is None:
-        return  # a decode step: no audio
-    tokens = (ids == module.config.audio_token_id).sum(1).tolist()                  # [B]
-    wanted = audio_embeddings(mask.sum(1)).tolist()                                  # [B]
-    for row, (n, want) in enumerate(zip(tokens, wanted)):
-        if n != want:
-            raise ValueError(f"batch row {row}: the prompt has {n} <|AUDIO|> tokens but its audio gives {want} "
-                             f"embeddings (25 per second of audio); model.collate writes one per embedding")
 
 
 def adapter_base(path):
@@ -359,9 +275,9 @@ def adapter_base(path):
 
 
 def merge_adapters(model, folder):
-    """Fold the LoRA adapters saved in folder into the model's weights: W + alpha / r * B A."""
-    adapters, settings = L.load_adapters(folder)
-    model.load_state_dict(L.merged_state_dict({**model.state_dict(), **adapters}, settings))
+    """Fold the LoRA adapters saved in folder into the model's weights (recipes/lora.py)."""
+    from recipes import lora  # an extra: only a LoRA checkpoint gets here
+    lora.merge_saved(model, folder)
 
 
 def load_processor(path):
@@ -388,20 +304,20 @@ def suppressed_token_ids(tokenizer, vocab_size):
 # -----------------------------------------------------------------------------
 # Sharding (FSDP2)
 
-def shard(model, param_dtype=None, lora=False):
+def shard(model, param_dtype=None, frozen_base=False):
     """Shard with FSDP2 over all processes: each audio-encoder layer, each decoder layer, the lm_head,
     then `model.model` (embeddings, conv stem, projector, norms). grpo.py calls `model.model` and
     `model.lm_head` directly, so those two are the units that run the root's hooks. Parameters stay
     in their own dtype (fp32 master weights for the policy); param_dtype is the compute dtype, and
     gradients are reduced in fp32.
-    With `lora` (the model went through lora.apply_lora) FSDP manages only what trains: every frozen
+    With `frozen_base` (LoRA: only adapters train) FSDP manages only what trains: every frozen
     parameter is an ignored param, so each rank keeps the whole frozen base as it is (no sharding, no
     all-gather, no fp32 master, gradient or optimizer state). A layer with nothing to train (lm_head,
     or the encoder layers without audio adapters) stays a plain module; `model.model` is sharded even
     with nothing of its own to train, as the root whose hooks run around every layer inside it."""
     mesh = init_device_mesh(_device_type(), (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    frozen = {p for p in model.parameters() if not p.requires_grad} if lora else None
+    frozen = {p for p in model.parameters() if not p.requires_grad} if frozen_base else None
     trains = lambda unit: frozen is None or any(p.requires_grad for p in unit.parameters())
     for layer in [*model.model.audio_tower.layers, *model.model.language_model.layers]:
         if trains(layer):
@@ -463,29 +379,29 @@ class unsharded:
                 unit.set_reshard_after_forward(True, recurse=False)
 
 
-def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_checkpointing=False, lora=None):
+def sharded_load(path, param_dtype=None, storage_dtype=torch.float32, gradient_checkpointing=False, adapters=None):
     """Build the model on the meta device on every rank, shard it, and fill the shards from rank 0,
     which alone reads the checkpoint: host memory holds one full copy, not one per rank.
-    With `lora` (a lora.LoRASettings) the adapters are added before sharding and only they train: the
-    frozen base is kept whole on every rank in the compute dtype (param_dtype, else storage_dtype),
-    the adapters are sharded in fp32 and start from lora.init_adapters(model, lora.seed)."""
+    With `adapters` (recipes/lora.py) they are added before sharding and only they train: the frozen
+    base is kept whole on every rank in the compute dtype (param_dtype, else storage_dtype), the
+    adapters are sharded in fp32 and start from adapters.initial(model)."""
     device = torch.device(_device_type(), torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    base_dtype = (param_dtype or storage_dtype) if lora else storage_dtype  # a frozen base needs no fp32 master
+    base_dtype = (param_dtype or storage_dtype) if adapters else storage_dtype  # a frozen base needs no fp32 master
     family = family_of(path)
     model = meta_model(family.config_class.from_pretrained(path)).to(base_dtype)
-    if lora:
-        L.apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.audio)  # fp32 adapters
+    if adapters:
+        adapters.wrap(model)  # fp32 adapters; the rest frozen
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    shard(model, param_dtype, lora=bool(lora))
+    shard(model, param_dtype, frozen_base=adapters is not None)
     model.to_empty(device=device)
     full = {}
     if dist.get_rank() == 0:
         full = read_pretrained(family, path).state_dict()
-    if lora:
-        full = broadcast_frozen(model, full) | (L.init_adapters(model, lora.seed) if dist.get_rank() == 0 else {})
+    if adapters:
+        full = broadcast_frozen(model, full) | (adapters.initial(model) if dist.get_rank() == 0 else {})
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                               strict=not lora))
+                                                               strict=adapters is None))
     reset_rotary(model, device)
     if Path(path, "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -546,13 +462,14 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def gathered_state_dict(model, dtype):
+def gathered_state_dict(model, dtype, keep=lambda name: False):
     """The whole model's weights in `dtype` on rank 0's CPU (other ranks get {}), gathered tensor by
     tensor: each shard is cast on its own device before the all-gather, so the host holds one copy in
-    `dtype` (16.8 GB in bf16 at 7B) instead of an fp32 copy plus its cast (about 50 GB at the peak)."""
+    `dtype` (16.8 GB in bf16 at 7B) instead of an fp32 copy plus its cast (about 50 GB at the peak).
+    keep(name): tensors kept in their own dtype (LoRA's fp32 adapters, to be merged)."""
     out = {}
     for name, tensor in get_model_state_dict(model).items():
-        whole = tensor if L.is_adapter_key(name) else tensor.to(dtype)  # adapters stay fp32, to be merged
+        whole = tensor if keep(name) else tensor.to(dtype)
         whole = whole.full_tensor() if isinstance(whole, DTensor) else whole  # a collective: every rank calls it
         if dist.get_rank() == 0:
             out[name] = whole.cpu()
@@ -594,46 +511,6 @@ def collate(processor, samples: list[Sample], audios, prompt="answer", system_pr
     return batch
 
 
-# -----------------------------------------------------------------------------
-# Architectures
-
-def config_7b(family="qwen2-audio"):
-    """The 7B's architecture: Qwen2-Audio-7B-Instruct, or with family "omni" Qwen2.5-Omni-7B's thinker
-    (the config classes' defaults are NOT these models)."""
-    return {"qwen2-audio": qwen2_audio_config_7b, "omni": omni_config_7b}[family]()
-
-
-def qwen2_audio_config_7b():
-    return Qwen2AudioConfig(
-        audio_config=dict(model_type="qwen2_audio_encoder", d_model=1280, encoder_layers=32,
-                          encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
-                          max_source_positions=1500),
-        text_config=dict(model_type="qwen2", vocab_size=156032, hidden_size=4096, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
-                         rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False),
-        audio_token_index=151646,
-    )
-
-
-def omni_config_7b():
-    """Qwen2.5-Omni-7B's thinker as its released config.json gives it: a 32-layer Whisper-large-sized audio
-    encoder (windows of 100 positions, projected to 3584), a 1280-wide vision tower (dropped for audio),
-    Qwen2.5-7B (28 layers, 3584 wide, 4 KV heads, multimodal RoPE sections 16/24/24), lm_head not tied."""
-    return Qwen2_5OmniThinkerConfig(
-        audio_config=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
-                          num_mel_bins=128, max_source_positions=1500, n_window=100, output_dim=3584),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
-        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
-        audio_token_index=151646, image_token_index=151655, video_token_index=151656, audio_start_token_id=151647,
-        audio_end_token_id=151648, vision_start_token_id=151652,
-    )
-
-
 def meta_model(config):
     """The model on the meta device, as this project runs it (for_audio): shapes and parameter counts
     without memory."""
@@ -642,118 +519,18 @@ def meta_model(config):
         return for_audio(family.model_class(config), family)
 
 
-# -----------------------------------------------------------------------------
-# The tiny model, built offline
-
-def _tokenizer_corpus():
-    """Text the tiny BPE is trained on: the chat frame, the R1-AQA prompt, answer tags and words."""
-    words = ["very low", "low", "high", "very high", "Man", "Woman", "Child", "Robot",
-             "yes", "no", "one", "two", "three", "four", "speech", "music", "sound"]
-    lines = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nAudio 1: ",
-             "<|im_start|>assistant\n"]
-    for q in ["What is the pitch of the tone in the audio?", "What happened in the audio?",
-              "How many beeps are there?", "Is the sound loud or soft?", "Who is speaking?"]:
-        lines.append(build_prompt(q, words[:4]))
-        lines.append(build_prompt(q, words[4:8], "think"))
-    lines += [f"<answer>{w}</answer>" for w in words] + [f"<think>{w}</think>" for w in words]
-    return lines * 20
-
-
-def build_tokenizer(vocab_size=512, special_tokens=SPECIAL_TOKENS, named_tokens=None):
-    """A small byte-level BPE with Qwen2's special tokens, wrapped as a Qwen2 tokenizer. named_tokens:
-    tokenizer attributes naming some of them (Qwen2.5-Omni's audio_token, image_token, ...)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(_tokenizer_corpus(), trainer)
-    named = {"extra_special_tokens": named_tokens} if named_tokens else {}
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None, errors="replace", **named)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens[1:])})
-    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def tiny_config(tokenizer, window_seconds=10, width=64, layers=2, heads=4):
-    """A small Qwen2-Audio: same classes, a few hundred thousand parameters.
-    The encoder sees 50 positions per second of its mel window (100 mel frames per second, conv stride 2)."""
-    return Qwen2AudioConfig(
-        audio_config=dict(model_type="qwen2_audio_encoder", d_model=width, encoder_layers=layers,
-                          encoder_attention_heads=heads, encoder_ffn_dim=2 * width, num_mel_bins=128,
-                          max_source_positions=50 * window_seconds),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads // 2, intermediate_size=2 * width,
-                         rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False),
-        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
-    )
-
-
-def tiny_omni_config(tokenizer, window_seconds=10, width=64, layers=2, heads=4):
-    """A small Qwen2.5-Omni thinker: the real classes and the real encoder windows (100 positions, 2 s of
-    audio, whatever the clip length), RoPE sections in the real proportions (16/24/24 of 64 -> 2/3/3 of
-    head_dim/2 = 8), lm_head not tied. Its vision tower is the smallest the class accepts: it is dropped."""
-    head_dim, ids = width // heads, tokenizer.convert_tokens_to_ids
-    return Qwen2_5OmniThinkerConfig(
-        audio_config=dict(d_model=width, encoder_layers=layers, encoder_attention_heads=heads,
-                          encoder_ffn_dim=2 * width, num_mel_bins=128, max_source_positions=1500, n_window=100,
-                          output_dim=width),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width,
-                           fullatt_block_indexes=[0]),
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads // 2, intermediate_size=2 * width, rms_norm_eps=1e-6,
-                         max_position_embeddings=4096, tie_word_embeddings=False,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                              mrope_section=[head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16])),
-        audio_token_index=ids("<|AUDIO|>"), image_token_index=ids("<|IMAGE|>"), video_token_index=ids("<|VIDEO|>"),
-        audio_start_token_id=ids("<|audio_bos|>"), audio_end_token_id=ids("<|audio_eos|>"),
-        vision_start_token_id=ids("<|vision_bos|>"),
-    )
-
-
-TINY_CONFIGS = {"qwen2-audio": tiny_config, "omni": tiny_omni_config}
-
-
-def build_tiny(out_dir, seed=0, window_seconds=10, width=64, layers=2, family="qwen2-audio"):
-    """Write a tiny random model of the family (model, tokenizer, feature extractor, processor) to out_dir.
-    Deterministic for a seed; `load(out_dir)` opens it like the real one. The feature extractor's window
-    is window_seconds (longer clips are cut)."""
-    fam = FAMILIES[family]
-    tokenizer = build_tokenizer(special_tokens=fam.special_tokens, named_tokens=fam.named_tokens)
-    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, chunk_length=window_seconds)
-    processor = fam.processor_class(feature_extractor=features, tokenizer=tokenizer, chat_template=fam.chat_template)
-    config = TINY_CONFIGS[family](tokenizer, window_seconds, width, layers)
-    torch.manual_seed(seed)
-    model = fam.model_class(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = end_token_ids(tokenizer)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
-def tiny(cache_dir, window_seconds=10, seed=0, family="qwen2-audio"):
-    """The tiny model's directory under cache_dir, built on first use."""
-    path = Path(cache_dir) / f"tiny-{family}-{window_seconds}s-seed{seed}"
-    if not (path / "config.json").exists():
-        build_tiny(path, seed=seed, window_seconds=window_seconds, family=family)
-    return path
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="build the tiny model into this directory")
-    parser.add_argument("--family", choices=FAMILIES, default="qwen2-audio", help="which base: qwen2-audio or omni")
-    parser.add_argument("--window-seconds", type=int, default=10, help="mel window of the tiny model")
-    parser.add_argument("--params-7b", action="store_true", help="count the 7B parameters on the meta device")
-    args = parser.parse_args()
-    if args.out:
-        print(f"tiny model written to {build_tiny(args.out, window_seconds=args.window_seconds, family=args.family)}")
-    if args.params_7b:
-        fam, n = FAMILIES[args.family], sum(p.numel() for p in meta_model(config_7b(args.family)).parameters())
-        print(f"{fam.name}-7B parameters{' (the thinker, without ' + ', '.join(fam.unused) + ')' if fam.unused else ''}: {n:,}")
+@torch.no_grad()
+def generate(model, processor, samples: list[Sample], audios, prompt: str, max_new_tokens: int,
+             system_prompt: str | None = None, think_words: int = 0) -> list[str]:
+    """Greedy completions for one batch, decoded with special tokens skipped (held-out scores and
+    evaluate.py). Other generation settings (e.g. a repetition penalty) come from the checkpoint, as in
+    R1-AQA's test script. `model` is a plain model, or a sharded policy inside `unsharded(model)`: every
+    unit is gathered, so each rank decodes alone (synced_gpus=False) and ranks may make different
+    numbers of calls, or none."""
+    tokenizer = processor.tokenizer
+    batch = collate(processor, samples, audios, prompt, system_prompt, think_words).to(model.device)
+    out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, synced_gpus=False,
+                         eos_token_id=end_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         suppress_tokens=suppressed_token_ids(tokenizer, model.config.text_config.vocab_size))
+    completions = out[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
+    return processor.batch_decode(completions, skip_special_tokens=True)

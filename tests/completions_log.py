@@ -17,29 +17,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import batches as B  # noqa: E402
-import steps as S  # noqa: E402
 import train as T  # noqa: E402
 
 
 @contextlib.contextmanager
 def recording(log: dict):
-    """Within it, every steps.rollout (looked up by name when sample_groups calls it) adds its tokens to log."""
-    real = S.rollout
+    """Within it, every train.rollout (one micro-batch; looked up by name when the sampling calls it) adds its
+    tokens to log."""
+    real = T.rollout
 
     def rollout(run, step, positions, samples):
-        groups = real(run, step, positions, samples)
+        b = real(run, step, positions, samples)
         G = run.cfg.group_size
-        for pos, g in zip(B.chunks(positions, run.cfg.micro_batch), groups):
-            for i, (ids, n) in enumerate(zip(g.rollout.completion_ids, g.lengths)):
-                log[f"{step} {pos[i // G]} {i % G}"] = ids[:n].tolist()
-        return groups
+        for i, (ids, n) in enumerate(zip(b.rollout.completion_ids, b.lengths)):
+            log[f"{step} {positions[i // G]} {i % G}"] = ids[:n].tolist()
+        return b
 
-    S.rollout = rollout
+    T.rollout = rollout
     try:
         yield log
     finally:
-        S.rollout = real
+        T.rollout = real
 
 
 def write(log: dict, path, rank: int) -> None:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # the project is a folder of scripts, not a packa
 import model as M  # noqa: E402
 import train  # noqa: E402
 from data import Sample  # noqa: E402
-from synthetic import make_synthetic  # noqa: E402
+from workshop.demo import build_tiny, make_synthetic  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -37,7 +37,7 @@ logging.getLogger("transformers").addHandler(LoggedDeprecations(logging.WARNING)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny Qwen2-Audio with a 10 s mel window."""
-    return M.build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0, window_seconds=10)
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0, window_seconds=10)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ def pitch_samples(n):
 @pytest.fixture(scope="session")
 def tiny2_dir(tmp_path_factory):
     """A tiny Qwen2-Audio with a 2 s mel window, as the demo uses (faster than 10 s)."""
-    return M.build_tiny(tmp_path_factory.mktemp("tiny2") / "model", seed=0, window_seconds=2)
+    return build_tiny(tmp_path_factory.mktemp("tiny2") / "model", seed=0, window_seconds=2)
 
 
 @pytest.fixture(scope="session")

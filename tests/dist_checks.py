@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpo  # noqa: E402
 import model as M  # noqa: E402
-import steps as S  # noqa: E402
+import train as T  # noqa: E402
 from conftest import pitch_samples  # noqa: E402
+from engine import packed, sampler  # noqa: E402
 
 
 def count_all_gathers():
@@ -47,19 +48,19 @@ def rollout(policy, processor, max_new_tokens, rank):
     # no end tokens allowed: every completion runs to max_new_tokens
     suppress = M.suppressed_token_ids(tok, policy.config.text_config.vocab_size) + M.end_token_ids(tok)
     with M.unsharded(policy):
-        return grpo.generate_groups(policy, batch, grpo.prompt_generators(0, 0, [rank]), 4, max_new_tokens,
-                                    M.end_token_ids(tok), tok.pad_token_id, suppress)
+        return sampler.generate_groups(policy, batch, grpo.prompt_generators(0, 0, [rank]), 4, max_new_tokens,
+                                       M.end_token_ids(tok), tok.pad_token_id, suppress)
 
 
 def nan_on_rank_1(policy, opt, r, processor, rank):
     """Backward a loss that is NaN on rank 1 only, then the training step's clip_and_step: (the global
     norm this rank saw, whether it stepped, whether the weights are unchanged, on every rank)."""
     policy.zero_grad(set_to_none=True)
-    logp = grpo.completion_logprobs(policy, r, processor.tokenizer.pad_token_id)
+    logp = packed.completion_logprobs(policy, r, processor.tokenizer.pad_token_id)
     loss, _ = grpo.grpo_loss(logp, logp.detach(), None, torch.ones(len(logp)), r.mask, beta=0.0)
     (loss * (float("nan") if rank == 1 else 1.0)).backward()
     before = {k: v.clone() for k, v in M.full_state_dict(policy).items()}
-    norm, stepped = S.clip_and_step(policy, opt, 1.0)
+    norm, stepped = T.clip_and_step(policy, opt, 1.0)
     after = M.full_state_dict(policy)
     return norm, stepped, all(torch.equal(before[k], after[k]) for k in before)
 
@@ -76,7 +77,7 @@ def main(model_dir, out):
     before = {k: v.clone() for k, v in M.full_state_dict(policy).items()}
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
     policy.train()
-    logp = grpo.completion_logprobs(policy, r, processor.tokenizer.pad_token_id)
+    logp = packed.completion_logprobs(policy, r, processor.tokenizer.pad_token_id)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, r.mask, beta=0.0)
     loss.backward()

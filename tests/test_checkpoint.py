@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import checkpoint as C
+import config
 import model as M
 import train as T
 from conftest import quick_args
@@ -25,7 +26,7 @@ def fake_checkpoint(out, name, marker=""):
     path = Path(out) / name
     path.mkdir(parents=True)
     (path / "trainer_state.pt").write_text(marker)
-    (path / "train_config.json").write_text(json.dumps(asdict(T.Config(out=str(out)))))
+    (path / "train_config.json").write_text(json.dumps(asdict(config.Config(out=str(out)))))
     return path
 
 
@@ -103,17 +104,17 @@ def test_every_file_and_folder_is_fsynced_before_the_rename(tmp_path, monkeypatc
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
     """Without --resume a used --out stops with its newest step and the two ways on; --overwrite is
     allowed; a folder with logs but no checkpoint yet is a run too; an empty folder is not."""
-    defaults = asdict(T.Config())
-    assert C.check_run_folder(T.Config(out=str(tmp_path)), defaults) is None
+    defaults = asdict(config.Config())
+    assert C.check_run_folder(config.Config(out=str(tmp_path)), defaults) is None
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(M.UsageError, match="no checkpoint yet"):
-        C.check_run_folder(T.Config(out=str(tmp_path)), defaults)
+        C.check_run_folder(config.Config(out=str(tmp_path)), defaults)
     fake_checkpoint(tmp_path, "checkpoint-20")
     with pytest.raises(M.UsageError) as e:
-        C.check_run_folder(T.Config(out=str(tmp_path)), defaults)
+        C.check_run_folder(config.Config(out=str(tmp_path)), defaults)
     assert str(tmp_path) in str(e.value) and "step 20" in str(e.value)
     assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
-    assert C.check_run_folder(T.Config(out=str(tmp_path), overwrite=True), defaults) is None
+    assert C.check_run_folder(config.Config(out=str(tmp_path), overwrite=True), defaults) is None
     C.wipe(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -121,17 +122,17 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path):
 def test_resume_continues_only_the_same_run(tmp_path):
     """--resume needs a checkpoint; it accepts changes to fields that do not change the run (max_steps,
     save_every, ...) and names every field that would."""
-    defaults = asdict(T.Config())
+    defaults = asdict(config.Config())
     with pytest.raises(M.UsageError, match=f"--resume: no checkpoint in {tmp_path}"):
-        C.check_run_folder(T.Config(out=str(tmp_path), resume=True), defaults)
+        C.check_run_folder(config.Config(out=str(tmp_path), resume=True), defaults)
     path = fake_checkpoint(tmp_path, "checkpoint-4")
-    ok = T.Config(out=str(tmp_path), resume=True, max_steps=5000, save_every=7, keep_last=9)
+    ok = config.Config(out=str(tmp_path), resume=True, max_steps=5000, save_every=7, keep_last=9)
     assert C.check_run_folder(ok, defaults) == path
     with pytest.raises(M.UsageError) as e:
-        C.check_run_folder(T.Config(out=str(tmp_path), resume=True, lr=3e-6, seed=1), defaults)
+        C.check_run_folder(config.Config(out=str(tmp_path), resume=True, lr=3e-6, seed=1), defaults)
     assert "--lr 3e-06 (the run has 1e-06)" in str(e.value) and "--seed 1 (the run has 42)" in str(e.value)
     with pytest.raises(M.UsageError, match="contradict"):
-        C.check_run_folder(T.Config(out=str(tmp_path), resume=True, overwrite=True), defaults)
+        C.check_run_folder(config.Config(out=str(tmp_path), resume=True, overwrite=True), defaults)
 
 
 class RunsCode:
@@ -149,7 +150,7 @@ def test_resume_refuses_a_trainer_state_that_would_run_code(tiny2_dir, pitch_tas
     one line naming the file and what it holds, exit 2, and the code never ran. The same file under
     plain unpickling (weights_only=False, as resuming read it before) does run it."""
     args = quick_args(tiny2_dir, pitch_task, tmp_path / "run")
-    cfg, _ = T.parse_args(args)
+    cfg, _ = config.parse_args(args)
     path = fake_checkpoint(tmp_path / "run", "checkpoint-1")
     (path / "train_config.json").write_text(json.dumps(asdict(cfg)))
     marker = tmp_path / "marker"

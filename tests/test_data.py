@@ -1,4 +1,4 @@
-"""Tests for data.py: audio loading and resampling, question readers, prompts, synthetic task, checker."""
+"""Tests for data.py: audio loading and resampling, question readers, prompts, the step's questions, checker."""
 
 import json
 import os
@@ -11,7 +11,6 @@ import pytest
 import soundfile as sf
 
 import data
-import synthetic
 from data import SAMPLE_RATE, AudioError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -492,67 +491,25 @@ def test_build_prompt_matches_recipe():
 
 
 # -----------------------------------------------------------------------------
-# synthetic task
+# which questions each step sees
 
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return synthetic.make_synthetic(tmp_path_factory.mktemp("synth"), n_train=40, n_test=8, seed=0)
-
-
-def test_synthetic_labels_are_balanced(task):
-    """40 train and 8 test items cycle through the 4 bands: 10 and 2 of each."""
-    train, test = (data.read_samples(p) for p in task)
-    for samples, per_class in ((train, 10), (test, 2)):
-        answers = [s.answer for s in samples]
-        assert {c: answers.count(c) for c in synthetic.PITCH_CHOICES} == dict.fromkeys(synthetic.PITCH_CHOICES, per_class)
-        assert all(s.choices == synthetic.PITCH_CHOICES and s.meta["category"] == s.answer for s in samples)
+def test_balanced_order_interleaves_answers():
+    """Balanced: each window of 4 consecutive samples holds each of the 4 answers once; a permutation either way."""
+    answers = ["a", "b", "c", "d"] * 10
+    order = data.epoch_order(answers, epoch=0, seed=0, balance=True)
+    assert sorted(order) == list(range(40))
+    for w in range(0, 40, 4):
+        assert sorted(answers[i] for i in order[w:w + 4]) == ["a", "b", "c", "d"]
+    assert sorted(data.epoch_order(answers, 0, 0, balance=False)) == list(range(40))
 
 
-def test_synthetic_tone_is_in_its_band(task):
-    """Each clip's FFT peak lies in its labelled band (centre +-15%), and each clip is 1-2 s of 16 kHz audio."""
-    for sample in data.read_samples(task[0]):
-        audio = data.load_audio(sample.audio_path)
-        assert SAMPLE_RATE <= len(audio) <= 2 * SAMPLE_RATE
-        peak_hz = np.argmax(np.abs(np.fft.rfft(audio))) * SAMPLE_RATE / len(audio)
-        centre = synthetic.PITCH_CENTERS_HZ[synthetic.PITCH_CHOICES.index(sample.answer)]
-        # FFT bins are at most 1 Hz apart for >= 1 s clips, so allow 1 Hz beyond the +-15% band
-        assert 0.85 * centre - 1 <= peak_hz <= 1.15 * centre + 1, (sample.audio_path, peak_hz, centre)
-
-
-def test_synthetic_is_deterministic_and_reused(tmp_path, task):
-    """Same seed -> byte-identical files; a different seed differs; a repeated call rewrites nothing."""
-    again = synthetic.make_synthetic(tmp_path / "a", n_train=40, n_test=8, seed=0)
-    other = synthetic.make_synthetic(tmp_path / "b", n_train=40, n_test=8, seed=1)
-    assert again[0].read_text() == task[0].read_text()
-    wav = "wavs/train_00007.wav"
-    assert (tmp_path / "a" / wav).read_bytes() == (task[0].parent / wav).read_bytes()
-    assert other[0].read_text() != task[0].read_text()
-    stamp = again[0].stat().st_mtime_ns
-    assert synthetic.make_synthetic(tmp_path / "a", n_train=40, n_test=8, seed=0) == again
-    assert again[0].stat().st_mtime_ns == stamp
-    synthetic.make_synthetic(tmp_path / "a", n_train=4, n_test=8, seed=0)  # other parameters: regenerated
-    assert len(data.read_samples(again[0])) == 4
-
-
-def test_loudness_task_asks_the_level_of_the_same_tones(tmp_path):
-    """task "loudness": the clips are the pitch task's kind of tone (1-2 s, FFT peak in the band the
-    record names) asking "What is the volume ...?" with the pitch words as choices. The peak level lies in
-    the labelled octave: level * (1 +- 15%), so the bands never overlap (0.0805 < 0.119); the clip's
-    peak is that level plus up to 10% noise, at most 5 std away (0.5 of the level) and clipped to 1.
-    Labels are balanced (8 = 2 of each)."""
-    train, _ = synthetic.make_synthetic(tmp_path, n_train=8, n_test=4, seed=0, task="loudness")
-    samples = data.read_samples(train)
-    assert sorted(s.answer for s in samples) == sorted(synthetic.PITCH_CHOICES * 2)
-    for s in samples:
-        assert s.question == synthetic.LOUDNESS_QUESTION and s.choices == synthetic.PITCH_CHOICES
-        centre = synthetic.LOUDNESS_LEVELS[synthetic.PITCH_CHOICES.index(s.answer)]
-        assert 0.85 * centre <= s.meta["level"] <= 1.15 * centre
-        clip = data.load_audio(s.audio_path)
-        assert SAMPLE_RATE <= len(clip) <= 2 * SAMPLE_RATE
-        assert 0.99 * s.meta["level"] - 1e-4 <= np.abs(clip).max() <= 1.5 * s.meta["level"]
-        peak_hz = np.argmax(np.abs(np.fft.rfft(clip))) * SAMPLE_RATE / len(clip)
-        pitch = synthetic.PITCH_CENTERS_HZ[synthetic.PITCH_CHOICES.index(s.meta["pitch"])]
-        assert 0.85 * pitch - 1 <= peak_hz <= 1.15 * pitch + 1
+def test_step_indices_run_through_epochs():
+    """Steps tile an endless run of epochs: 10 samples, 4 per step -> steps 0..4 cover two epochs exactly."""
+    answers = list("abcdeabcde")
+    steps = [data.step_indices(s, 4, answers, seed=3) for s in range(5)]
+    flat = sum(steps, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert data.step_indices(2, 4, answers, seed=3) == steps[2]  # depends only on (seed, step)
 
 
 # -----------------------------------------------------------------------------
@@ -681,142 +638,3 @@ def test_audio_dir_dot_resolves_like_r1_aqa(tmp_path, monkeypatch):
     assert [s.audio_path for s in data.read_samples(path)] == [str(tmp_path / "data" / "wavs" / "a.wav"), absolute]
     assert [s.audio_path for s in data.read_samples(path, audio_dir=".")] == ["wavs/a.wav", absolute]
     assert data.main([str(path), "--audio-dir", "."]) == 0  # the clip is found and reads
-
-
-# -----------------------------------------------------------------------------
-# AVQA preparation: python data.py --from-avqa train_qa.json --audio-dir CLIPS --out avqa_train.jsonl
-
-AVQA_QA = {"id": 183, "video_name": "-HG3Omg_89c_000030", "video_id": 341, "question_text": "What happened in the video?",
-           "multi_choice": ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment car"], "answer": 1,
-           "question_relation": "View", "question_type": "Happening"}  # a record of AVQA's train_qa.json
-
-
-def test_avqa_clip_stems():
-    """A clip is looked for by its video_name and by YouTube id + start seconds without zero padding."""
-    assert data.avqa_clip_stems("-HG3Omg_89c_000030") == ["-HG3Omg_89c_000030", "-HG3Omg_89c_30"]
-    assert data.avqa_clip_stems("a_b-c_d_000000") == ["a_b-c_d_000000", "a_b-c_d_0"]  # ids may hold "_"
-    assert data.avqa_clip_stems("abc_30") == ["abc_30"]  # already unpadded: one name
-    assert data.avqa_clip_stems("nostart") == ["nostart"]
-
-
-@pytest.fixture
-def avqa_files(tmp_path):
-    """AVQA's format: 3 good records (2 on one wav named by video_name, 1 on a flac named id_start),
-    4 with no clip in the folder itself, 1 with an unreadable clip, 2 malformed: 10 records, 3 to keep."""
-    clips = tmp_path / "clips"
-    clips.mkdir()
-    sf.write(clips / "-HG3Omg_89c_000030.wav", np.zeros(SAMPLE_RATE), SAMPLE_RATE)
-    sf.write(clips / "bbbbbbbbbbb_7.flac", np.zeros(2 * 8000), 8000)
-    (clips / "ccccccccccc_000000.wav").write_text("not audio")
-    (clips / "ddddddddddd_000001.mp4").write_bytes(b"")  # a video: not an audio extension, so not a clip
-    (clips / "sub").mkdir()
-    sf.write(clips / "sub" / "eeeeeeeeeee_000001.wav", np.zeros(8000), 8000)  # subfolders are not searched
-    good = [AVQA_QA, dict(AVQA_QA, id=184, question_text="Which video is it?", answer=3),
-            dict(AVQA_QA, id=5, video_name="bbbbbbbbbbb_000007", answer=0)]
-    missing = [dict(AVQA_QA, id=10 + i, video_name=f"{c * 11}_000001") for i, c in enumerate("defd")]
-    unreadable = [dict(AVQA_QA, id=20, video_name="ccccccccccc_000000")]
-    malformed = [_drop(AVQA_QA, "video_name"), dict(AVQA_QA, answer=4)]
-    records = [good[0], missing[0], malformed[0], good[1], unreadable[0], missing[1], good[2], malformed[1],
-               missing[2], missing[3]]
-    qa = tmp_path / "train_qa.json"
-    qa.write_text(json.dumps(records, indent=1))
-    return qa, clips, good
-
-
-def test_from_avqa_writes_r1_aqa_jsonl(tmp_path, capsys, avqa_files):
-    """The good records come out in order as AVQA's fields plus dataset_name and the clip's absolute
-    audio_path, answer still the index; read_samples reads them back; every drop is counted by reason."""
-    qa, clips, good = avqa_files
-    out = tmp_path / "avqa_train.jsonl"
-    assert data.main(["--from-avqa", str(qa), "--audio-dir", str(clips), "--out", str(out)]) == 0
-    wavs = [clips / "-HG3Omg_89c_000030.wav"] * 2 + [clips / "bbbbbbbbbbb_7.flac"]
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert records == [dict(r, dataset_name="AVQA", audio_path=str(w.resolve())) for r, w in zip(good, wavs)]
-    assert list(records[0]) == list(AVQA_QA) + ["dataset_name", "audio_path"]
-    samples = data.read_samples(out)
-    assert [(s.question, s.answer) for s in samples] == [
-        ("What happened in the audio?", "Yacht consignment"), ("Which audio is it?", "Consignment car"),
-        ("What happened in the audio?", "motorboat")]
-    assert len(data.load_audio(samples[2].audio_path)) == 2 * SAMPLE_RATE  # 2 s at 8 kHz, resampled
-    stdout = capsys.readouterr().out
-    assert f"{qa}: 10 records, 3 kept, 7 dropped" in stdout
-    assert f"dropped, malformed record: 2\n  {qa}: item 2: missing field 'video_name'\n" \
-           f"  {qa}: item 7: answer index 4 is out of range for 4 choices\n" in stdout
-    # 4 missing: the first 3 are shown
-    assert f"dropped, missing audio: 4\n  {qa}: item 1: no audio file ddddddddddd_000001.* or ddddddddddd_1.* " \
-           f"in {clips}\n" in stdout and "  ... and 1 more\n" in stdout
-    assert f"dropped, unreadable audio: 1\n  {qa}: item 4: {clips / 'ccccccccccc_000000.wav'}: not readable" in stdout
-    assert stdout.endswith(f"wrote {out} (3 records)\n")
-
-
-def test_from_avqa_never_overwrites_silently(tmp_path, capsys, avqa_files):
-    """An existing --out is refused before any work (exit 2, one line, file untouched); --overwrite
-    replaces it; no temporary file is left."""
-    qa, clips, _ = avqa_files
-    out = tmp_path / "avqa_train.jsonl"
-    out.write_text("finished work\n")
-    argv = ["--from-avqa", str(qa), "--audio-dir", str(clips), "--out", str(out)]
-    assert data.main(argv) == 2
-    assert capsys.readouterr() == ("", f"error: {out}: already exists; pass --overwrite to replace it\n")
-    assert out.read_text() == "finished work\n"
-    assert data.main(argv + ["--overwrite"]) == 0
-    assert len(data.read_samples(out)) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["avqa_train.jsonl", "clips", "train_qa.json"]
-
-
-def test_write_jsonl_is_atomic(tmp_path):
-    """A write that fails halfway (the second record is not JSON-serialisable) leaves the existing file
-    as it was and no temporary file."""
-    out = write_jsonl(tmp_path / "out.jsonl", ["finished work"])
-    with pytest.raises(TypeError, match="not JSON serializable"):
-        data.write_jsonl(out, [{"a": 1}, {"b": object()}], overwrite=True)
-    assert out.read_text() == "finished work\n" and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
-
-
-def test_from_avqa_with_no_readable_clip_writes_nothing(tmp_path, capsys, avqa_files):
-    """If no record has a readable clip: exit 1, the drops listed, and no --out file."""
-    qa, _, _ = avqa_files
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    out = tmp_path / "out.jsonl"
-    assert data.main(["--from-avqa", str(qa), "--audio-dir", str(empty), "--out", str(out)]) == 1
-    stdout = capsys.readouterr().out
-    assert "10 records, 0 kept, 10 dropped" in stdout and "dropped, missing audio: 8" in stdout
-    assert stdout.endswith(f"FAILED: no record has a readable clip in {empty}; {out} not written\n")
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("make, problem", [
-    pytest.param(_no_file, "file not found", id="missing"),
-    pytest.param(_text("qa.jsonl", json.dumps(AVQA_QA) + "\n"), "not AVQA's QA format (a JSON list", id="jsonl"),
-    pytest.param(_text("qa.json", "[]"), "an empty JSON list, no records", id="empty-list"),
-    pytest.param(_text("qa.json", '[{"id": 1}\n{"id": 2}]'), ":2: bad JSON", id="bad-json"),
-])
-def test_from_avqa_unusable_qa_file(tmp_path, capsys, make, problem):
-    """A QA file that is missing, JSONL instead of AVQA's JSON list, empty, or broken JSON: exit 2 and one line."""
-    qa = make(tmp_path)
-    assert data.main(["--from-avqa", str(qa), "--audio-dir", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.startswith(f"error: {qa}") and problem in err and err.count("\n") == 1
-    assert not (tmp_path / "o.jsonl").exists()
-
-
-def test_shifted_splits_lie_outside_the_training_task(tmp_path):
-    """compare.py's shifted splits: "audio" clips are 0.4-0.9 s (training: 1-2 s) and quiet (level
-    0.01-0.04 with 20-40% noise: never above 0.04 * (1 + 5 * 0.4) = 0.12, while training levels reach
-    0.8), each still a tone in its labelled band; "wording" asks another question with the choices
-    reversed, its answer index pointing at the right band. Both balanced, both reused when asked again."""
-    audio = data.read_samples(synthetic.make_shifted(tmp_path, "audio", n=8))
-    assert sorted(s.answer for s in audio) == sorted(synthetic.PITCH_CHOICES * 2)
-    for s in audio:
-        clip = data.load_audio(s.audio_path)
-        assert 0.4 * SAMPLE_RATE <= len(clip) <= 0.9 * SAMPLE_RATE and np.abs(clip).max() <= 0.12
-        peak_hz = np.argmax(np.abs(np.fft.rfft(clip))) * SAMPLE_RATE / len(clip)
-        centre = synthetic.PITCH_CENTERS_HZ[synthetic.PITCH_CHOICES.index(s.answer)]
-        assert 0.85 * centre - 2.5 <= peak_hz <= 1.15 * centre + 2.5  # bins are 2.5 Hz apart at 0.4 s
-    worded = data.read_samples(synthetic.make_shifted(tmp_path, "wording", n=8))
-    assert {s.question for s in worded} == {"Which frequency band is this tone in?"}
-    assert all(s.choices == synthetic.PITCH_CHOICES[::-1] and s.answer == s.meta["category"] for s in worded)
-    stamp = (tmp_path / "shifted-audio" / "test.jsonl").stat().st_mtime_ns
-    synthetic.make_shifted(tmp_path, "audio", n=8)
-    assert (tmp_path / "shifted-audio" / "test.jsonl").stat().st_mtime_ns == stamp

@@ -19,6 +19,7 @@ import checkpoint
 import completions_log
 import train as T
 from conftest import quick_args
+from recipes import lora
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -34,7 +35,7 @@ def metrics(out):
 
 def weight_diffs(a, b):
     """|a - b| of every weight of two checkpoints (a LoRA run's last one: its merged model), flattened."""
-    folder = lambda c: Path(c) / checkpoint.MERGED if (Path(c) / checkpoint.MERGED).is_dir() else Path(c)
+    folder = lambda c: Path(c) / lora.MERGED if (Path(c) / lora.MERGED).is_dir() else Path(c)
     wa, wb = (load_file(folder(c) / "model.safetensors") for c in (a, b))
     assert wa.keys() == wb.keys()
     return torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
@@ -98,12 +99,13 @@ def two_processes(args):
 # Metrics that are float sums over tokens or parameters whose order (or weights that differ by float
 # rounding after a step) is not the same on 1 and 2 processes, with the relative tolerance each is held
 # to: about 10x the largest difference measured over every run that uses assert_same_run (the tests
-# here and test_omni's): KL 2.2e-6 (the run from nothing), grad norm 1.1e-6 (the 6-step run); SFT's
+# here and test_omni's): KL 5.2e-5 (the run from nothing, whose step-1 weights differ in 4 of 246,528
+# elements by up to 2.1e-4: AdamW's eps cancellations, below), grad norm 1.1e-6 (the 6-step run); SFT's
 # loss and p(answer) measured equal, held to the grad norm's. Everything else is compared exactly:
 # rewards, accuracy, format, lengths and the zero-std fraction are sums of small integers (exact in
 # fp32 in any order), counts and the lr are exact, and the clip fractions are 0 unless
 # --num-iterations > 1 (measured equal there).
-FLOAT_SUMS = {"kl": 2e-5, "grad_norm": 1e-5, "loss": 1e-5, "answer_prob": 1e-5}
+FLOAT_SUMS = {"kl": 5e-4, "grad_norm": 1e-5, "loss": 1e-5, "answer_prob": 1e-5}
 
 
 def assert_same_run(one, two, steps, weights_tolerance=1e-5):

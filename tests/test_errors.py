@@ -58,9 +58,9 @@ def fails(argv, capsys, monkeypatch=None):
     ("--think-words", "50", "only the think prompt asks for a reasoning"),
     ("--micro-batch", "3", "must divide each process's 4 prompts"),
     ("--keep-last", "0", "the newest checkpoint is what --resume continues from"),
+    ("--warm-start-data", "synthetic-loudness", "would do nothing without --warm-start-steps"),
     ("--prompt", "cot", "must be one of direct, answer, think"),
     ("--dtype", "float16", "must be bfloat16 or float32"),
-    ("--warm-start-data", "synthetic-loudness", "would do nothing without --warm-start-steps"),
 ])
 def test_flags_that_make_no_sense_stop_at_start(tiny2_dir, pitch_task, tmp_path, capsys, monkeypatch,
                                                  flag, value, reason):

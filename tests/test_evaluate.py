@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen2AudioForConditionalGeneration
 
-import benchmarks as B
 import evaluate as E
 import model as M
+import reward as R
 from conftest import ROOT, pitch_samples
 from data import SAMPLE_RATE, Sample
-from synthetic import make_synthetic
 from reward import extract_answer, mmau_correct
+from tools import benchmarks
+from workshop.demo import build_tiny, make_synthetic
 
 MMAU_DIR = Path(os.environ.get("MMAU_DIR", ROOT.parent / "shared" / "mmau"))
 MMAU_VERSIONS = {MMAU_DIR / "mmau-test-mini-2025-03-25.json": "MMAU test-mini, original (2025-03-25)",
@@ -118,13 +119,13 @@ def test_generate_on_a_sharded_policy_matches_the_plain_model(tiny, tiny_dir):
     model, processor = tiny
     samples, audios = pitch_samples(4)
     # 12 new tokens: the random tiny model rarely stops early, so the texts are long enough to differ
-    expected = E.generate(model, processor, samples, audios, "answer", 12)
+    expected = M.generate(model, processor, samples, audios, "answer", 12)
     assert len(set(expected)) > 1 and all(expected)
     M.init_distributed(always=True)
     try:
         policy = M.sharded_load(tiny_dir, param_dtype=torch.float32).eval()
         with M.unsharded(policy):
-            assert E.generate(policy, processor, samples, audios, "answer", 12) == expected
+            assert M.generate(policy, processor, samples, audios, "answer", 12) == expected
     finally:
         dist.destroy_process_group()
 
@@ -373,7 +374,7 @@ def test_values_the_official_script_does_not_know_come_after_its_own():
     """A modality outside MMAR's seven (where its script would stop with a KeyError) is printed after them."""
     s = E.score([mmar("Flute", "Flute", INSTRUMENTS, "vocal", "Signal Layer")])
     assert list(s.groups["modality"])[-2:] == ["mix-sound-music-speech", "vocal"]
-    assert s.groups["modality"]["vocal"] == B.Tally(1, 1)
+    assert s.groups["modality"]["vocal"] == R.Tally(1, 1)
 
 
 def mmsu(prediction, answer, category, sub, choices=("Happy", "Sad", "Angry", "None")):
@@ -409,7 +410,7 @@ def test_mmsu_letter_rule():
         "": "", "None": "",
         "c": None, "maybe": None, "X": None,  # lowercase; "m" and "b"; one character that is not A-D
     }
-    assert {r: B.mmsu_letter(r) for r in cases} == cases
+    assert {r: benchmarks.mmsu_letter(r) for r in cases} == cases
 
 
 def test_mmsu_is_scored_and_printed_as_its_script():
@@ -432,7 +433,7 @@ def test_mmsu_is_scored_and_printed_as_its_script():
         "Overall Accuracy: 0.4286",
         "Total count: 7",
     ]
-    assert B.note_lines(s) == ["2 items have a response with no letter A-D where MMSU's script looks (the first "
+    assert E.note_lines(s) == ["2 items have a response with no letter A-D where MMSU's script looks (the first "
                                "character or the one before the last): not counted, as in the official script"]
 
 
@@ -448,7 +449,7 @@ def test_mmsu_prediction_record_has_the_response_its_script_reads():
 
 def test_the_benchmark_is_recognised_from_the_fields():
     """MMSU by choice_a, MMAR by modality with audio_path, MMAU by task/difficulty/sub-category, else other."""
-    assert [B.detect(r) for r in (MMSU_RECORDS, MMAR_RECORDS, [item("Man", task="sound")], [item("Man")])] == \
+    assert [R.detect(r) for r in (MMSU_RECORDS, MMAR_RECORDS, [item("Man", task="sound")], [item("Man")])] == \
         ["mmsu", "mmar", "mmau", "other"]
 
 
@@ -504,7 +505,7 @@ def test_mmsu_null_response_is_skipped_and_a_missing_one_counted_wrong():
     # "B" -> choice B "Sad" == answer_gt: right; null: skipped; missing -> "": counted, wrong; "C" -> "Angry": wrong
     s = E.score(records)
     assert (s.key, s.total.correct, s.total.total, s.skipped, s.missing) == ("response", 1, 3, 1, 1)
-    assert B.note_lines(s) == [
+    assert E.note_lines(s) == [
         "1 items have a 'response' that is not a string (null): not counted, as in the official script",
         "1 items have no 'response' field: read as \"\" and counted wrong, as in the official script"]
 
@@ -512,7 +513,7 @@ def test_mmsu_null_response_is_skipped_and_a_missing_one_counted_wrong():
 def test_score_reads_mmsu_files_in_the_official_format(tmp_path, capsys):
     """--score on what MMSU's own tools write (JSONL; answer_gt and choice_a .. choice_d, `response`, no
     answer or choices) prints MMSU's lines, by `response`: not "answers withheld", not "not a JSON file"."""
-    records = [dict(official_mmsu(B.mmsu_response(r["model_prediction"], r), r["answer_gt"]),
+    records = [dict(official_mmsu(benchmarks.mmsu_response(r["model_prediction"], r), r["answer_gt"]),
                     **{k: r[k] for k in ("choice_a", "choice_b", "choice_c", "choice_d", "category", "sub-category")})
                for r in MMSU_RECORDS]
     preds = tmp_path / "mmsu.jsonl"
@@ -523,7 +524,7 @@ def test_score_reads_mmsu_files_in_the_official_format(tmp_path, capsys):
     assert "by 'response'" in out and "Overall Accuracy: 0.4286" in out and "Total count: 7" in out
 
 
-def finish_from_parts(data: Path, out: Path, predictions: list, key: str | None = None) -> B.Score:
+def finish_from_parts(data: Path, out: Path, predictions: list, key: str | None = None) -> R.Score:
     """evaluate.finish (rank 0's merge, write and score) on predictions put in the part files by hand,
     as a run leaves them: what the run writes, without a model. key: --key (None: its default)."""
     parts = E.parts_dir(out)
@@ -672,7 +673,7 @@ def test_withheld_answers_give_a_submission_not_a_score(withheld_run):
     assert "Total Accuracy" not in stdout
     assert f"the submission for the leaderboard is {E.submission_path(out)}" in stdout
     summary = json.loads(E.summary_path(out).read_text())
-    assert summary["benchmark"] == B.NAMES["withheld"] and summary["items"] == 3 and "accuracy" not in summary
+    assert summary["benchmark"] == R.NAMES["withheld"] and summary["items"] == 3 and "accuracy" not in summary
     assert summary["submission_sha256"] == hashlib.sha256(E.submission_path(out).read_bytes()).hexdigest()
 
 
@@ -686,7 +687,7 @@ def test_withheld_predictions_are_not_scored(withheld_run, capsys):
 def test_a_run_without_answers_has_no_table(tmp_path, capsys):
     """A run folder evaluated on a withheld test set prints no accuracy table and writes no table.json."""
     p = E.Plan([], [], "0" * 64, tmp_path / "table.json")
-    assert E.report_table(p, [B.Score("withheld", "model_prediction", B.Tally(), {}, 0, [])]) is None
+    assert E.report_table(p, [R.Score("withheld", "model_prediction", R.Tally(), {}, 0, [])]) is None
     assert "answers withheld: no table" in capsys.readouterr().out and not p.table.exists()
 
 
@@ -881,7 +882,7 @@ def test_run_folder_evaluates_every_checkpoint_once(tiny2_dir, audio_dir, tmp_pa
     predictions file, the best total marked. A second run loads no model: every checkpoint is done,
     and the item whose clip is still missing is not retried."""
     run = tmp_path / "run"
-    checkpoint(run, "checkpoint-2", M.build_tiny(tmp_path / "other", seed=1, window_seconds=2))
+    checkpoint(run, "checkpoint-2", build_tiny(tmp_path / "other", seed=1, window_seconds=2))
     checkpoint(run, "checkpoint-0", tiny2_dir)
     checkpoint(run, "checkpoint-4.tmp", tiny2_dir)  # still being written
     argv = ["--model", str(run), "--data", str(MMAU), "--audio-dir", str(audio_dir), "--limit", "8",

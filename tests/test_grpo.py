@@ -1,5 +1,5 @@
-"""grpo.py: the sampler, the packed log-probs, advantages and the loss, against slow references
-and numbers derived by hand."""
+"""grpo.py, R1-AQA's GRPO: the plain sampler and log-probs, the advantages and the loss, against slow
+references and numbers derived by hand. (engine/'s fast versions are tested equal to these in tests/engine/.)"""
 
 import math
 
@@ -9,16 +9,19 @@ import torch
 import grpo
 import model as M
 from conftest import pitch_samples
+from engine import packed, sampler
 
 
-def rollout_for(tiny, n_prompts=2, G=4, max_new_tokens=8, seed=0, step=0, first_index=0, **sampling):
+def rollout_for(tiny, n_prompts=2, G=4, max_new_tokens=8, seed=0, step=0, first_index=0,
+                generate=sampler.generate_groups, **sampling):
+    """A rollout of the tiny model (the engine's sampler by default: the same tokens as grpo's, faster)."""
     model, processor = tiny
     tok = processor.tokenizer
     samples, audios = pitch_samples(first_index + n_prompts)
     batch = M.collate(processor, samples[first_index:], audios[first_index:])
     gens = grpo.prompt_generators(seed, step, range(first_index, first_index + n_prompts))
-    return grpo.generate_groups(model, batch, gens, G, max_new_tokens, M.end_token_ids(tok), tok.pad_token_id,
-                                M.suppressed_token_ids(tok, model.config.text_config.vocab_size), **sampling)
+    return generate(model, batch, gens, G, max_new_tokens, M.end_token_ids(tok), tok.pad_token_id,
+                    M.suppressed_token_ids(tok, model.config.text_config.vocab_size), **sampling)
 
 
 def naive_logprobs(model, rollout, suppress_ids=()):
@@ -48,36 +51,38 @@ def test_completion_mask_keeps_tokens_through_first_end():
     assert torch.equal(grpo.completion_mask(ids, [END, PAD + 99]), expected)
 
 
-def test_packed_logprobs_equal_separate_forwards(tiny):
-    """One packed forward per group = G separate forwards, to 1e-5 in fp32. The prompts have different
-    audio lengths (left padding in the batch), and completions have different lengths."""
+def test_logprobs_equal_separate_forwards(tiny):
+    """The plain log-probs (every completion after its prompt, one row each) = the model's own forward on
+    each [prompt, c_i] alone, to 1e-5 in fp32. The prompts have different audio lengths (left padding in
+    the batch), and completions have different lengths, so the right padding and the gather are checked."""
     model, _ = tiny
     rollout = rollout_for(tiny, n_prompts=3, G=4, max_new_tokens=10)
     assert len(set(rollout.mask.sum(1).tolist())) > 1, "want completions of several lengths"
     with torch.no_grad():
-        packed = grpo.completion_logprobs(model, rollout, pad_id=0)
+        plain = grpo.completion_logprobs(model, rollout, pad_id=0)
         naive = naive_logprobs(model, rollout)
-    assert (packed - naive).abs().max() <= 1e-5
-    assert (packed[~rollout.mask] == 0).all()
+    assert (plain - naive).abs().max() <= 1e-5
+    assert (plain[~rollout.mask] == 0).all()
 
 
 def test_logprobs_are_of_the_distribution_sampled_from(tiny):
-    """With suppress_ids (the tokens sampling never draws), the packed log-probs equal the separate
-    forwards' log-softmax without those tokens, to 1e-5: log p - log(1 - p(suppressed)). The random tiny
-    model puts mass on them, so this differs from the full softmax: every sampled token's log-prob is
-    higher (it is never one of them), and by more than 1e-3 somewhere."""
+    """With suppress_ids (the tokens sampling never draws), the log-probs equal the separate forwards'
+    log-softmax without those tokens, to 1e-5: log p - log(1 - p(suppressed)). The random tiny model puts
+    mass on them, so this differs from the full softmax: every sampled token's log-prob is higher (it is
+    never one of them), and by more than 1e-3 somewhere. The engine's packed log-probs agree."""
     model, processor = tiny
     rollout = rollout_for(tiny, n_prompts=2, G=3, max_new_tokens=8)
     suppress = M.suppressed_token_ids(processor.tokenizer, model.config.text_config.vocab_size)
     with torch.no_grad():
         full = grpo.completion_logprobs(model, rollout, pad_id=0)
         sampled = grpo.completion_logprobs(model, rollout, pad_id=0, suppress_ids=suppress)
+        fast = packed.completion_logprobs(model, rollout, pad_id=0, suppress_ids=suppress)
         naive = naive_logprobs(model, rollout, suppress)
-    assert (sampled - naive).abs().max() <= 1e-5
+    assert (sampled - naive).abs().max() <= 1e-5 and (fast - naive).abs().max() <= 1e-5
     assert (sampled[rollout.mask] >= full[rollout.mask]).all() and (sampled - full).max() > 1e-3
 
 
-def test_packed_logprobs_depend_on_the_audio(tiny):
+def test_logprobs_depend_on_the_audio(tiny):
     """The audio reaches the log-probs: other features give other numbers (the test above is not vacuous)."""
     model, _ = tiny
     rollout = rollout_for(tiny, n_prompts=1, G=2)
@@ -89,10 +94,10 @@ def test_packed_logprobs_depend_on_the_audio(tiny):
 
 
 def test_greedy_sampling_equals_generate(tiny):
-    """top_k=1 decoding from the forked cache gives model.generate's greedy tokens, row for row."""
+    """top_k=1 decoding with the plain sampler gives model.generate's greedy tokens, row for row."""
     model, processor = tiny
     tok = processor.tokenizer
-    rollout = rollout_for(tiny, n_prompts=3, G=2, max_new_tokens=12, top_k=1)
+    rollout = rollout_for(tiny, n_prompts=3, G=2, max_new_tokens=12, top_k=1, generate=grpo.generate_groups)
     batch = M.collate(processor, *pitch_samples(3))
     ref = model.generate(**batch, do_sample=False, max_new_tokens=12, eos_token_id=M.end_token_ids(tok),
                          pad_token_id=tok.pad_token_id,
@@ -105,9 +110,11 @@ def test_greedy_sampling_equals_generate(tiny):
 
 def test_same_seed_same_completions_whatever_the_split(tiny):
     """Prompt i at step s samples from its own generator: 4 prompts at once, 2+2 or 1+1+1+1 agree."""
-    whole = rollout_for(tiny, n_prompts=4, G=3, seed=7, step=5)
+    plain = dict(generate=grpo.generate_groups)
+    whole = rollout_for(tiny, n_prompts=4, G=3, seed=7, step=5, **plain)
     for size in (1, 2):
-        parts = [rollout_for(tiny, n_prompts=size, G=3, seed=7, step=5, first_index=i) for i in range(0, 4, size)]
+        parts = [rollout_for(tiny, n_prompts=size, G=3, seed=7, step=5, first_index=i, **plain)
+                 for i in range(0, 4, size)]
         T = whole.completion_ids.shape[1]
         ids = torch.cat([torch.nn.functional.pad(p.completion_ids, (0, T - p.completion_ids.shape[1])) for p in parts])
         assert torch.equal(ids, whole.completion_ids)
@@ -145,7 +152,6 @@ def test_loss_and_kl_by_hand():
     k3(ln 2) = 2 - ln 2 - 1 = 0.306853; k3(0) = 0.
     per-token loss = -A + beta * k3: [-1 + 0.012274, -1] and [2].
     sequence mean: ((-0.987726 - 1) / 2 + 2) / 2 = 0.503069.
-    token mean: (-0.987726 - 1 + 2) / 3 = 0.004091.
     KL metric (token mean): 0.306853 / 3 = 0.102284."""
     logp = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, -7.0, -7.0]], requires_grad=True)
     ref = logp.detach() + torch.tensor([[math.log(2), 0.0, 3.0], [0.0, 3.0, 3.0]])
@@ -159,8 +165,6 @@ def test_loss_and_kl_by_hand():
     loss.backward()
     assert abs(logp.grad[0, 0].item() + 0.26) < 1e-6
     assert logp.grad[0, 2].item() == 0 and logp.grad[1, 1].item() == 0  # masked tokens get no gradient
-    token_loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.04, aggregation="token_mean")
-    assert abs(token_loss.item() - 0.004091) < 1e-5
     half, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.04, denominator=4)
     assert abs(half.item() - 0.503069 / 2) < 1e-5  # a global denominator of 4 sequences
 

@@ -8,6 +8,8 @@ import torch
 import model as M
 from conftest import pitch_samples
 from data import build_prompt
+from tools.plan import config_7b
+from workshop.demo import build_tiny
 
 # The recipe's rendered prompt, with {text} the R1-AQA user text.
 TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -43,7 +45,7 @@ def test_batch_is_left_padded(tiny):
 
 def test_tiny_model_is_deterministic_and_reloads(tmp_path, tiny_dir):
     """The same seed builds the same weights, and load() reads back what build_tiny wrote."""
-    a, _ = M.load(M.build_tiny(tmp_path / "a", seed=0), dtype=torch.float32)
+    a, _ = M.load(build_tiny(tmp_path / "a", seed=0), dtype=torch.float32)
     b, _ = M.load(tiny_dir, dtype=torch.float32)
     assert list(a.state_dict()) == list(b.state_dict())  # zip below would stop at the shorter one silently
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -79,7 +81,7 @@ def test_suppressed_tokens_are_the_non_end_specials(tiny):
 
 def test_7b_architecture_on_meta():
     """The built-in 7B config has the real parameter count: 8,397,094,912."""
-    meta = M.meta_model(M.config_7b())
+    meta = M.meta_model(config_7b())
     assert sum(p.numel() for p in meta.parameters()) == 8_397_094_912
     assert sum(p.numel() for p in meta.lm_head.parameters()) == 4096 * 156032
 
@@ -89,7 +91,7 @@ def test_7b_architecture_on_meta():
     ("file", "not a folder"),
     ("empty", "no config.json in this folder"),
     ("badjson", "not a JSON object"),
-    ("llama", "config.json has model_type 'llama', but this project trains qwen2_audio"),
+    ("llama", "config.json has model_type 'llama', but this project trains Qwen2-Audio (qwen2_audio)"),
     ("noweights", "config.json but no weights"),
 ])
 def test_model_folder_is_recognised_before_loading(tmp_path, setup, problem):

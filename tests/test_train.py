@@ -12,14 +12,15 @@ from safetensors.torch import load_file
 from transformers import Qwen2AudioForConditionalGeneration
 
 import data
-import synthetic
 import grpo
 import model as M
 import checkpoint
-import batches as B
-import steps as S
+import config
 import train as T
 from conftest import quick_args
+from engine import packed
+from recipes import dynamic_sampling, variants
+from workshop import demo
 
 
 def metrics(out):
@@ -36,51 +37,44 @@ def no_leftover_group():
 
 def test_every_config_field_is_a_flag():
     """Each Config field maps to --kebab-case; bools take --x / --no-x; explicit flags beat the demo preset."""
-    cfg, demo = T.parse_args([])
-    assert demo and cfg.lr == T.DEMO["lr"] and cfg.prompts_per_step == 32
-    cfg, demo = T.parse_args(["--lr", "5e-4"])
-    assert demo and cfg.lr == 5e-4 and cfg.max_new_tokens == T.DEMO["max_new_tokens"]
-    cfg, demo = T.parse_args(["--model", "/some/Qwen2-Audio-7B-Instruct", "--data", "train.jsonl"])
-    assert not demo and cfg == T.Config(model="/some/Qwen2-Audio-7B-Instruct", data="train.jsonl")
-    for f in fields(T.Config):
+    cfg, demo = config.parse_args([])
+    assert demo and cfg.lr == config.DEMO["lr"] and cfg.prompts_per_step == 32
+    cfg, demo = config.parse_args(["--lr", "5e-4"])
+    assert demo and cfg.lr == 5e-4 and cfg.max_new_tokens == config.DEMO["max_new_tokens"]
+    cfg, demo = config.parse_args(["--model", "/some/Qwen2-Audio-7B-Instruct", "--data", "train.jsonl"])
+    assert not demo and cfg == config.Config(model="/some/Qwen2-Audio-7B-Instruct", data="train.jsonl")
+    for f in fields(config.Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            assert getattr(T.parse_args([flag])[0], f.name) is True
-            assert getattr(T.parse_args(["--no-" + f.name.replace("_", "-")])[0], f.name) is False
+            assert getattr(config.parse_args([flag])[0], f.name) is True
+            assert getattr(config.parse_args(["--no-" + f.name.replace("_", "-")])[0], f.name) is False
         else:
             value = {int: "7", float: "0.5", str: "x"}[f.type]
-            assert getattr(T.parse_args([flag, value])[0], f.name) == f.type(value)
+            assert getattr(config.parse_args([flag, value])[0], f.name) == f.type(value)
+
+
+def test_the_demo_warm_starts_on_loudness_and_decays_the_lr():
+    """`python train.py`: 200 warm-start steps on the synthetic loudness question (correct answers, audio
+    encoder frozen), then 300 GRPO steps whose lr decays linearly from 1e-3 to 0, the held-out set scored
+    every 50 steps; flags still override the preset."""
+    cfg, demo = config.parse_args([])
+    assert demo and (cfg.warm_start_data, cfg.warm_start_steps, cfg.max_steps) == (config.LOUDNESS, 200, 300)
+    assert (cfg.lr, cfg.lr_decay, cfg.beta, cfg.eval_every, cfg.eval_samples) == (1e-3, True, 0.1, 50, 200)
+    cfg, _ = config.parse_args(["--warm-start-data", "", "--no-lr-decay"])
+    assert cfg.warm_start_data == "" and not cfg.lr_decay
+    cfg, _ = config.parse_args(["--warm-start-steps", "0"])  # no warm start at all: its data goes with it
+    assert (cfg.warm_start_steps, cfg.warm_start_data) == (0, "")
 
 
 def test_r1_aqa_defaults():
     """Without the demo preset the defaults are R1-AQA's."""
-    c = T.Config()
+    c = config.Config()
     assert (c.group_size, c.lr, c.beta, c.temperature, c.top_k, c.max_new_tokens) == (8, 1e-6, 0.04, 1.0, 50, 256)
     assert (c.weight_decay, c.grad_clip, c.seed, c.save_every, c.clip_low, c.clip_high, c.num_iterations) == (
         0, 1.0, 42, 100, 0.2, 0.2, 1)
     assert (c.loss_aggregation, c.advantage_scale, c.ratio_level, c.mask_truncated, c.dynamic_sampling) == (
         "sequence_mean", "group", "token", False, 0)
     assert c.lr_decay and c.dtype == "bfloat16" and c.algo == "grpo" and c.lora_rank == 0
-
-
-def test_balanced_order_interleaves_answers():
-    """Balanced: each window of 4 consecutive samples holds each of the 4 answers once; a permutation either way."""
-    answers = ["a", "b", "c", "d"] * 10
-    order = B.epoch_order(answers, epoch=0, seed=0, balance=True)
-    assert sorted(order) == list(range(40))
-    for w in range(0, 40, 4):
-        assert sorted(answers[i] for i in order[w:w + 4]) == ["a", "b", "c", "d"]
-    assert sorted(B.epoch_order(answers, 0, 0, balance=False)) == list(range(40))
-
-
-def test_step_indices_run_through_epochs():
-    """Steps tile an endless run of epochs: 10 samples, 4 per step -> steps 0..4 cover two epochs exactly."""
-    cfg = T.Config(prompts_per_step=4, seed=3)
-    answers = list("abcdeabcde")
-    steps = [B.step_indices(cfg, answers, s) for s in range(5)]
-    flat = sum(steps, [])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert B.step_indices(cfg, answers, 2) == steps[2]  # depends only on (seed, step)
 
 
 def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
@@ -111,7 +105,7 @@ def test_two_steps_end_to_end(warm_dir, pitch_task, tmp_path):
 
 def test_beta_zero_runs_without_reference(tiny2_dir, pitch_task, tmp_path):
     """beta 0: no reference model is built and the logged KL is exactly 0."""
-    assert T.reference(T.Config(beta=0.0), tiny2_dir) is None
+    assert T.reference(config.Config(beta=0.0), T.Recipe(), tiny2_dir) is None
     T.main(quick_args(tiny2_dir, pitch_task, tmp_path, "--beta", "0", "--max-steps", "1"))
     assert metrics(tmp_path)[0]["kl"] == 0.0
 
@@ -143,10 +137,10 @@ def test_second_iteration_clips(warm_dir, pitch_task, tmp_path, monkeypatch):
 def fresh_run(tiny2_dir, pitch_task, tmp_path):
     """train.setup() from nothing: the warm start of conftest's warm_dir (after which rewards differ within
     groups), checkpoint-0 saved, the reference built."""
-    cfg, _ = T.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--warm-start-steps", "15",
+    cfg, _ = config.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--warm-start-steps", "15",
                                      "--warm-start-lr", "1e-2", "--lr", "1e-3"))
     _, _, device = M.init_distributed(always=True)
-    run, _, start = T.setup(cfg, device)
+    run, _, start = T.setup(cfg, T.recipe_for(cfg), device)
     assert start == 0 and (tmp_path / "run" / "checkpoint-0").exists()
     return run
 
@@ -167,7 +161,7 @@ def test_first_grpo_update_equals_a_fresh_adamw(fresh_run, monkeypatch):
         return norm
 
     monkeypatch.setattr(T.torch.nn.utils, "clip_grad_norm_", recording_clip)
-    metrics_1, _ = S.train_step(run, 0)
+    metrics_1, _ = T.grpo_step(run, 0)
     assert metrics_1["frac_zero_std"] < 1 and metrics_1["skipped"] == 0  # there was something to learn
     fresh = [torch.nn.Parameter(b.clone()) for b in before]
     for p, g in zip(fresh, grads):
@@ -183,16 +177,16 @@ def test_the_reference_is_resharded_after_its_pass(fresh_run):
     """The frozen reference never runs backward, where FSDP frees the root units: after a step every one
     of its parameters is back to its sharded DTensor (nothing left gathered)."""
     from torch.distributed.tensor import DTensor
-    S.train_step(fresh_run, 0)
-    params = list(fresh_run.ref.parameters())
+    T.grpo_step(fresh_run, 0)
+    params = list(fresh_run.reference.parameters())
     assert len(params) == 66 and all(isinstance(p, DTensor) for p in params)
 
 
 def test_kl_is_zero_at_the_first_step(fresh_run):
     """Before the first update the policy is the reference (checkpoint-0), so the k3 KL of step 1 is 0
     in float32 (a wrong reference, e.g. the model before the warm start, gives a clearly positive KL)."""
-    metrics_1, _ = S.train_step(fresh_run, 0)
-    metrics_2, _ = S.train_step(fresh_run, 1)
+    metrics_1, _ = T.grpo_step(fresh_run, 0)
+    metrics_2, _ = T.grpo_step(fresh_run, 1)
     assert metrics_1["kl"] == 0.0 and metrics_2["kl"] > 0
 
 
@@ -308,8 +302,8 @@ def test_mask_truncated_leaves_cut_off_completions_out(warm_dir, pitch_task, tmp
     """With 6 new tokens some completions reach their end token and some are cut off. --mask-truncated
     trains on exactly the rows that ended; without it every row is trained on. Lengths and rewards are
     logged the same way either way."""
-    groups, real_score = [], S.score
-    monkeypatch.setattr(S, "score", lambda *a: groups.append(real_score(*a)) or groups[-1])
+    groups, real_score = [], T.score
+    monkeypatch.setattr(T, "score", lambda *a: groups.append(real_score(*a)) or groups[-1])
     args = lambda out, *extra: quick_args(warm_dir, pitch_task, out, "--max-steps", "1", "--max-new-tokens", "6",
                                           *extra)
     T.main(args(tmp_path / "kept"))
@@ -326,21 +320,19 @@ def test_mask_truncated_leaves_cut_off_completions_out(warm_dir, pitch_task, tmp
 
 
 def fake_rollouts(informative_by_round, G=2):
-    """A stand-in for train.rollout: round r's prompt p gets rewards [1, 0] (informative) or [1, 1];
-    it records which global positions and samples each call was given."""
+    """A stand-in for train.rollout (one micro-batch a call): round r's prompt p gets rewards [1, 0]
+    (informative) or [1, 1]; it records which global positions and samples each call was given."""
     calls = []
 
     def rollout(run, step, positions, samples):
         calls.append((list(positions), [s.question for s in samples]))
-        groups = []
-        for pos in B.chunks(list(positions), run.cfg.micro_batch):
-            flags = [informative_by_round[p // run.cfg.prompts_per_step][p % run.cfg.prompts_per_step] for p in pos]
-            rewards = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags]).flatten()
-            r = grpo.Rollout([], None, None, torch.zeros(len(rewards), 3, dtype=torch.long),
-                             torch.ones(len(rewards), 3, dtype=torch.bool), G)
-            groups.append(S.Group(r, [], [""] * len(rewards), rewards, rewards, rewards,
-                                  torch.ones(len(rewards), dtype=torch.bool), torch.full((len(rewards),), 3)))
-        return groups
+        flags = [informative_by_round[p // run.cfg.prompts_per_step][p % run.cfg.prompts_per_step] for p in positions]
+        rewards = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags]).flatten()
+        r = grpo.Rollout([], None, None, torch.zeros(len(rewards), 3, dtype=torch.long),
+                         torch.ones(len(rewards), 3, dtype=torch.bool), G)
+        ones = torch.ones(len(rewards), dtype=torch.bool)
+        return T.MicroBatch(r, [], [""] * len(rewards), rewards, rewards, rewards, ones, torch.full((len(rewards),), 3),
+                            ones.clone())
     return rollout, calls
 
 
@@ -350,19 +342,23 @@ def test_dynamic_sampling_keeps_the_first_informative_groups(monkeypatch):
     kept = [1, 0, 1, 0] then [0, 1, 1, 0]. Round 1's questions come from (seed, step, round) alone, and its
     generator indices (4..7) differ from round 0's (0..3)."""
     M.init_distributed(always=True)
-    cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=3, seed=5)
+    cfg = config.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=3, seed=5)
     train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
-    run = types.SimpleNamespace(cfg=cfg, train=train, device=torch.device("cpu"), pass_rates=None)
+    recipe = T.recipe_for(cfg)
+    run = types.SimpleNamespace(cfg=cfg, recipe=recipe, questions=train, device=torch.device("cpu"))
     fake, calls = fake_rollouts([[1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
-    monkeypatch.setattr(S, "rollout", fake)
-    groups, sampled, dropped = S.sample_groups(run, step=3)
-    assert (sampled, dropped) == (8, 4) and len(calls) == 2 and len(groups) == 4
+    monkeypatch.setattr(T, "rollout", fake)
+    sampled = recipe.sample(run, step=3)
+    groups = sampled.all
+    # one call per micro-batch of 2 prompts: 2 rounds x 2 micro-batches
+    assert (sampled.prompts, sampled.dropped) == (8, 4) and len(calls) == 4 and len(groups) == 4
     kept = [g.rollout.mask.view(-1, 2, 3).any(2).all(1).tolist() for g in groups]  # per prompt
     assert sum(kept, []) == [True, False, True, False, False, True, True, False]
     assert sum([g.counted.view(-1, 2).all(1).tolist() for g in groups], []) == sum(kept, [])  # dropped: not counted
-    assert calls[0][0] == [0, 1, 2, 3] and calls[1][0] == [4, 5, 6, 7]
-    expected = [f"q{i}" for i in B.step_indices(cfg, ["a"] * 10, 3, extra_round=1)]
-    assert calls[1][1] == expected and B.step_indices(cfg, ["a"] * 10, 3, 1) != B.step_indices(cfg, ["a"] * 10, 4, 1)
+    assert calls[0][0] + calls[1][0] == [0, 1, 2, 3] and calls[2][0] + calls[3][0] == [4, 5, 6, 7]
+    expected = [f"q{i}" for i in dynamic_sampling.round_questions(cfg, 10, 3, 1)]
+    assert calls[2][1] + calls[3][1] == expected
+    assert dynamic_sampling.round_questions(cfg, 10, 3, 1) != dynamic_sampling.round_questions(cfg, 10, 4, 1)
 
 
 def test_dynamic_sampling_stops_at_its_cap(monkeypatch):
@@ -371,12 +367,19 @@ def test_dynamic_sampling_stops_at_its_cap(monkeypatch):
     M.init_distributed(always=True)
     train = [data.Sample(f"{i}.wav", f"q{i}", ["a", "b"], "a", {}) for i in range(10)]
     fake, calls = fake_rollouts([[0, 0, 1, 0], [0, 0, 0, 0]])
-    monkeypatch.setattr(S, "rollout", fake)
+    monkeypatch.setattr(T, "rollout", fake)
     for rounds, expected in ((1, (8, 7)), (0, (4, 0))):
-        cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=rounds)
-        groups, sampled, dropped = S.sample_groups(types.SimpleNamespace(cfg=cfg, train=train, device="cpu", pass_rates=None), 0)
-        assert (sampled, dropped) == expected
-        assert sum(int(g.rollout.mask.any(1).sum()) for g in groups) == (2 if rounds else 8)
+        cfg = config.Config(prompts_per_step=4, micro_batch=2, group_size=2, dynamic_sampling=rounds)
+        recipe = T.recipe_for(cfg)
+        sampled = recipe.sample(types.SimpleNamespace(cfg=cfg, recipe=recipe, questions=train, device="cpu"), 0)
+        assert (sampled.prompts, sampled.dropped) == expected
+        assert sum(int(g.rollout.mask.any(1).sum()) for g in sampled.all) == (2 if rounds else 8)
+
+
+def set_advantages(recipe, groups, group_size):
+    """What train.grpo_step does with the recipe's advantages: one [N] per micro-batch, on the micro-batch."""
+    for g, advantages in zip(groups, recipe.advantages(groups, group_size)):
+        g.advantages = advantages
 
 
 def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
@@ -385,13 +388,13 @@ def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
     and gets 0."""
     M.init_distributed(always=True)
     fake, _ = fake_rollouts([[1, 1, 0, 1]])
-    cfg = T.Config(prompts_per_step=4, micro_batch=2, group_size=2, advantage_scale="batch")
-    run = types.SimpleNamespace(cfg=cfg, train=[], device="cpu")
-    groups = fake(run, 0, range(4), [])
+    cfg = config.Config(prompts_per_step=4, micro_batch=2, group_size=2, advantage_scale="batch")
+    run = types.SimpleNamespace(cfg=cfg, questions=[], device="cpu")
+    groups = [fake(run, 0, [0, 1], []), fake(run, 0, [2, 3], [])]
     groups[0].rewards = torch.tensor([1.0, 0.0, 2.0, 0.5])
     groups[1].rollout.mask[3] = False
     groups[1].counted[3] = False
-    S.set_advantages(run, groups)
+    set_advantages(T.recipe_for(cfg), groups, cfg.group_size)
     rewards = torch.cat([g.rewards for g in groups])
     std = rewards[:7].std()  # the 7 counted rewards
     centred = rewards.view(-1, 2) - rewards.view(-1, 2).mean(1, keepdim=True)
@@ -401,19 +404,25 @@ def test_batch_scaled_advantages_use_the_whole_batch(monkeypatch):
 
 def truncated_batch():
     """16 completions (4 prompts, G = 4) in 2 micro-batches of 2 prompts, max_new_tokens T = 4, scored as
-    steps.score scores them with --mask-truncated: rows 0-2 of each group end at token 1 (end id 9), so
-    2 tokens are trained on; row 3 never ends, so grpo.mask_truncated empties its mask. Rewards:
+    train.score scores them with --mask-truncated: rows 0-2 of each group end at token 1 (end id 9), so
+    2 tokens are trained on; row 3 never ends, so variants.mask_truncated empties its mask. Rewards:
     [2, 2, 0 | 0], [2, 0, 0 | 0], [2, 2, 0 | 0], [2, 0, 0 | 0] (the truncated one last, 0)."""
     ends, cut = [5, 9, 0, 0], [5, 6, 7, 5]
     ids = torch.tensor(([ends] * 3 + [cut]) * 4)                                       # [16, 4]
-    mask = grpo.mask_truncated(grpo.completion_mask(ids, [9]), ids, [9])              # [16, 4]
+    mask = variants.mask_truncated(grpo.Rollout([], None, None, ids, grpo.completion_mask(ids, [9]), 4), [9])
     rewards = torch.tensor([2.0, 2, 0, 0, 2, 0, 0, 0, 2, 2, 0, 0, 2, 0, 0, 0])
     groups = []
     for rows in (slice(0, 8), slice(8, 16)):
         r = grpo.Rollout([], None, None, ids[rows], mask[rows], 4)
-        groups.append(S.Group(r, [], [""] * 8, rewards[rows], rewards[rows], rewards[rows],
-                              torch.ones(8, dtype=torch.bool), mask[rows].sum(1)))
+        groups.append(T.MicroBatch(r, [], [""] * 8, rewards[rows], rewards[rows], rewards[rows],
+                                   torch.ones(8, dtype=torch.bool), mask[rows].sum(1), torch.ones(8, dtype=torch.bool)))
     return groups
+
+
+def loss_count(recipe, groups):
+    """The count train.grpo_step divides the loss by, on one process (its all-reduce over one process and
+    its division by a world of 1 leave it as it is)."""
+    return sum(recipe.loss_count(g) for g in groups)
 
 
 @pytest.mark.parametrize("aggregation, denominator, loss", [
@@ -429,17 +438,16 @@ def test_truncated_completions_count_in_the_loss_scale(aggregation, denominator,
     mask), but the loss divides by every row as TRL's does, so the scale does not move with the number
     truncated. The denominator and the loss over both micro-batches, by hand (comments)."""
     M.init_distributed(always=True)
-    cfg = T.Config(group_size=4, max_new_tokens=4, loss_aggregation=aggregation, advantage_scale="none",
-                   mask_truncated=True)
-    run, groups = types.SimpleNamespace(cfg=cfg, device="cpu"), truncated_batch()
-    S.set_advantages(run, groups)
-    got = S.loss_denominator(run, groups)
+    cfg = config.Config(group_size=4, max_new_tokens=4, loss_aggregation=aggregation, advantage_scale="none",
+                   mask_truncated=True, beta=0.0)
+    recipe, groups = T.recipe_for(cfg), truncated_batch()
+    set_advantages(recipe, groups, cfg.group_size)
+    got = loss_count(recipe, groups)
     assert got.item() == denominator
     total = 0.0
     for g in groups:
         logp = torch.zeros(8, 4, dtype=torch.float64, requires_grad=True)
-        part, _ = grpo.grpo_loss(logp, logp.detach(), None, g.advantages.double(), g.rollout.mask, 0.0,
-                                 aggregation=aggregation, denominator=got)
+        part, _ = recipe.loss(logp, logp.detach(), None, g.advantages.double(), g.rollout.mask, denominator=got)
         total += part.item()
     assert total == pytest.approx(loss, abs=1e-12)
     assert torch.cat([g.advantages for g in groups]).tolist() == [1, 1, -1, 0, 1.5, -.5, -.5, 0] * 2
@@ -449,24 +457,23 @@ def test_batch_std_counts_truncated_completions_and_not_dropped_groups():
     """--advantage-scale batch with --mask-truncated: the std is over every counted reward, the truncated
     ones' too, as TRL's. 16 rewards, six 2s: sum 12, squares 24, unbiased var (24 - 12^2/16) / 15 = 1,
     std 1; without the 4 truncated 0s it would be (24 - 12^2/12) / 11 = 12/11, std 1.0445. So the first
-    row's A = 1 / (1 + 1e-4), not 1 / (1.0445 + 1e-4). A group dynamic sampling drops (sample_groups
+    row's A = 1 / (1 + 1e-4), not 1 / (1.0445 + 1e-4). A group dynamic sampling drops (sample_rounds
     clears both its mask and counted) is out of both the count and the std: drop the last group, and 12
     rows count: five 2s, sum 10, squares 20, var (20 - 10^2/12) / 11 = 35/33, std 1.02986."""
     M.init_distributed(always=True)
-    cfg = T.Config(group_size=4, max_new_tokens=4, advantage_scale="batch", mask_truncated=True)
-    run, groups = types.SimpleNamespace(cfg=cfg, device="cpu"), truncated_batch()
-    S.set_advantages(run, groups)
+    cfg = config.Config(group_size=4, max_new_tokens=4, advantage_scale="batch", mask_truncated=True)
+    recipe, groups = T.recipe_for(cfg), truncated_batch()
+    set_advantages(recipe, groups, cfg.group_size)
     centred = torch.tensor([1, 1, -1, 0, 1.5, -.5, -.5, 0] * 2)  # the truncated rows get 0
     torch.testing.assert_close(torch.cat([g.advantages for g in groups]), centred / (1 + 1e-4), rtol=0, atol=1e-6)
     groups[1].rollout.mask[4:] = False
     groups[1].counted[4:] = False
-    S.set_advantages(run, groups)
+    set_advantages(recipe, groups, cfg.group_size)
     kept = centred * torch.tensor([1.0] * 12 + [0.0] * 4)
     std = (35 / 33) ** 0.5
     assert abs(std - 1.02986) < 1e-5
     torch.testing.assert_close(torch.cat([g.advantages for g in groups]), kept / (std + 1e-4), rtol=0, atol=1e-6)
-    run.cfg.loss_aggregation = "sequence_mean"
-    assert S.loss_denominator(run, groups).item() == 12
+    assert cfg.loss_aggregation == "sequence_mean" and loss_count(recipe, groups).item() == 12
 
 
 def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tmp_path):
@@ -488,60 +495,8 @@ def test_evaluation_during_training_equals_evaluate_py(tiny2_dir, pitch_task, tm
     for logged in records:
         row = rows[logged["step"]]
         assert row["accuracy"]["total"] == pytest.approx(100 * logged["eval_accuracy"], abs=1e-9)
-        for band in synthetic.PITCH_CHOICES:
+        for band in demo.PITCH_CHOICES:
             assert row["accuracy"][band] == pytest.approx(100 * logged["eval_groups"][f"category={band}"], abs=1e-9)
-
-
-def test_warm_start_on_another_question_keeps_the_encoder(tiny2_dir, pitch_task, tmp_path, monkeypatch):
-    """--warm-start-data: each warm-start step trains on those questions with their CORRECT answers as
-    targets, with the audio encoder frozen: in checkpoint-0 its weights equal the base's while the
-    language model's moved. The training after it trains the encoder again (checkpoint-1 differs there)."""
-    loud, _ = synthetic.make_synthetic(tmp_path / "loud", n_train=16, n_test=4, task="loudness")
-    seen, real = [], S.supervised_step
-    def spy(run, optimizer, samples, targets, counts=None):
-        seen.append((samples, targets, any(p.requires_grad for p in run.policy.model.audio_tower.parameters())))
-        return real(run, optimizer, samples, targets, counts)
-    monkeypatch.setattr(S, "supervised_step", spy)
-    out = tmp_path / "run"
-    T.main(quick_args(tiny2_dir, pitch_task, out, "--algo", "sft", "--max-steps", "1", "--save-every", "1",
-                      "--warm-start-steps", "2", "--warm-start-data", str(loud)))
-    warm, sft = seen[:2], seen[2:]
-    assert len(warm) == 2 and len(sft) == 1 and sft[0][2]  # the SFT step trains the encoder
-    for samples, targets, encoder_trains in warm:
-        assert not encoder_trains and len(samples) == S.WARM_START_BATCH
-        assert all(s.question == synthetic.LOUDNESS_QUESTION for s in samples)
-        assert targets == [f"<answer>{s.answer}</answer><|im_end|>" for s in samples]
-    base, start, after = (Qwen2AudioForConditionalGeneration.from_pretrained(d).state_dict() for d in
-                          (tiny2_dir, out / "checkpoint-0", out / "checkpoint-1"))
-    encoder = [k for k in base if "audio_tower." in k and "embed_positions" not in k]
-    language = [k for k in base if "language_model." in k]
-    assert encoder and all(torch.equal(base[k], start[k]) for k in encoder)
-    assert all(not torch.equal(base[k], start[k]) for k in language)
-    assert sum(not torch.equal(start[k], after[k]) for k in encoder) > len(encoder) // 2
-
-
-def test_heldout_answer_nll_is_the_targets_log_prob(warm_dir, pitch_task, tmp_path):
-    """eval_answer_nll, logged with the held-out scores, is the mean over questions of -log p of the
-    whole correct target `<answer>{answer}</answer><|im_end|>` after the prompt: here recomputed one
-    question at a time by a plain forward of the saved checkpoint over prompt + target ids."""
-    out, test = tmp_path / "run", pitch_task[1]
-    T.main(quick_args(warm_dir, pitch_task, out, "--max-steps", "1", "--save-every", "1", "--eval-every", "1",
-                      "--eval-data", str(test), "--eval-samples", "3"))
-    logged = metrics(out)[0]["eval_answer_nll"]
-    model, processor = M.load(out / "checkpoint-1", dtype=torch.float32)
-    nlls = []
-    for s in data.read_samples(test)[:3]:
-        prompt = M.collate(processor, [s], [data.load_audio(s.audio_path)])
-        target = processor.tokenizer(data.target_text(s.answer) + M.END_TOKENS[0], add_special_tokens=False,
-                                     return_tensors="pt")["input_ids"]
-        ids = torch.cat([prompt["input_ids"], target], 1)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=prompt["input_features"],
-                           feature_attention_mask=prompt["feature_attention_mask"]).logits[0]
-        logp = logits[-target.shape[1] - 1:-1].log_softmax(-1).gather(1, target[0][:, None])
-        nlls.append(-logp.sum().item())
-    assert 0.5 < logged < 50  # in format after the warm start, not yet right: well above 0
-    assert logged == pytest.approx(sum(nlls) / 3, rel=1e-4)
 
 
 def test_reward_weights_weigh_the_logged_reward(warm_dir, pitch_task, tmp_path):
@@ -557,8 +512,8 @@ def test_reward_weights_weigh_the_logged_reward(warm_dir, pitch_task, tmp_path):
 def test_dense_attention_forces_the_fallback(warm_dir, pitch_task, tmp_path, monkeypatch):
     """Every packed forward gets flex=None (FlexAttention on a GPU, the dense mask on a CPU) unless
     --dense-attention, which forces flex=False everywhere: reference, policy and supervised passes."""
-    seen, real = [], grpo.completion_logprobs
-    monkeypatch.setattr(T.grpo, "completion_logprobs", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    seen, real = [], packed.completion_logprobs  # the engine's log-probs, train.py's default
+    monkeypatch.setattr(packed, "completion_logprobs", lambda *a, **k: seen.append(k["flex"]) or real(*a, **k))
     T.main(quick_args(warm_dir, pitch_task, tmp_path / "auto", "--max-steps", "1", "--num-iterations", "2"))
     auto = list(seen)
     seen.clear()
@@ -581,6 +536,62 @@ def test_the_runs_prompt_settings_reach_every_forward(tiny2_dir, pitch_task, tmp
 
 def test_tiny_omni_is_a_demo_model():
     """--model tiny-omni, like tiny, is built offline and runs the workshop preset."""
-    cfg, demo = T.parse_args(["--model", "tiny-omni"])
-    assert demo and cfg.lr == T.DEMO["lr"]
-    T.check_paths(cfg)  # no folder to check: it is built in setup()
+    cfg, demo = config.parse_args(["--model", "tiny-omni"])
+    assert demo and cfg.lr == config.DEMO["lr"]
+    config.check_paths(cfg)  # no folder to check: it is built in setup()
+
+
+def test_warm_start_on_another_question_keeps_the_encoder(tiny2_dir, pitch_task, tmp_path, monkeypatch):
+    """--warm-start-data: each warm-start step trains on those questions with their CORRECT answers as
+    targets, with the audio encoder frozen: in checkpoint-0 its weights equal the base's while the language
+    model's moved. The training after it trains the encoder again (checkpoint-1 differs there)."""
+    loud, _ = demo.make_synthetic(tmp_path / "loud", n_train=16, n_test=4, task="loudness")
+    seen, real = [], T.supervised_step
+
+    def spy(run, optimizer, samples, targets, counts=None):
+        seen.append((samples, targets, any(p.requires_grad for p in run.policy.model.audio_tower.parameters())))
+        return real(run, optimizer, samples, targets, counts)
+    monkeypatch.setattr(T, "supervised_step", spy)
+    out = tmp_path / "run"
+    T.main(quick_args(tiny2_dir, pitch_task, out, "--algo", "sft", "--max-steps", "1", "--save-every", "1",
+                      "--warm-start-steps", "2", "--warm-start-data", str(loud)))
+    warm, sft = seen[:2], seen[2:]
+    assert len(warm) == 2 and len(sft) == 1 and sft[0][2]  # the SFT step trains the encoder
+    for samples, targets, encoder_trains in warm:
+        assert not encoder_trains and len(samples) == config.WARM_START_BATCH
+        assert all(s.question == demo.LOUDNESS_QUESTION for s in samples)
+        assert targets == [f"<answer>{s.answer}</answer><|im_end|>" for s in samples]
+    base, start, after = (Qwen2AudioForConditionalGeneration.from_pretrained(d).state_dict() for d in
+                          (tiny2_dir, out / "checkpoint-0", out / "checkpoint-1"))
+    encoder = [k for k in base if "audio_tower." in k and "embed_positions" not in k]
+    language = [k for k in base if "language_model." in k]
+    assert encoder and all(torch.equal(base[k], start[k]) for k in encoder)
+    assert all(not torch.equal(base[k], start[k]) for k in language)
+    assert sum(not torch.equal(start[k], after[k]) for k in encoder) > len(encoder) // 2
+
+
+def test_heldout_answer_nll_is_the_targets_log_prob(warm_dir, pitch_task, tmp_path):
+    """eval_answer_nll, logged with the held-out scores, is the mean over questions of -log p of the whole
+    correct target `<answer>{answer}</answer><|im_end|>` after the prompt, in the distribution sampling draws
+    from (the suppressed tokens out of the softmax): here recomputed one question at a time by a plain
+    forward of the saved checkpoint over prompt + target ids."""
+    out, test = tmp_path / "run", pitch_task[1]
+    T.main(quick_args(warm_dir, pitch_task, out, "--max-steps", "1", "--save-every", "1", "--eval-every", "1",
+                      "--eval-data", str(test), "--eval-samples", "3"))
+    logged = metrics(out)[0]["eval_answer_nll"]
+    model, processor = M.load(out / "checkpoint-1", dtype=torch.float32)
+    suppress = M.suppressed_token_ids(processor.tokenizer, model.config.text_config.vocab_size)
+    nlls = []
+    for s in data.read_samples(test)[:3]:
+        prompt = M.collate(processor, [s], [data.load_audio(s.audio_path)])
+        target = processor.tokenizer(data.target_text(s.answer) + M.END_TOKENS[0], add_special_tokens=False,
+                                     return_tensors="pt")["input_ids"]
+        ids = torch.cat([prompt["input_ids"], target], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=prompt["input_features"],
+                           feature_attention_mask=prompt["feature_attention_mask"]).logits[0]
+        logits[:, suppress] = float("-inf")
+        logp = logits[-target.shape[1] - 1:-1].log_softmax(-1).gather(1, target[0][:, None])
+        nlls.append(-logp.sum().item())
+    assert 0.5 < logged < 50  # in format after the warm start, not yet right: well above 0
+    assert logged == pytest.approx(sum(nlls) / 3, rel=1e-4)

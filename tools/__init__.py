@@ -1,0 +1,1 @@
+"""Tools around training: the memory and FLOPs plan, AVQA preparation, benchmark scoring, measurements."""
