@@ -123,6 +123,8 @@ DEFAULT_LR = {("grpo", False): 1e-6, ("grpo", True): 1e-5, ("sft", False): 1e-5,
 
 
 WARM_START_BATCH = 16  # questions per warm-start step, all processes together
+WARM_START_REASONING = ""  # the think block of the warm start's targets under --prompt think: the data holds
+                           # no reasoning, so it teaches the format `<think></think><answer>...</answer>` alone
 
 
 def parse_args(argv=None):
@@ -200,8 +202,8 @@ def mode_rules(cfg):
         (cfg.think_words >= 0 and (cfg.think_words == 0 or cfg.prompt == "think"), "think_words",
          "must be >= 0, and only the think prompt asks for a reasoning"),
         (cfg.downmix in data.DOWNMIX, "downmix", f"must be one of {', '.join(data.DOWNMIX)}"),
-        (cfg.prompt != "think" or (cfg.algo == "grpo" and not cfg.warm_start_steps), "prompt",
-         "has no supervised target for --algo sft or --warm-start-steps: the data holds answers, not reasoning"),
+        (cfg.prompt != "think" or cfg.algo == "grpo", "prompt",
+         "has no supervised target for --algo sft: the data holds answers, not reasoning"),
         (cfg.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = no LoRA)"),
         (cfg.lora_rank > 0 or all(getattr(cfg, n) == getattr(Config, n) for n in lora), "lora_rank",
          "is 0, so --lora-alpha/--lora-dropout/--lora-targets/--lora-audio would do nothing: give a rank"),

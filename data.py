@@ -378,12 +378,15 @@ def build_prompt(question: str, choices: list[str], prompt: str = "answer", thin
     return f"{question} Please choose the answer from the following options: {choices}.{ask}"
 
 
-def target_text(answer: str, prompt: str = "answer") -> str:
+def target_text(answer: str, prompt: str = "answer", reasoning: str | None = None) -> str:
     """What supervised fine-tuning teaches the model to reply: the choice itself (direct, the paper's
-    SFT rows) or in answer tags (answer, the form GRPO rewards). The think prompt would need a reasoning
-    to imitate, which question files do not have."""
+    SFT rows) or in answer tags (answer, the form GRPO rewards). The think prompt needs a reasoning to
+    imitate, which question files do not have: only a caller that supplies one (the warm start's fixed
+    placeholder, which teaches the format) gets `<think>{reasoning}</think><answer>{answer}</answer>`."""
     if prompt == "think":
-        raise ValueError("the think prompt has no supervised target: the data holds answers, not reasoning")
+        if reasoning is None:
+            raise ValueError("the think prompt has no supervised target: the data holds answers, not reasoning")
+        return f"<think>{reasoning}</think><answer>{answer}</answer>"
     return answer if prompt == "direct" else f"<answer>{answer}</answer>"
 
 

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from config import (LOUDNESS, TINY_MODELS, WARM_START_BATCH, Config, check_paths, extras_asked, parse_args,
-                    reward_weights, validate)
+from config import (LOUDNESS, TINY_MODELS, WARM_START_BATCH, WARM_START_REASONING, Config, check_paths,
+                    extras_asked, parse_args, reward_weights, validate)
 import grpo
 import model as M
 import reward
@@ -585,6 +585,7 @@ def warm_start(run, steps, lr, questions=()):
     answers, the audio encoder frozen, so the model learns to read the audio for another question, as a
     pretrained base has. Without: the training questions with `<answer>{a random choice}</answer>`; it
     starts GRPO at chance, but has learned that the answer does not depend on the audio (docs/workshop.md).
+    Under --prompt think a target opens with the fixed WARM_START_REASONING as its think block: the format only.
     The batch is drawn for all processes before each takes its share: it does not depend on their number."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     rng, pool = np.random.default_rng(cfg.seed), questions or run.questions
@@ -596,7 +597,7 @@ def warm_start(run, steps, lr, questions=()):
     for _ in tqdm(range(steps), desc="warm start" + ("" if questions else " (format only)"), disable=rank != 0):
         batch = [pool[i] for i in rng.choice(len(pool), WARM_START_BATCH)]
         answers = [s.answer for s in batch] if questions else [rng.choice(s.choices) for s in batch]
-        targets = [data.target_text(a, cfg.prompt) + M.END_TOKENS[0] for a in answers]
+        targets = [data.target_text(a, cfg.prompt, WARM_START_REASONING) + M.END_TOKENS[0] for a in answers]
         supervised_step(run, opt, data.my_share(batch, rank, world), data.my_share(targets, rank, world))
     for p in frozen:
         p.requires_grad_(True)

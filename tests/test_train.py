@@ -14,6 +14,7 @@ from transformers import Qwen2AudioForConditionalGeneration
 import data
 import grpo
 import model as M
+import reward
 import checkpoint
 import config
 import train as T
@@ -568,6 +569,30 @@ def test_warm_start_on_another_question_keeps_the_encoder(tiny2_dir, pitch_task,
     assert encoder and all(torch.equal(base[k], start[k]) for k in encoder)
     assert all(not torch.equal(base[k], start[k]) for k in language)
     assert sum(not torch.equal(start[k], after[k]) for k in encoder) > len(encoder) // 2
+
+
+def test_the_think_prompt_warm_starts_on_its_own_format(tiny2_dir, pitch_task, tmp_path, monkeypatch):
+    """--prompt think --warm-start-steps: the warm start teaches the think format, each target an empty think
+    block (the data holds no reasoning) then the answer, which the think format reward accepts; SFT on the
+    think prompt stays refused, as it would have to imitate a reasoning the data does not hold."""
+    seen, real = [], T.supervised_step
+
+    def spy(run, optimizer, samples, targets, counts=None):
+        seen.append((samples, targets))
+        return real(run, optimizer, samples, targets, counts)
+    monkeypatch.setattr(T, "supervised_step", spy)
+    T.main(quick_args(tiny2_dir, pitch_task, tmp_path / "run", "--prompt", "think", "--max-steps", "0",
+                      "--warm-start-steps", "2"))
+    assert len(seen) == 2 and (tmp_path / "run" / "checkpoint-0").is_dir()
+    for samples, targets in seen:
+        assert len(targets) == config.WARM_START_BATCH
+        assert all(t.startswith("<think></think><answer>") and t.endswith("</answer><|im_end|>") for t in targets)
+        assert all(reward.format_reward(t.removesuffix("<|im_end|>"), "think") == 1.0 for t in targets)
+        assert all(reward.format_reward(t.removesuffix("<|im_end|>"), "answer") == 0.0 for t in targets)
+    cfg, _ = config.parse_args(quick_args(tiny2_dir, pitch_task, tmp_path / "sft", "--prompt", "think",
+                                          "--algo", "sft"))
+    with pytest.raises(M.UsageError, match="--prompt think: has no supervised target for --algo sft"):
+        config.validate(cfg, 1)
 
 
 def test_heldout_answer_nll_is_the_targets_log_prob(warm_dir, pitch_task, tmp_path):

@@ -21,6 +21,7 @@ import data
 import evaluate as E
 import grpo
 import model as M
+import reward
 import train as T
 from conftest import pitch_samples, quick_args
 from engine import packed
@@ -80,11 +81,16 @@ def test_sft_loss_equals_an_independent_cross_entropy(tiny):
 
 
 def test_sft_targets_follow_the_prompt():
-    """direct: the choice itself; answer: in tags; think: refused (no reasoning to imitate)."""
+    """direct: the choice itself; answer: in tags; think: refused (no reasoning to imitate) unless the caller
+    gives one (the warm start's placeholder), and then in the think format that the format reward accepts."""
     assert data.target_text("very low", "direct") == "very low"
     assert data.target_text("very low", "answer") == "<answer>very low</answer>"
     with pytest.raises(ValueError, match="no supervised target"):
         data.target_text("very low", "think")
+    assert data.target_text("very low", "think", "") == "<think></think><answer>very low</answer>"
+    assert data.target_text("low", "think", "hm") == "<think>hm</think><answer>low</answer>"
+    assert reward.score(data.target_text("low", "think", ""), "low", "think") == reward.Reward(1.0, 1.0, 2.0)
+    assert data.target_text("low", "answer", "hm") == "<answer>low</answer>"  # only think has a think block
 
 
 def test_an_sft_run_logs_the_loss_it_trains_on(tiny2_dir, pitch_task, tmp_path):
