@@ -42,13 +42,14 @@ def bf16_copy(model):
     return bf16
 
 
-def logprobs(model, rollout, pad_id, fp32_head=False):
+def logprobs(model, rollout, pad_id, suppress, fp32_head=False):
+    """The log-probs training takes: the packed pass, the suppressed tokens out of the softmax."""
     head = model.lm_head
     if fp32_head:
         model.lm_head = Fp32Head(head)
     try:
         with torch.no_grad():
-            return packed.completion_logprobs(model, rollout, pad_id)
+            return packed.completion_logprobs(model, rollout, pad_id, suppress_ids=suppress)
     finally:
         model.lm_head = head
 
@@ -74,16 +75,16 @@ def measure(master, processor, scale):
     samples, audios = pitch_samples(4)
     batch = M.collate(processor, samples, audios)
     gens = grpo.prompt_generators(0, 0, range(4))
-    r = sampler.generate_groups(before, batch, gens, 8, 32, M.end_token_ids(tok), tok.pad_token_id,
-                                M.suppressed_token_ids(tok, master.config.text_config.vocab_size))
+    suppress = M.suppressed_token_ids(tok, master.config.text_config.vocab_size)
+    r = sampler.generate_groups(before, batch, gens, 8, 32, M.end_token_ids(tok), tok.pad_token_id, suppress)
     pad = tok.pad_token_id
     with torch.no_grad():
         states = before.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               input_features=batch["input_features"],
                               feature_attention_mask=batch["feature_attention_mask"]).last_hidden_state
         z = before.lm_head(states).float()
-    old = {"bf16 lm_head": logprobs(before, r, pad), "fp32 lm_head": logprobs(before, r, pad, True),
-           "fp32 model": logprobs(master.eval(), r, pad)}
+    old = {"bf16 lm_head": logprobs(before, r, pad, suppress), "fp32 lm_head": logprobs(before, r, pad, suppress, True),
+           "fp32 model": logprobs(master.eval(), r, pad, suppress)}
     err = (old["bf16 lm_head"] - old["fp32 lm_head"])[r.mask].abs()
     print(f"lm_head x {scale}: logits max |z| {z.abs().max().item():.1f}, mean max z {z.max(-1).values.mean().item():.1f}; "
           f"{int(r.mask.sum())} tokens; |logp(bf16 head) - logp(fp32 head)| max {err.max().item():.2e} mean "
@@ -91,14 +92,14 @@ def measure(master, processor, scale):
     # one AdamW step of the GRPO loss at lr 1e-6 on the fp32 master (the policy's forward in bf16, as trained)
     master.train()
     opt = torch.optim.AdamW(master.parameters(), lr=1e-6, weight_decay=0.0)
-    logp = packed.completion_logprobs(master, r, pad)
+    logp = packed.completion_logprobs(master, r, pad, suppress_ids=suppress)
     adv = grpo.group_advantages(torch.arange(logp.size(0), dtype=torch.float32) % 3, 8)
     loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, r.mask, beta=0.0)
     loss.backward()
     opt.step()
     after = bf16_copy(master)
-    new = {"bf16 lm_head": logprobs(after, r, pad), "fp32 lm_head": logprobs(after, r, pad, True),
-           "fp32 model": logprobs(master.eval(), r, pad)}
+    new = {"bf16 lm_head": logprobs(after, r, pad, suppress), "fp32 lm_head": logprobs(after, r, pad, suppress, True),
+           "fp32 model": logprobs(master.eval(), r, pad, suppress)}
     for way in old:
         kl0, ratio0 = kl_and_ratio(old[way], old[way], r.mask)
         kl, ratio = kl_and_ratio(new[way], old[way], r.mask)
