@@ -10,7 +10,7 @@ import pytest
 
 from workshop import plot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NS = "{http://www.w3.org/2000/svg}"
 GRPO_KEYS = ["reward", "accuracy", "format", "kl", "completion_len", "frac_zero_std", "eval_accuracy"]
 
