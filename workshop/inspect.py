@@ -38,8 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest completion")
     p.add_argument("--beta", type=float, default=0.1, help="KL weight (the demo's 0.1); 0: no reference")
     p.add_argument("--num-iterations", type=int, default=1, help="passes over the group, one AdamW step between two")
-    p.add_argument("--lr", type=float, default=1e-2,
-                   help="AdamW's learning rate for --num-iterations > 1 (at 1e-3 the clip rarely binds)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="AdamW's learning rate for --num-iterations > 1 (the demo's; 1e-2 binds the clip more)")
     p.add_argument("--tokens", type=int, default=0, help="tokens shown per completion (0 = all)")
     args = p.parse_args(argv)
     for ok, flag, rule in ((args.group_size >= 2, "--group-size", "must be >= 2"),
