@@ -142,6 +142,8 @@ def parse_args(argv=None):
     cfg = replace(Config(), **{**(DEMO if demo else {}), **given})
     if demo and not cfg.warm_start_steps and "warm_start_data" not in given:
         cfg.warm_start_data = ""  # --warm-start-steps 0 turns the demo's warm start off, its data too
+    if demo and "save_every" in given and "eval_every" not in given:
+        cfg.eval_every = cfg.save_every  # the demo scores its held-out set at the checkpoints you ask for
     if "lr" not in given and not demo:
         cfg.lr = DEFAULT_LR.get((cfg.algo, cfg.lora_rank > 0), cfg.lr)
     return cfg, demo

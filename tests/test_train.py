@@ -57,7 +57,7 @@ def test_every_config_field_is_a_flag():
 def test_the_demo_warm_starts_on_loudness_and_decays_the_lr():
     """`python train.py`: 200 warm-start steps on the synthetic loudness question (correct answers, audio
     encoder frozen), then 300 GRPO steps whose lr decays linearly from 1e-3 to 0, the held-out set scored
-    every 50 steps; flags still override the preset."""
+    every 50 steps (at each checkpoint: --save-every alone moves both); flags still override the preset."""
     cfg, demo = config.parse_args([])
     assert demo and (cfg.warm_start_data, cfg.warm_start_steps, cfg.max_steps) == (config.LOUDNESS, 200, 300)
     assert (cfg.lr, cfg.lr_decay, cfg.beta, cfg.eval_every, cfg.eval_samples) == (1e-3, True, 0.1, 50, 200)
@@ -65,6 +65,11 @@ def test_the_demo_warm_starts_on_loudness_and_decays_the_lr():
     assert cfg.warm_start_data == "" and not cfg.lr_decay
     cfg, _ = config.parse_args(["--warm-start-steps", "0"])  # no warm start at all: its data goes with it
     assert (cfg.warm_start_steps, cfg.warm_start_data) == (0, "")
+    cfg, _ = config.parse_args(["--save-every", "100"])  # held-out at the checkpoints asked for, not refused
+    assert (cfg.save_every, cfg.eval_every) == (100, 100)
+    config.validate(cfg, 1)
+    cfg, _ = config.parse_args(["--save-every", "25", "--eval-every", "50"])
+    assert (cfg.save_every, cfg.eval_every) == (25, 50)
 
 
 def test_r1_aqa_defaults():
