@@ -615,37 +615,36 @@ def heldout(run, samples):
     processes; unequal shares are safe, as inside model.unsharded a forward issues no collective."""
     cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
     run.policy.eval()
-    records = []
+    records, mine = [], data.chunks(samples, cfg.micro_batch)[rank::world]  # each question once; shares may differ
     with M.unsharded(run.policy):
-        for batch in data.chunks(samples, cfg.micro_batch)[rank::world]:  # each question once; shares may differ
+        for batch in mine:
             audios, _ = data.read_audio(batch, cfg.downmix)
             texts = M.generate(run.policy, run.processor, batch, audios, cfg.prompt, cfg.max_new_tokens,
                                cfg.system_prompt or None, cfg.think_words)
             records += [{**s.meta, "question": s.question, "choices": s.choices, "answer": s.answer,
                          "model_prediction": reward.extract_answer(t), "model_output": t} for s, t in zip(batch, texts)]
+        nll = {} if cfg.prompt == "think" else {"eval_answer_nll": answer_nll(run, mine)}
     everyone = [None] * world
     dist.all_gather_object(everyone, records)
     records = [r for part in everyone for r in part]
     s = reward.score_predictions(records, "model_prediction")
     groups = {f"{name}={value}": t.accuracy / 100 for name, tallies in s.groups.items() for value, t in tallies.items()}
-    nll = {} if cfg.prompt == "think" else {"eval_answer_nll": answer_nll(run, samples)}
     return {"eval_accuracy": s.total.accuracy / 100, "eval_format":
             sum(reward.format_reward(r["model_output"], cfg.prompt) for r in records) / max(len(records), 1),
             "eval_questions": s.total.total, "eval_groups": groups, **nll}
 
 
 @torch.no_grad()
-def answer_nll(run, samples):
-    """The mean over questions of -log p(the correct answer's whole target | the prompt): it moves where greedy
-    accuracy stays flat (log 4 = 1.39 for a policy in format that spreads its mass over four choices)."""
-    cfg, rank, world = run.cfg, dist.get_rank(), dist.get_world_size()
+def answer_nll(run, batches):
+    """The mean over every process's questions of -log p(the correct answer's whole target | the prompt), from
+    this process's `batches` (inside model.unsharded: the shares may differ): it moves where greedy accuracy
+    stays flat (log 4 = 1.39 for a policy in format that spreads its mass over four choices)."""
     sums = torch.zeros(2, device=run.device)
-    with M.unsharded(run.policy):  # as heldout: each question once, so the shares differ (no collective inside)
-        for batch in data.chunks(samples, cfg.micro_batch)[rank::world]:
-            targets = [data.target_text(s.answer, cfg.prompt) + M.END_TOKENS[0] for s in batch]
-            r = teacher_forced(run, batch, targets)
-            logp = logprobs(run, run.policy, r, temperature=1.0)                   # [B, T]
-            sums += torch.stack([-(logp * r.mask).sum(), r.mask.any(1).sum().float()])
+    for batch in batches:
+        targets = [data.target_text(s.answer, run.cfg.prompt) + M.END_TOKENS[0] for s in batch]
+        r = teacher_forced(run, batch, targets)
+        logp = logprobs(run, run.policy, r, temperature=1.0)                   # [B, T]
+        sums += torch.stack([-(logp * r.mask).sum(), r.mask.any(1).sum().float()])
     nll, n = all_sum(sums).tolist()
     return nll / max(n, 1)
 

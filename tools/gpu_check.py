@@ -253,16 +253,23 @@ def table(results):
 # -----------------------------------------------------------------------------
 # Sections: loading, rollouts, compiles
 
+def plain_rollout(c, family, full_vocab):
+    """The model a section checks against: loaded plain (M.load), a rollout on this rank's clips, and that
+    rollout's packed log-probs with the dense mask. Returns (folder, model, processor, rollout, log-probs)."""
+    folder = c.model(family, full_vocab=full_vocab)
+    plain, processor = M.load(folder, dtype=torch.bfloat16, device=c.device)
+    r = sampled(c, plain, processor, c.clips(), c.args.group_size, 16)
+    with torch.no_grad():
+        expected = packed.completion_logprobs(plain, r, processor.tokenizer.pad_token_id, flex=False)
+    return folder, plain, processor, r, expected
+
+
 def section_load(c):
     """sharded_load (meta init, to_empty, broadcast from rank 0, rotary reset), LoRA loading (the frozen base
     kept whole on every rank and broadcast, ignored by FSDP; adapters sharded) and the reference copied from
     the policy's shards: each one's packed log-probs on this rank's rollout against a plain model's (M.load)."""
-    folder = c.model("qwen2-audio", full_vocab=True)
-    plain, processor = M.load(folder, dtype=torch.bfloat16, device=c.device)
-    r = sampled(c, plain, processor, c.clips(), c.args.group_size, 16)
+    folder, plain, processor, r, expected = plain_rollout(c, "qwen2-audio", full_vocab=True)
     pad = processor.tokenizer.pad_token_id
-    with torch.no_grad():
-        expected = packed.completion_logprobs(plain, r, pad, flex=False)
     rotary = [b for n, b in plain.named_buffers() if n.endswith("inv_freq")]
     del plain
     policy = M.sharded_load(folder, param_dtype=torch.bfloat16)
@@ -570,12 +577,8 @@ def section_evaluate(c):
 def section_omni(c):
     """Qwen2.5-Omni's thinker (7B widths, 2 + 2 layers, small vocabulary): sharded_load, a rollout of two clip
     lengths (its encoder reads only the real frames), packed log-probs against a plain model, one GRPO step."""
-    folder = c.model("omni", full_vocab=False)
-    plain, processor = M.load(folder, dtype=torch.bfloat16, device=c.device)
-    r = sampled(c, plain, processor, c.clips(), c.args.group_size, 16)
+    folder, plain, processor, r, expected = plain_rollout(c, "omni", full_vocab=False)
     pad = processor.tokenizer.pad_token_id
-    with torch.no_grad():
-        expected = packed.completion_logprobs(plain, r, pad, flex=False)
     del plain
     policy = M.sharded_load(folder, param_dtype=torch.bfloat16).train()
     logp = packed.completion_logprobs(policy, r, pad)
