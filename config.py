@@ -101,7 +101,8 @@ class Config:
     gpu_mem: float = flag(80.0, "GiB per GPU that the --plan checks against")
 
 
-TINY_MODELS = ("tiny", "tiny-omni")  # --model names of the tiny models workshop/ builds offline
+TINY_MODELS = {"tiny": "tiny-qwen2-audio-2s-seed0", "tiny-omni": "tiny-omni-2s-seed0"}  # --model names of the tiny
+                # models workshop/demo.py builds offline, and their folders in --cache-dir
 
 
 LOUDNESS = "synthetic-loudness"  # --warm-start-data: the demo's second question, built in --cache-dir

@@ -161,7 +161,7 @@ def setup(cfg, recipe, device):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.tidy(out)
-        if cfg.model in TINY_MODELS or cfg.data == "synthetic" or cfg.warm_start_data == LOUDNESS:
+        if demo_pieces_missing(cfg):
             from workshop import demo  # the tiny model and the synthetic questions, built once in --cache-dir
             demo.build(cfg.cache_dir, cfg.model, cfg.data == "synthetic", cfg.warm_start_data == LOUDNESS)
     dist.barrier()  # the folder is tidy and the tiny model and task exist before any rank reads them
@@ -191,10 +191,19 @@ def setup(cfg, recipe, device):
 
 
 def model_folder(cfg):
-    if cfg.model not in TINY_MODELS:
-        return cfg.model
-    from workshop import demo
-    return demo.tiny_model(cfg.cache_dir, cfg.model)
+    """--model as a folder: a tiny model's is in --cache-dir, where workshop/demo.py builds it."""
+    return Path(cfg.cache_dir) / TINY_MODELS[cfg.model] if cfg.model in TINY_MODELS else cfg.model
+
+
+def demo_pieces_missing(cfg):
+    """Whether the tiny model or a synthetic question file this run reads is not yet in --cache-dir. Each is
+    whole once its config.json or manifest.json exists, as workshop/demo.py checks."""
+    cache, needed = Path(cfg.cache_dir), []
+    if cfg.model in TINY_MODELS:
+        needed.append(model_folder(cfg) / "config.json")
+    for name, asked in (("synthetic", cfg.data == "synthetic"), (LOUDNESS, cfg.warm_start_data == LOUDNESS)):
+        needed += [cache / name / "manifest.json"] if asked else []
+    return not all(path.exists() for path in needed)
 
 
 def load_questions(cfg):

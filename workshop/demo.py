@@ -143,7 +143,8 @@ def build(cache_dir, model_name, synthetic, loudness=False):
 
 
 def tiny_model(cache_dir, model_name):
-    """The folder of train.py's --model tiny / tiny-omni: a 2 s mel window, built on first use."""
+    """The folder of train.py's --model tiny / tiny-omni (named in config.TINY_MODELS): a 2 s mel window,
+    built on first use."""
     return tiny(cache_dir, window_seconds=2, family=TINY_MODELS[model_name])
 
 

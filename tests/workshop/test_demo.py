@@ -88,3 +88,26 @@ def test_loudness_task_asks_the_level_of_the_same_tones(tmp_path):
         peak_hz = np.argmax(np.abs(np.fft.rfft(clip))) * SAMPLE_RATE / len(clip)
         pitch = demo.PITCH_CENTERS_HZ[demo.PITCH_CHOICES.index(s.meta["pitch"])]
         assert 0.85 * pitch - 1 <= peak_hz <= 1.15 * pitch + 1
+
+
+def test_train_finds_the_demo_pieces_where_demo_builds_them(tmp_path):
+    """train.py knows the tiny models' folders (config.TINY_MODELS) without running workshop/demo.py, and a
+    run needs demo.build only while a piece it reads lacks the file demo writes last (or checks itself)."""
+    import config
+    import train
+    cfg = config.Config(model="tiny", data="synthetic", warm_start_data=config.LOUDNESS, cache_dir=str(tmp_path))
+    for name in config.TINY_MODELS:
+        folder = train.model_folder(config.Config(model=name, cache_dir=str(tmp_path)))
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")  # demo.tiny reuses a folder that has one: nothing is built
+        assert demo.tiny_model(tmp_path, name) == folder
+    assert train.demo_pieces_missing(cfg)  # neither question file yet
+    (tmp_path / "synthetic").mkdir()
+    (tmp_path / "synthetic" / "manifest.json").write_text("{}")
+    assert train.demo_pieces_missing(cfg)  # the loudness question is still missing
+    assert not train.demo_pieces_missing(config.Config(model="tiny", data="synthetic", cache_dir=str(tmp_path)))
+    (tmp_path / config.LOUDNESS).mkdir()
+    (tmp_path / config.LOUDNESS / "manifest.json").write_text("{}")
+    assert not train.demo_pieces_missing(cfg)
+    (tmp_path / config.TINY_MODELS["tiny"] / "config.json").unlink()
+    assert train.demo_pieces_missing(cfg)
