@@ -80,7 +80,7 @@ def load_audio(path, downmix: str = "first") -> np.ndarray:
     except sf.LibsndfileError as e:
         raise AudioError(f"{path}: cannot decode ({e.error_string})") from e
     mono = data[:, 0] if downmix == "first" else data.mean(axis=1)
-    return resample(mono, sr, SAMPLE_RATE)
+    return np.ascontiguousarray(mono) if sr == SAMPLE_RATE else resample(mono, sr, SAMPLE_RATE)
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int, zeros: int = 24, beta: float = 10.0) -> np.ndarray:
