@@ -211,11 +211,11 @@ def test_clip_acts_on_the_second_iteration(tiny_dir):
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_grpo_learns_a_toy_reward(tiny_dir, sign):
+def test_grpo_learns_a_toy_reward(tiny2_dir, sign):
     """Reward = share of completion tokens with an even id (about 0.5 at random). 25 GRPO steps raise the
     mean reward well above 0.5; with the advantage sign flipped it falls instead. Same code as training."""
     torch.manual_seed(0)
-    model, processor = M.load(tiny_dir, dtype=torch.float32)
+    model, processor = M.load(tiny2_dir, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     history = []
     for step in range(25):
