@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny offline Qwen2-Audio, built once per test session."""
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -19,7 +20,9 @@ import train  # noqa: E402
 from data import Sample  # noqa: E402
 from workshop.demo import build_tiny, make_synthetic  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads for one pytest process on the 2-core machine the suite is sized for; one each under pytest-xdist
+# (-n 2), where two workers with two threads each would oversubscribe the cores.
+torch.set_num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2)
 
 
 class LoggedDeprecations(logging.Handler):
