@@ -74,6 +74,8 @@ def main(jobs_path):
     store, rank, world = next(dist.rendezvous("env://"))  # torchrun's store, as init_process_group finds it
     for i, job in enumerate(json.loads(Path(jobs_path).read_text())):
         own_group(store, i, rank, world)
+        if rank == 0:  # in torchrun's stderr, before a failing job's traceback
+            print(f"job {i}: {json.dumps(job)}", file=sys.stderr, flush=True)
         if "checks" in job:
             # imported for its job only: it imports conftest, which sets torch's threads to 2; the training
             # runs keep torchrun's 1 (dist_checks.main sets 1 again)

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+def torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
 
 
 def metrics(out):
@@ -294,13 +294,17 @@ def test_modes_on_two_processes_and_resumed(mode, two_process_runs, warm_dir, pi
 def test_kill_and_resume_is_exact(nproc, one_process_run, two_process_run, warm_dir, pitch_task, tmp_path):
     """SIGKILL after step 3 (checkpoint-2 is the newest complete one), then --resume: the final weights and
     every step's metrics equal those of the uninterrupted run on as many processes, bit for bit, and the
-    1-process run's within 1e-5."""
+    1-process run's within 1e-5. 1 process: `python train.py`, resumed in this process (where the
+    uninterrupted run ran); 2: torchrun, resumed by torchrun."""
     out = tmp_path / "killed"
     args = run_args(warm_dir, pitch_task, out)
-    launch = torchrun(str(ROOT / "train.py"), *args, nproc=nproc)
+    launch = torchrun(str(ROOT / "train.py"), *args) if nproc == 2 else [sys.executable, str(ROOT / "train.py"), *args]
     assert kill_after(launch, out, steps=3), "the run ended before it could be killed"
     assert not (out / "checkpoint-6").exists()
-    subprocess.run(launch + ["--resume"], cwd=ROOT, env=ENV, check=True, timeout=300)
+    if nproc == 2:
+        subprocess.run(launch + ["--resume"], cwd=ROOT, env=ENV, check=True, timeout=300)
+    else:
+        one_process(args + ["--resume"])
     resumed = metrics(out)
     same = metrics(one_process_run if nproc == 1 else two_process_run)
     assert [r["step"] for r in resumed] == list(range(1, 7))
