@@ -66,7 +66,7 @@ def own_group(store, job, rank, world):
     """A process group for one job, under a store prefix of its own. Each job destroys its group at the end
     (train.main does); a second dist.init_process_group on torchrun's store would reuse the first group's
     keys, and hangs when the ranks arrive at different times (measured with torch 2.13). train's
-    model.init_distributed finds this group made and uses it."""
+    model.init_distributed finds this group made and uses it (gloo's default timeout, 30 minutes, is train.py's)."""
     dist.init_process_group("gloo", store=dist.PrefixStore(f"job{job}", store), rank=rank, world_size=world)
 
 
