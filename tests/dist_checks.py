@@ -1,4 +1,4 @@
-"""FSDP checks that need two processes, run by tests/test_distributed.py:
+"""FSDP checks that need two processes (tests/test_distributed.py runs them as a job of tests/completions_log.py):
 
     torchrun --standalone --nproc_per_node 2 tests/dist_checks.py MODEL_DIR OUT.json
 
@@ -10,6 +10,7 @@
    step's clip_and_step (steps.py) skips the update everywhere: no rank's weights change.
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -27,9 +28,10 @@ from conftest import pitch_samples  # noqa: E402
 from engine import packed, sampler  # noqa: E402
 
 
-def count_all_gathers():
-    """Wrap the collective FSDP2 uses to gather parameters (torch.distributed.all_gather_single in
-    torch 2.13; FSDP looks it up on the module at call time, so wrapping it sees every call)."""
+@contextlib.contextmanager
+def counting_all_gathers():
+    """Within it, count the collective FSDP2 uses to gather parameters (torch.distributed.all_gather_single
+    in torch 2.13; FSDP looks it up on the module at call time, so wrapping it sees every call)."""
     counter = {"calls": 0}
     real = dist.all_gather_single
 
@@ -38,7 +40,10 @@ def count_all_gathers():
         return real(*args, **kwargs)
 
     dist.all_gather_single = counting
-    return counter
+    try:
+        yield counter
+    finally:
+        dist.all_gather_single = real
 
 
 def rollout(policy, processor, max_new_tokens, rank):
@@ -70,8 +75,8 @@ def main(model_dir, out):
     torch.set_num_threads(1)
     processor = M.load_processor(model_dir)
     policy = M.sharded_load(model_dir, param_dtype=torch.bfloat16).eval()
-    counter = count_all_gathers()
-    r = rollout(policy, processor, max_new_tokens=8 if rank == 0 else 40, rank=rank)
+    with counting_all_gathers() as counter:
+        r = rollout(policy, processor, max_new_tokens=8 if rank == 0 else 40, rank=rank)
     result = {"units": len(M.fsdp_units(policy)), "all_gathers": counter["calls"],
               "tokens": r.completion_ids.shape[1]}
     before = {k: v.clone() for k, v in M.full_state_dict(policy).items()}
