@@ -7,7 +7,7 @@
    runs inside the loop, so nothing can deadlock.
 3. One AdamW step at lr 1e-6 moves the fp32 master weights; cast to bf16, most of the move vanishes.
 4. A NaN in one rank's loss makes the global gradient norm non-finite on every rank, so the training
-   step's clip_and_step (steps.py) skips the update everywhere: no rank's weights change.
+   step's clip_and_step (train.py) skips the update everywhere: no rank's weights change.
 """
 
 import contextlib
