@@ -19,9 +19,10 @@ import torch
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2AudioConfig, Qwen2TokenizerFast, WhisperFeatureExtractor
 
 import model as M
+from config import LOUDNESS, TINY_MODELS
 from data import SAMPLE_RATE, build_prompt
 
-TINY_MODELS = {"tiny": "qwen2-audio", "tiny-omni": "omni"}  # train.py's --model names, and each one's family
+FAMILIES = {"tiny": "qwen2-audio", "tiny-omni": "omni"}  # train.py's --model tiny names, and each one's family
 
 
 def family_record(family):
@@ -121,14 +122,12 @@ def build_tiny(out_dir, seed=0, window_seconds=10, width=64, layers=2, family="q
     return out_dir
 
 
-def tiny(cache_dir, window_seconds=10, seed=0, family="qwen2-audio"):
-    """The tiny model's directory under cache_dir, built on first use."""
-    path = Path(cache_dir) / f"tiny-{family}-{window_seconds}s-seed{seed}"
+def tiny(cache_dir, window_seconds=10, seed=0, family="qwen2-audio", folder=None):
+    """The tiny model's directory under cache_dir (folder, or a name from its settings), built on first use."""
+    path = Path(cache_dir) / (folder or f"tiny-{family}-{window_seconds}s-seed{seed}")
     if not (path / "config.json").exists():
         build_tiny(path, seed=seed, window_seconds=window_seconds, family=family)
     return path
-
-LOUDNESS = "synthetic-loudness"  # --warm-start-data: the loudness question, written in --cache-dir
 
 
 def build(cache_dir, model_name, synthetic, loudness=False):
@@ -143,9 +142,9 @@ def build(cache_dir, model_name, synthetic, loudness=False):
 
 
 def tiny_model(cache_dir, model_name):
-    """The folder of train.py's --model tiny / tiny-omni (named in config.TINY_MODELS): a 2 s mel window,
-    built on first use."""
-    return tiny(cache_dir, window_seconds=2, family=TINY_MODELS[model_name])
+    """The folder of train.py's --model tiny / tiny-omni, config.TINY_MODELS[model_name] in cache_dir: a 2 s
+    mel window, built on first use."""
+    return tiny(cache_dir, window_seconds=2, family=FAMILIES[model_name], folder=TINY_MODELS[model_name])
 
 
 # -----------------------------------------------------------------------------

@@ -101,6 +101,9 @@ def test_train_finds_the_demo_pieces_where_demo_builds_them(tmp_path):
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")  # demo.tiny reuses a folder that has one: nothing is built
         assert demo.tiny_model(tmp_path, name) == folder
+    # workshop/compare.py's tiny model (2 s window, seed 0) is the same folder, built once for both
+    tiny = train.model_folder(config.Config(model="tiny", cache_dir=str(tmp_path)))
+    assert demo.tiny(tmp_path, window_seconds=2) == tiny
     assert train.demo_pieces_missing(cfg)  # neither question file yet
     (tmp_path / "synthetic").mkdir()
     (tmp_path / "synthetic" / "manifest.json").write_text("{}")
